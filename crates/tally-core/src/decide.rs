@@ -1,0 +1,426 @@
+//! `decide`: every rule of money. Reads an agent's state, a command, the plans and `now`,
+//! and returns the outcome and the events of the change. A denial writes no event.
+//!
+//! Order for a debit or hold: validation → suspended → rate limit → monthly cap (hard,
+//! and the soft threshold for low priority) → funds → approved. A request that passes the
+//! rate limit uses its cell even if it is then denied, so an agent looping on 402 soon
+//! gets 429s.
+
+use crate::command::{Command, CommandKind, Priority};
+use crate::error::CommandError;
+use crate::event::{Event, EventKind};
+use crate::money::{add, sub};
+use crate::outcome::{Denial, Outcome, Receipt};
+use crate::period::period_of;
+use crate::plan::{Plan, PlanBook};
+use crate::rate::{RateState, RateStatus};
+use crate::state::{AgentState, Status};
+use crate::{TimestampMs, OPEN_HOLDS_MAX};
+
+/// The result of deciding one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// The journal entries to write, in order; empty for denials and checks.
+    pub events: Vec<Event>,
+    /// The tightest rate-limit bucket after this request, for the `RateLimit` header.
+    pub rate: Option<RateStatus>,
+}
+
+impl Decision {
+    fn denied(denial: Denial) -> Self {
+        Self {
+            outcome: Outcome::Denied(denial),
+            events: Vec::new(),
+            rate: None,
+        }
+    }
+}
+
+/// Decides `cmd` against the agent's current state (`None` if it does not exist).
+///
+/// `rate` is the agent's volatile limiter state and is updated when a spend passes the
+/// limiter. `Err` means the command is malformed for this state; nothing changed.
+pub fn decide(
+    state: Option<&AgentState>,
+    rate: &mut RateState,
+    cmd: &Command,
+    plans: &PlanBook,
+    now_ms: TimestampMs,
+) -> Result<Decision, CommandError> {
+    let stamp = Stamp::new(cmd, now_ms);
+    if let CommandKind::CreateAgent { plan, status } = &cmd.kind {
+        if state.is_some() {
+            return Err(CommandError::AgentExists);
+        }
+        if plans.get(plan).is_none() {
+            return Err(CommandError::UnknownPlan(plan.to_string()));
+        }
+        let event = stamp.event(
+            1,
+            EventKind::AgentCreated {
+                plan: plan.clone(),
+                status: *status,
+            },
+            0,
+            0,
+        );
+        return Ok(approved(vec![event], 0, 0, now_ms, None));
+    }
+    let s = state.ok_or(CommandError::UnknownAgent)?;
+    let plan = plans
+        .get(&s.plan)
+        .ok_or_else(|| CommandError::UnknownPlan(s.plan.to_string()))?;
+    let next_seq = s.last_seq + 1;
+    let decision = match &cmd.kind {
+        CommandKind::CreateAgent { .. } => unreachable!("handled above"),
+        CommandKind::UpdateAgent {
+            plan: new_plan,
+            status,
+        } => {
+            let new_plan = match new_plan {
+                Some(p) if plans.get(p).is_none() => {
+                    return Err(CommandError::UnknownPlan(p.to_string()))
+                }
+                Some(p) => p.clone(),
+                None => s.plan.clone(),
+            };
+            let kind = EventKind::AgentUpdated {
+                plan: new_plan,
+                status: status.unwrap_or(s.status),
+            };
+            let event = stamp.event(next_seq, kind, s.balance_micros, s.held_micros);
+            approved(vec![event], s.balance_micros, s.held_micros, now_ms, None)
+        }
+        CommandKind::Credit { amount_micros } => {
+            let amount = nonzero(*amount_micros)?;
+            add(s.credited_total_micros, amount)?;
+            let balance = add(s.balance_micros, amount)?;
+            let event = stamp.event(
+                next_seq,
+                EventKind::Credited {
+                    amount_micros: amount,
+                },
+                balance,
+                s.held_micros,
+            );
+            approved(vec![event], balance, s.held_micros, now_ms, None)
+        }
+        CommandKind::Debit { amount_micros } => {
+            let amount = nonzero(*amount_micros)?;
+            let status =
+                match spend_gate(s, plan, rate, amount, cmd.priority, now_ms, Gate::Acquire) {
+                    Ok(status) => status,
+                    Err(denial) => return Ok(Decision::denied(denial)),
+                };
+            let period = period_of(now_ms, plan.anchor_day);
+            add(s.debited_total_micros, amount)?;
+            add(s.spent_in(period), amount)?;
+            let balance = sub(s.balance_micros, amount)?;
+            let kind = EventKind::Debited {
+                amount_micros: amount,
+                period,
+            };
+            let event = stamp.event(next_seq, kind, balance, s.held_micros);
+            approved(vec![event], balance, s.held_micros, now_ms, status)
+        }
+        CommandKind::Check { amount_micros } => {
+            let amount = nonzero(*amount_micros)?;
+            match spend_gate(s, plan, rate, amount, cmd.priority, now_ms, Gate::Peek) {
+                Ok(status) => Decision {
+                    outcome: Outcome::WouldApprove {
+                        amount_micros: amount,
+                        balance_micros: s.balance_micros,
+                    },
+                    events: Vec::new(),
+                    rate: status,
+                },
+                Err(denial) => Decision::denied(denial),
+            }
+        }
+        CommandKind::Hold {
+            amount_micros,
+            ttl_ms,
+        } => {
+            let amount = nonzero(*amount_micros)?;
+            if *ttl_ms == 0 || *ttl_ms > plan.hold_ttl_max_ms {
+                return Err(CommandError::InvalidTtl {
+                    ttl_ms: *ttl_ms,
+                    max_ms: plan.hold_ttl_max_ms,
+                });
+            }
+            if s.holds.len() >= OPEN_HOLDS_MAX {
+                return Err(CommandError::TooManyHolds {
+                    max: OPEN_HOLDS_MAX,
+                });
+            }
+            let expires_at_ms = add(now_ms, *ttl_ms)?;
+            let status =
+                match spend_gate(s, plan, rate, amount, cmd.priority, now_ms, Gate::Acquire) {
+                    Ok(status) => status,
+                    Err(denial) => return Ok(Decision::denied(denial)),
+                };
+            let balance = sub(s.balance_micros, amount)?;
+            let held = add(s.held_micros, amount)?;
+            let kind = EventKind::HoldPlaced {
+                amount_micros: amount,
+                expires_at_ms,
+            };
+            let event = stamp.event(next_seq, kind, balance, held);
+            approved(vec![event], balance, held, now_ms, status)
+        }
+        CommandKind::Capture {
+            hold_seq,
+            amount_micros,
+        } => {
+            let hold = s
+                .holds
+                .get(hold_seq)
+                .ok_or(CommandError::UnknownHold(*hold_seq))?;
+            if now_ms >= hold.expires_at_ms {
+                return Err(CommandError::HoldExpired {
+                    hold_seq: *hold_seq,
+                    expires_at_ms: hold.expires_at_ms,
+                });
+            }
+            if *amount_micros > hold.amount_micros {
+                return Err(CommandError::CaptureExceedsHold {
+                    amount_micros: *amount_micros,
+                    held_micros: hold.amount_micros,
+                });
+            }
+            let period = period_of(now_ms, plan.anchor_day);
+            let released = hold.amount_micros - amount_micros;
+            add(s.debited_total_micros, *amount_micros)?;
+            add(s.spent_in(period), *amount_micros)?;
+            let balance = add(s.balance_micros, released)?;
+            let held = sub(s.held_micros, hold.amount_micros)?;
+            let kind = EventKind::HoldCaptured {
+                hold_seq: *hold_seq,
+                captured_micros: *amount_micros,
+                released_micros: released,
+                period,
+            };
+            let event = stamp.event(next_seq, kind, balance, held);
+            approved(vec![event], balance, held, now_ms, None)
+        }
+        CommandKind::Void { hold_seq } => {
+            let hold = s
+                .holds
+                .get(hold_seq)
+                .ok_or(CommandError::UnknownHold(*hold_seq))?;
+            let balance = add(s.balance_micros, hold.amount_micros)?;
+            let held = sub(s.held_micros, hold.amount_micros)?;
+            let kind = EventKind::HoldVoided {
+                hold_seq: *hold_seq,
+                released_micros: hold.amount_micros,
+            };
+            let event = stamp.event(next_seq, kind, balance, held);
+            approved(vec![event], balance, held, now_ms, None)
+        }
+        CommandKind::ExpireHolds => {
+            let (mut balance, mut held) = (s.balance_micros, s.held_micros);
+            let mut events = Vec::new();
+            for (hold_seq, hold) in s.holds.iter().filter(|(_, h)| h.expires_at_ms <= now_ms) {
+                balance = add(balance, hold.amount_micros)?;
+                held = sub(held, hold.amount_micros)?;
+                let kind = EventKind::HoldExpired {
+                    hold_seq: *hold_seq,
+                    released_micros: hold.amount_micros,
+                };
+                events.push(stamp.event(next_seq + events.len() as u64, kind, balance, held));
+            }
+            approved(events, balance, held, now_ms, None)
+        }
+        CommandKind::Refund {
+            debit_seq,
+            amount_micros,
+        } => {
+            let amount = nonzero(*amount_micros)?;
+            let debit = s
+                .refundable(*debit_seq)
+                .ok_or(CommandError::UnknownDebit(*debit_seq))?;
+            if amount > debit.remaining_micros {
+                return Err(CommandError::RefundExceedsDebit {
+                    amount_micros: amount,
+                    refundable_micros: debit.remaining_micros,
+                });
+            }
+            add(s.refunded_total_micros, amount)?;
+            let balance = add(s.balance_micros, amount)?;
+            let kind = EventKind::Refunded {
+                debit_seq: *debit_seq,
+                amount_micros: amount,
+                debit_period: debit.period,
+            };
+            let event = stamp.event(next_seq, kind, balance, s.held_micros);
+            approved(vec![event], balance, s.held_micros, now_ms, None)
+        }
+    };
+    #[cfg(debug_assertions)]
+    check_against_evolve(s, &decision.events);
+    Ok(decision)
+}
+
+/// In debug builds: the events just decided must evolve the state without complaint.
+#[cfg(debug_assertions)]
+fn check_against_evolve(s: &AgentState, events: &[Event]) {
+    if events.is_empty() {
+        return;
+    }
+    let mut next = s.clone();
+    for e in events {
+        if let Err(e) = crate::evolve::apply(&mut next, e) {
+            panic!("decide produced an event evolve rejects: {e}");
+        }
+    }
+}
+
+fn nonzero(amount_micros: u64) -> Result<u64, CommandError> {
+    if amount_micros == 0 {
+        Err(CommandError::ZeroAmount)
+    } else {
+        Ok(amount_micros)
+    }
+}
+
+fn approved(
+    events: Vec<Event>,
+    balance_micros: u64,
+    held_micros: u64,
+    now_ms: TimestampMs,
+    rate: Option<RateStatus>,
+) -> Decision {
+    let receipt = Receipt::from_events(&events, balance_micros, held_micros, now_ms);
+    Decision {
+        outcome: Outcome::Approved(receipt),
+        events,
+        rate,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// A real spend: take a rate-limit cell.
+    Acquire,
+    /// A check: look only.
+    Peek,
+}
+
+/// Suspended → rate limit → monthly cap → funds, for a spend of `amount` micros.
+fn spend_gate(
+    s: &AgentState,
+    plan: &Plan,
+    rate: &mut RateState,
+    amount: u64,
+    priority: Priority,
+    now_ms: TimestampMs,
+    gate: Gate,
+) -> Result<Option<RateStatus>, Denial> {
+    if s.status == Status::Suspended {
+        return Err(Denial::Suspended);
+    }
+    let limited = match gate {
+        Gate::Acquire => rate.acquire(plan, now_ms),
+        Gate::Peek => rate.peek(plan, now_ms),
+    };
+    let status = limited.map_err(|l| Denial::RateLimited {
+        bucket: l.status.bucket,
+        quota: l.status.quota,
+        window_ms: l.status.window_ms,
+        retry_after_ms: l.retry_after_ms,
+    })?;
+    if let Some(cap_micros) = plan.monthly_cap_micros {
+        let period = period_of(now_ms, plan.anchor_day);
+        let spent = s.spent_in(period);
+        // Open holds are money already promised, so they count against the cap.
+        let committed = u128::from(spent) + u128::from(s.held_micros) + u128::from(amount);
+        let soft_limit = match priority {
+            Priority::Low => plan.soft_limit_micros(),
+            Priority::Normal | Priority::Critical => None,
+        };
+        let refused_by = if committed > u128::from(cap_micros) {
+            Some((cap_micros, false))
+        } else {
+            soft_limit
+                .filter(|l| committed > u128::from(*l))
+                .map(|l| (l, true))
+        };
+        if let Some((limit_micros, soft)) = refused_by {
+            return Err(Denial::MonthlyCapReached {
+                cap_micros,
+                limit_micros,
+                spent_micros: spent,
+                held_micros: s.held_micros,
+                resets_at_ms: period.end_ms(plan.anchor_day),
+                soft,
+            });
+        }
+    }
+    if amount > s.balance_micros {
+        return Err(Denial::InsufficientFunds {
+            required_micros: amount,
+            available_micros: s.balance_micros,
+            balance_micros: s.balance_micros,
+            held_micros: s.held_micros,
+            retry_after_ms: wait_for_holds(s, amount, now_ms),
+        });
+    }
+    Ok(status)
+}
+
+/// How long until open holds expiring on their own free enough for `amount`, if ever.
+fn wait_for_holds(s: &AgentState, amount: u64, now_ms: TimestampMs) -> Option<u64> {
+    let mut expiries: Vec<_> = s.holds.values().collect();
+    expiries.sort_by_key(|h| h.expires_at_ms);
+    let mut available = u128::from(s.balance_micros);
+    for hold in expiries {
+        available += u128::from(hold.amount_micros);
+        if available >= u128::from(amount) {
+            return Some(hold.expires_at_ms.saturating_sub(now_ms));
+        }
+    }
+    None
+}
+
+/// The envelope every event of one command carries.
+struct Stamp<'a> {
+    cmd: &'a Command,
+    fingerprint: u128,
+    now_ms: TimestampMs,
+}
+
+impl<'a> Stamp<'a> {
+    fn new(cmd: &'a Command, now_ms: TimestampMs) -> Self {
+        let fingerprint = if cmd.idempotency_key.is_some() {
+            cmd.fingerprint()
+        } else {
+            0
+        };
+        Self {
+            cmd,
+            fingerprint,
+            now_ms,
+        }
+    }
+
+    fn event(
+        &self,
+        seq: u64,
+        kind: EventKind,
+        balance_after_micros: u64,
+        held_after_micros: u64,
+    ) -> Event {
+        Event {
+            seq,
+            at_ms: self.now_ms,
+            kind,
+            balance_after_micros,
+            held_after_micros,
+            idempotency_key: self.cmd.idempotency_key.clone(),
+            fingerprint: self.fingerprint,
+            task_type: self.cmd.task_type.clone(),
+            metadata: self.cmd.metadata.clone(),
+        }
+    }
+}

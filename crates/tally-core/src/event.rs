@@ -1,0 +1,126 @@
+//! Events: the journal entries. Each records the effect of a decided change, so that
+//! [`crate::evolve`] can apply it without a plan or a clock.
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::Metadata;
+use crate::id::{IdempotencyKey, PlanName, TaskType};
+use crate::period::PeriodKey;
+use crate::state::Status;
+use crate::TimestampMs;
+
+/// One journal entry of one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// The agent's own sequence number: dense, from 1.
+    pub seq: u64,
+    pub at_ms: TimestampMs,
+    pub kind: EventKind,
+    pub balance_after_micros: u64,
+    pub held_after_micros: u64,
+    /// The key of the request that caused this change, durable with the change itself.
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// [`crate::Command::fingerprint`] of that request (0 when it had no key).
+    pub fingerprint: u128,
+    pub task_type: Option<TaskType>,
+    pub metadata: Metadata,
+}
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    AgentCreated {
+        plan: PlanName,
+        status: Status,
+    },
+    AgentUpdated {
+        plan: PlanName,
+        status: Status,
+    },
+    Credited {
+        amount_micros: u64,
+    },
+    Debited {
+        amount_micros: u64,
+        period: PeriodKey,
+    },
+    /// The hold's id is this event's `seq`.
+    HoldPlaced {
+        amount_micros: u64,
+        expires_at_ms: TimestampMs,
+    },
+    HoldCaptured {
+        hold_seq: u64,
+        captured_micros: u64,
+        released_micros: u64,
+        period: PeriodKey,
+    },
+    HoldVoided {
+        hold_seq: u64,
+        released_micros: u64,
+    },
+    HoldExpired {
+        hold_seq: u64,
+        released_micros: u64,
+    },
+    Refunded {
+        debit_seq: u64,
+        amount_micros: u64,
+        /// The period the refunded money was spent in.
+        debit_period: PeriodKey,
+    },
+}
+
+impl EventKind {
+    /// A short stable name for the journal API and reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::AgentCreated { .. } => "agent_created",
+            EventKind::AgentUpdated { .. } => "agent_updated",
+            EventKind::Credited { .. } => "credit",
+            EventKind::Debited { .. } => "debit",
+            EventKind::HoldPlaced { .. } => "hold",
+            EventKind::HoldCaptured { .. } => "capture",
+            EventKind::HoldVoided { .. } => "void",
+            EventKind::HoldExpired { .. } => "expire",
+            EventKind::Refunded { .. } => "refund",
+        }
+    }
+
+    /// The money this event moved, in micros (captured amount for captures, released
+    /// amount for voids and expiries, 0 for agent changes).
+    pub fn amount_micros(&self) -> u64 {
+        match *self {
+            EventKind::AgentCreated { .. } | EventKind::AgentUpdated { .. } => 0,
+            EventKind::Credited { amount_micros }
+            | EventKind::Debited { amount_micros, .. }
+            | EventKind::HoldPlaced { amount_micros, .. }
+            | EventKind::Refunded { amount_micros, .. } => amount_micros,
+            EventKind::HoldCaptured {
+                captured_micros, ..
+            } => captured_micros,
+            EventKind::HoldVoided {
+                released_micros, ..
+            }
+            | EventKind::HoldExpired {
+                released_micros, ..
+            } => released_micros,
+        }
+    }
+
+    /// Money spent by this event (debits and captures), with the period it counts in.
+    pub fn spend(&self) -> Option<(u64, PeriodKey)> {
+        match *self {
+            EventKind::Debited {
+                amount_micros,
+                period,
+            } => Some((amount_micros, period)),
+            EventKind::HoldCaptured {
+                captured_micros,
+                period,
+                ..
+            } => Some((captured_micros, period)),
+            _ => None,
+        }
+    }
+}

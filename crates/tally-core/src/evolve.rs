@@ -1,0 +1,204 @@
+//! `evolve`: applies one journal event's recorded effect. It decides nothing (no plan, no
+//! clock); an event that does not fit the state means a corrupted journal or a bug, and
+//! is reported as an [`InvariantError`] rather than applied.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::error::InvariantError;
+use crate::event::{Event, EventKind};
+use crate::id::AgentId;
+use crate::state::{AgentState, Hold, Refundable};
+use crate::REFUNDABLE_DEBITS_MAX;
+
+/// Applies `event` to the agent's state (`None` before its creation) and returns the new
+/// state. The event's sequence number must be the next one.
+pub fn evolve(
+    state: Option<AgentState>,
+    id: &AgentId,
+    event: &Event,
+) -> Result<AgentState, InvariantError> {
+    match state {
+        None => genesis(id, event),
+        Some(mut state) => {
+            apply(&mut state, event)?;
+            Ok(state)
+        }
+    }
+}
+
+fn broken(id: &AgentId, seq: u64, reason: impl Into<String>) -> InvariantError {
+    InvariantError {
+        agent: id.to_string(),
+        reason: format!("event {seq}: {}", reason.into()),
+    }
+}
+
+fn genesis(id: &AgentId, event: &Event) -> Result<AgentState, InvariantError> {
+    match &event.kind {
+        EventKind::AgentCreated { plan, status } if event.seq == 1 => Ok(AgentState {
+            id: id.clone(),
+            plan: plan.clone(),
+            status: *status,
+            balance_micros: 0,
+            held_micros: 0,
+            holds: BTreeMap::new(),
+            period: Default::default(),
+            period_spent_micros: 0,
+            credited_total_micros: 0,
+            debited_total_micros: 0,
+            refunded_total_micros: 0,
+            refundable: VecDeque::new(),
+            last_seq: 1,
+            created_at_ms: event.at_ms,
+            updated_at_ms: event.at_ms,
+        }),
+        _ => Err(broken(
+            id,
+            event.seq,
+            "an agent's journal must start with agent_created at seq 1",
+        )),
+    }
+}
+
+/// Applies `event` in place. On error the state may be partly changed; callers discard it.
+pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantError> {
+    let id = s.id.clone();
+    let seq = event.seq;
+    let err = |reason: &str| broken(&id, seq, reason);
+    if Some(seq) != s.last_seq.checked_add(1) {
+        return Err(err(&format!(
+            "expected seq {}",
+            s.last_seq.saturating_add(1)
+        )));
+    }
+    let add = |a: u64, b: u64| a.checked_add(b).ok_or_else(|| err("overflow"));
+    let sub = |a: u64, b: u64| a.checked_sub(b).ok_or_else(|| err("underflow"));
+    match &event.kind {
+        EventKind::AgentCreated { .. } => return Err(err("agent created twice")),
+        EventKind::AgentUpdated { plan, status } => {
+            s.plan = plan.clone();
+            s.status = *status;
+        }
+        EventKind::Credited { amount_micros } => {
+            s.balance_micros = add(s.balance_micros, *amount_micros)?;
+            s.credited_total_micros = add(s.credited_total_micros, *amount_micros)?;
+        }
+        EventKind::Debited {
+            amount_micros,
+            period,
+        } => {
+            s.balance_micros = sub(s.balance_micros, *amount_micros)?;
+            s.debited_total_micros = add(s.debited_total_micros, *amount_micros)?;
+            spend(s, *amount_micros, *period).map_err(&err)?;
+            remember_refundable(s, seq, *amount_micros, *period);
+        }
+        EventKind::HoldPlaced {
+            amount_micros,
+            expires_at_ms,
+        } => {
+            s.balance_micros = sub(s.balance_micros, *amount_micros)?;
+            s.held_micros = add(s.held_micros, *amount_micros)?;
+            s.holds.insert(
+                seq,
+                Hold {
+                    amount_micros: *amount_micros,
+                    expires_at_ms: *expires_at_ms,
+                },
+            );
+        }
+        EventKind::HoldCaptured {
+            hold_seq,
+            captured_micros,
+            released_micros,
+            period,
+        } => {
+            let hold = s
+                .holds
+                .remove(hold_seq)
+                .ok_or_else(|| err("capture of an unknown hold"))?;
+            if add(*captured_micros, *released_micros)? != hold.amount_micros {
+                return Err(err("capture + release differs from the hold"));
+            }
+            s.held_micros = sub(s.held_micros, hold.amount_micros)?;
+            s.balance_micros = add(s.balance_micros, *released_micros)?;
+            s.debited_total_micros = add(s.debited_total_micros, *captured_micros)?;
+            if *captured_micros > 0 {
+                spend(s, *captured_micros, *period).map_err(&err)?;
+                remember_refundable(s, seq, *captured_micros, *period);
+            }
+        }
+        EventKind::HoldVoided {
+            hold_seq,
+            released_micros,
+        }
+        | EventKind::HoldExpired {
+            hold_seq,
+            released_micros,
+        } => {
+            let hold = s
+                .holds
+                .remove(hold_seq)
+                .ok_or_else(|| err("release of an unknown hold"))?;
+            if hold.amount_micros != *released_micros {
+                return Err(err("released amount differs from the hold"));
+            }
+            s.held_micros = sub(s.held_micros, hold.amount_micros)?;
+            s.balance_micros = add(s.balance_micros, hold.amount_micros)?;
+        }
+        EventKind::Refunded {
+            debit_seq,
+            amount_micros,
+            debit_period,
+        } => {
+            let i = s
+                .refundable
+                .binary_search_by_key(debit_seq, |r| r.seq)
+                .map_err(|_| err("refund of a debit outside the refund window"))?;
+            s.refundable[i].remaining_micros =
+                sub(s.refundable[i].remaining_micros, *amount_micros)?;
+            s.balance_micros = add(s.balance_micros, *amount_micros)?;
+            s.refunded_total_micros = add(s.refunded_total_micros, *amount_micros)?;
+            if s.period == *debit_period {
+                s.period_spent_micros = s.period_spent_micros.saturating_sub(*amount_micros);
+            }
+        }
+    }
+    if s.balance_micros != event.balance_after_micros || s.held_micros != event.held_after_micros {
+        return Err(err(
+            "balance or held after the event differs from the journal",
+        ));
+    }
+    s.last_seq = seq;
+    s.updated_at_ms = event.at_ms;
+    debug_assert_eq!(s.check_invariants(), Ok(()));
+    Ok(())
+}
+
+fn spend(
+    s: &mut AgentState,
+    amount_micros: u64,
+    period: crate::PeriodKey,
+) -> Result<(), &'static str> {
+    if period > s.period {
+        s.period = period;
+        s.period_spent_micros = 0;
+    }
+    if period == s.period {
+        s.period_spent_micros = s
+            .period_spent_micros
+            .checked_add(amount_micros)
+            .ok_or("period spend overflow")?;
+    }
+    Ok(())
+}
+
+fn remember_refundable(s: &mut AgentState, seq: u64, amount_micros: u64, period: crate::PeriodKey) {
+    if s.refundable.len() == REFUNDABLE_DEBITS_MAX {
+        s.refundable.pop_front();
+    }
+    s.refundable.push_back(Refundable {
+        seq,
+        remaining_micros: amount_micros,
+        period,
+    });
+}

@@ -1,0 +1,50 @@
+//! tally-core: the ledger as a pure state machine. No I/O, no clock, no async.
+//!
+//! Two functions carry every rule of money:
+//! - [`decide`] reads an agent's state, a command, the plans and `now_ms`, and returns the
+//!   outcome and the events (journal entries) of the change; a denial produces no event.
+//! - [`evolve`] applies one event's recorded effect to the state and decides nothing, so
+//!   replaying a journal rebuilds exactly the state that was acknowledged, even after the
+//!   plans changed.
+//!
+//! Rate-limit state ([`RateState`]) is volatile by design: it is changed by `decide` (a
+//! request that passes the limiter uses its cell even when it is then denied for funds),
+//! never journaled, and starts fresh after a restart.
+
+#![forbid(unsafe_code)]
+
+mod command;
+mod decide;
+mod error;
+mod event;
+mod evolve;
+pub mod id;
+pub mod idempotency;
+pub mod money;
+mod outcome;
+pub mod period;
+mod plan;
+pub mod pricing;
+pub mod rate;
+mod state;
+
+pub use command::{Command, CommandKind, Metadata, Priority};
+pub use decide::{decide, Decision};
+pub use error::{CommandError, InvariantError, ValidationError};
+pub use event::{Event, EventKind};
+pub use evolve::evolve;
+pub use id::{AgentId, IdempotencyKey, PlanName, TaskType};
+pub use outcome::{Denial, Outcome, Receipt};
+pub use period::PeriodKey;
+pub use plan::{Plan, PlanBook, Pricing, RateBucket};
+pub use rate::{RateState, RateStatus};
+pub use state::{AgentState, Hold, Refundable, Status};
+
+/// Time in this crate is always milliseconds since the Unix epoch, passed in by the caller.
+pub type TimestampMs = u64;
+
+/// Most open holds one agent may have at once; one more is a rejected command.
+pub const OPEN_HOLDS_MAX: usize = 1_024;
+/// How many of an agent's most recent debits (and captures) stay refundable. Older ones
+/// fall out of the window so that an agent record stays bounded however long it lives.
+pub const REFUNDABLE_DEBITS_MAX: usize = 1_024;

@@ -1,0 +1,147 @@
+//! Agent state: what the journal of one agent adds up to, and the invariants it keeps.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::InvariantError;
+use crate::id::{AgentId, PlanName};
+use crate::period::PeriodKey;
+use crate::TimestampMs;
+
+/// Whether an agent may spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Active = 0,
+    Suspended = 1,
+}
+
+/// Money authorized for a call whose cost is known only afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub amount_micros: u64,
+    pub expires_at_ms: TimestampMs,
+}
+
+/// A recent debit or capture that can still be refunded, and how much of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refundable {
+    pub seq: u64,
+    pub remaining_micros: u64,
+    /// The period the money was spent in; a refund in that period lowers its spend.
+    pub period: PeriodKey,
+}
+
+/// The ledger state of one agent. Built only by [`crate::evolve`] from journal events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub id: AgentId,
+    pub plan: PlanName,
+    pub status: Status,
+    /// Spendable now: credits − debits − captures + refunds − held.
+    pub balance_micros: u64,
+    /// Sum of open holds.
+    pub held_micros: u64,
+    /// Open holds by the sequence number of the event that placed them.
+    pub holds: BTreeMap<u64, Hold>,
+    /// The period of the last spend, and the spend in it.
+    pub period: PeriodKey,
+    pub period_spent_micros: u64,
+    pub credited_total_micros: u64,
+    /// Debits plus captures, ever.
+    pub debited_total_micros: u64,
+    pub refunded_total_micros: u64,
+    /// The newest [`crate::REFUNDABLE_DEBITS_MAX`] debits and captures, oldest first.
+    pub refundable: VecDeque<Refundable>,
+    /// Sequence number of the last event applied: the agent's version.
+    pub last_seq: u64,
+    pub created_at_ms: TimestampMs,
+    pub updated_at_ms: TimestampMs,
+}
+
+impl AgentState {
+    /// Spend in `period`: the recorded spend if it is the agent's current period, else 0.
+    pub fn spent_in(&self, period: PeriodKey) -> u64 {
+        if self.period == period {
+            self.period_spent_micros
+        } else {
+            0
+        }
+    }
+
+    /// The earliest expiry among open holds, for a sweep to know when to come back.
+    pub fn next_hold_expiry_ms(&self) -> Option<TimestampMs> {
+        self.holds.values().map(|h| h.expires_at_ms).min()
+    }
+
+    pub fn refundable(&self, seq: u64) -> Option<&Refundable> {
+        self.refundable
+            .binary_search_by_key(&seq, |r| r.seq)
+            .ok()
+            .map(|i| &self.refundable[i])
+    }
+
+    /// Checks the ledger invariants:
+    /// - balance + held + debited = credited + refunded (money is conserved);
+    /// - held = the sum of open holds;
+    /// - refunded ≤ debited, and no open hold or refundable entry is zero-sized or newer
+    ///   than the agent's version.
+    pub fn check_invariants(&self) -> Result<(), InvariantError> {
+        let broken = |reason: String| {
+            Err(InvariantError {
+                agent: self.id.to_string(),
+                reason,
+            })
+        };
+        let out = u128::from(self.balance_micros)
+            + u128::from(self.held_micros)
+            + u128::from(self.debited_total_micros);
+        let inflow =
+            u128::from(self.credited_total_micros) + u128::from(self.refunded_total_micros);
+        if out != inflow {
+            return broken(format!(
+                "balance {} + held {} + debited {} != credited {} + refunded {}",
+                self.balance_micros,
+                self.held_micros,
+                self.debited_total_micros,
+                self.credited_total_micros,
+                self.refunded_total_micros
+            ));
+        }
+        let holds_sum: u128 = self
+            .holds
+            .values()
+            .map(|h| u128::from(h.amount_micros))
+            .sum();
+        if holds_sum != u128::from(self.held_micros) {
+            return broken(format!(
+                "held {} != sum of holds {holds_sum}",
+                self.held_micros
+            ));
+        }
+        if self.refunded_total_micros > self.debited_total_micros {
+            return broken("refunded more than was ever debited".into());
+        }
+        if let Some((seq, _)) = self
+            .holds
+            .iter()
+            .find(|(s, h)| **s > self.last_seq || h.amount_micros == 0)
+        {
+            return broken(format!("hold {seq} is empty or newer than the agent"));
+        }
+        if self.refundable.len() > crate::REFUNDABLE_DEBITS_MAX
+            || self
+                .refundable
+                .iter()
+                .zip(self.refundable.iter().skip(1))
+                .any(|(a, b)| a.seq >= b.seq)
+        {
+            return broken("refund window is unordered or too long".into());
+        }
+        if self.holds.len() > crate::OPEN_HOLDS_MAX {
+            return broken("too many open holds".into());
+        }
+        Ok(())
+    }
+}
