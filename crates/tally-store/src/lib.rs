@@ -1,1 +1,28 @@
-//! placeholder
+//! tally-store: the durable engine. Agents live in shards in memory; each shard decides
+//! commands with `tally-core`, writes the resulting journal entries in one atomic batch and
+//! answers only after a shared group commit (one fsync for many requests) made them durable.
+//!
+//! **Never decides**: every rule is in `tally-core`. Only `codec.rs` knows the byte format;
+//! only `sled_store.rs` knows sled.
+
+#![forbid(unsafe_code)]
+
+mod clock;
+mod codec;
+mod config;
+mod engine;
+mod error;
+mod idem;
+mod metrics;
+mod shard;
+mod sled_store;
+mod storage;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use codec::CodecError;
+pub use config::EngineConfig;
+pub use engine::{AgentPage, Engine, Reply, Usage, UsageByTask};
+pub use error::{StoreError, SubmitError};
+pub use metrics::EngineMetrics;
+pub use sled_store::SledStorage;
+pub use storage::{AgentWrite, Storage};

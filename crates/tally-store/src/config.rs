@@ -1,0 +1,51 @@
+//! Engine settings, each a named limit with a default fit for a small host.
+
+use std::path::PathBuf;
+
+/// How the engine is laid out and bounded.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Where sled keeps its files.
+    pub data_dir: PathBuf,
+    /// Number of shards (threads deciding commands); 0 means one per core.
+    pub shards: usize,
+    /// Commands waiting per shard; one more is `SubmitError::Overloaded` at once.
+    pub shard_queue_len_max: usize,
+    /// Most commands one shard decides into one batch.
+    pub batch_size_max: usize,
+    /// sled's page cache in bytes (sled's own default of 1 GiB is too much for small hosts).
+    pub sled_cache_bytes: u64,
+    /// A dirty agent record is checkpointed when older than this.
+    pub checkpoint_interval_ms: u64,
+    /// How long an idempotency key is honoured.
+    pub idempotency_retention_ms: u64,
+    /// Most idempotency keys remembered at once (across shards); past it the oldest go
+    /// first and the effective window shortens (a metric and a log line say so).
+    pub idempotency_keys_max: usize,
+    /// Sweep for expired holds this often.
+    pub hold_sweep_interval_ms: u64,
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            shards: 0,
+            shard_queue_len_max: 4_096,
+            batch_size_max: 512,
+            sled_cache_bytes: 64 * 1024 * 1024,
+            checkpoint_interval_ms: 5_000,
+            idempotency_retention_ms: tally_core::idempotency::RETENTION_MS_DEFAULT,
+            idempotency_keys_max: tally_core::idempotency::KEYS_MAX_DEFAULT,
+            hold_sweep_interval_ms: 1_000,
+        }
+    }
+
+    pub(crate) fn shard_count(&self) -> usize {
+        if self.shards == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            self.shards
+        }
+    }
+}

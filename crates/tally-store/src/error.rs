@@ -1,0 +1,38 @@
+//! Errors of the durable engine.
+
+use thiserror::Error;
+
+use crate::codec::CodecError;
+
+/// Opening, recovering or writing the store failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("storage I/O: {0}")]
+    Io(String),
+    #[error("decoding a stored record: {0}")]
+    Codec(#[from] CodecError),
+    #[error("data directory holds schema version {found}, this build reads {expected}")]
+    SchemaVersion { found: u32, expected: u32 },
+    #[error(transparent)]
+    Invariant(#[from] tally_core::InvariantError),
+    #[error("invalid engine config: {0}")]
+    Config(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// A command could not be submitted or answered. None of these changed anything that was
+/// acknowledged; `Failed` means the engine stopped after a storage error and must restart.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("shard queue is full; retry after {retry_after_ms} ms")]
+    Overloaded { retry_after_ms: u64 },
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("the engine stopped after a storage failure: {0}")]
+    Failed(String),
+}

@@ -1,0 +1,2 @@
+//! in progress
+#[derive(Debug)] pub struct EngineMetrics;

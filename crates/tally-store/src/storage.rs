@@ -1,0 +1,2 @@
+//! in progress
+pub trait Storage {} pub struct AgentWrite;
