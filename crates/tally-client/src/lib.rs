@@ -1,1 +1,3 @@
-//! placeholder
+//! tally-client: the agents' side of tally (in progress).
+
+pub mod loadtest;
