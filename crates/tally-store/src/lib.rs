@@ -14,6 +14,7 @@ mod engine;
 mod error;
 mod idem;
 mod metrics;
+mod recovery;
 mod shard;
 mod sled_store;
 mod storage;
