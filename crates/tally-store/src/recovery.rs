@@ -183,6 +183,9 @@ fn recover_agent(
     Ok((agent, replayed))
 }
 
+/// One thread's share: its agents, its newest keys, entries replayed.
+type ChunkRecovered = (Vec<AgentState>, NewestKeys, u64);
+
 /// Loads and evolves every agent, on up to one thread per core.
 pub(crate) fn recover(
     storage: &dyn Storage,
@@ -204,7 +207,7 @@ pub(crate) fn recover(
     }
     chunks.push(rest);
     let keys_max = config.idempotency_keys_max;
-    let results: Vec<Result<(Vec<AgentState>, NewestKeys, u64), StoreError>> =
+    let results: Vec<Result<ChunkRecovered, StoreError>> =
         std::thread::scope(|scope| {
             let handles: Vec<_> = chunks
                 .into_iter()
