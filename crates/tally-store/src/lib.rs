@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod clock;
-mod codec;
+pub mod codec;
 mod config;
 mod engine;
 mod error;
@@ -21,6 +21,7 @@ mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::CodecError;
+pub use sled_store::SCHEMA_VERSION;
 pub use config::EngineConfig;
 pub use engine::{AgentPage, Engine, Reply, Usage, UsageByTask};
 pub use error::{StoreError, SubmitError};
