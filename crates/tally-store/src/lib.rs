@@ -21,10 +21,10 @@ mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::CodecError;
-pub use sled_store::SCHEMA_VERSION;
 pub use config::EngineConfig;
 pub use engine::{AgentPage, Engine, Reply, Usage, UsageByTask};
 pub use error::{StoreError, SubmitError};
 pub use metrics::EngineMetrics;
 pub use sled_store::SledStorage;
+pub use sled_store::SCHEMA_VERSION;
 pub use storage::{AgentWrite, Storage};

@@ -207,30 +207,28 @@ pub(crate) fn recover(
     }
     chunks.push(rest);
     let keys_max = config.idempotency_keys_max;
-    let results: Vec<Result<ChunkRecovered, StoreError>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = chunks
-                .into_iter()
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        let mut keys = NewestKeys::new(keys_max);
-                        let mut agents = Vec::with_capacity(chunk.len());
-                        let mut replayed = 0;
-                        for agent in chunk {
-                            let (agent, n) =
-                                recover_agent(storage, agent, window_start_ms, &mut keys)?;
-                            agents.push(agent);
-                            replayed += n;
-                        }
-                        Ok((agents, keys, replayed))
-                    })
+    let results: Vec<Result<ChunkRecovered, StoreError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut keys = NewestKeys::new(keys_max);
+                    let mut agents = Vec::with_capacity(chunk.len());
+                    let mut replayed = 0;
+                    for agent in chunk {
+                        let (agent, n) = recover_agent(storage, agent, window_start_ms, &mut keys)?;
+                        agents.push(agent);
+                        replayed += n;
+                    }
+                    Ok((agents, keys, replayed))
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a recovery thread panicked"))
-                .collect()
-        });
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a recovery thread panicked"))
+            .collect()
+    });
     let mut agents = Vec::new();
     let mut newest = NewestKeys::new(keys_max);
     let mut replayed = 0;
