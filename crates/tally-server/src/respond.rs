@@ -6,7 +6,9 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{json, Value};
-use tally_core::{Command, CommandError, CommandKind, Denial, Outcome, RateStatus, Receipt};
+use tally_core::{
+    Command, CommandError, CommandKind, Denial, Outcome, PlanBook, RateStatus, Receipt,
+};
 use tally_store::{Reply, SubmitError};
 
 use crate::app::AppState;
@@ -174,7 +176,7 @@ pub fn classify(
                     problem(S::TOO_MANY_REQUESTS, "rate-limited", "Rate limited", format!("rate limit {bucket:?} ({quota} per {} s) reached; retry in {retry_after_ms} ms", window_ms / 1_000))
                         .retry_after_ms(retry_after_ms)
                         .field("bucket", bucket.clone())
-                        .header(RATELIMIT_POLICY, format!("\"{bucket}\";q={quota};w={}", window_ms / 1_000))
+                        .header(RATELIMIT_POLICY, policy_header(st.plans(), &bucket, quota, window_ms))
                         .header(RATELIMIT, format!("\"{bucket}\";r=0;t={secs}"))
                 }
                 Denial::MonthlyCapReached {
@@ -345,10 +347,24 @@ fn log_denial(st: &AppState, cmd: &Command, denial: &Denial) {
     );
 }
 
+/// The `RateLimit-Policy` value: every bucket of the plan the bucket belongs to, when the
+/// plans say unambiguously which plan that is; else just the bucket itself.
+pub fn policy_header(plans: &PlanBook, bucket: &str, quota: u32, window_ms: u64) -> String {
+    let mut owners = plans.iter().filter(|p| {
+        p.buckets
+            .iter()
+            .any(|b| b.name == bucket && b.quota == quota && b.window_ms == window_ms)
+    });
+    match (owners.next(), owners.next()) {
+        (Some(plan), None) => plan.policy_header(),
+        _ => format!("\"{bucket}\";q={quota};w={}", window_ms / 1_000),
+    }
+}
+
 /// `RateLimit-Policy` / `RateLimit` for an admitted request.
-pub fn rate_headers(resp: &mut Response, rate: Option<&RateStatus>) {
+pub fn rate_headers(resp: &mut Response, plans: &PlanBook, rate: Option<&RateStatus>) {
     let Some(r) = rate else { return };
-    let policy = format!("\"{}\";q={};w={}", r.bucket, r.quota, r.window_ms / 1_000);
+    let policy = policy_header(plans, &r.bucket, r.quota, r.window_ms);
     let now = format!(
         "\"{}\";r={};t={}",
         r.bucket,
@@ -366,11 +382,13 @@ pub fn rate_headers(resp: &mut Response, rate: Option<&RateStatus>) {
 pub fn json_response(
     status: StatusCode,
     body: Value,
-    rate: Option<&RateStatus>,
+    rate: Option<(&PlanBook, &RateStatus)>,
     replayed: bool,
 ) -> Response {
     let mut resp = (status, axum::Json(body)).into_response();
-    rate_headers(&mut resp, rate);
+    if let Some((plans, rate)) = rate {
+        rate_headers(&mut resp, plans, Some(rate));
+    }
     if replayed {
         resp.headers_mut()
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));

@@ -31,7 +31,7 @@ async fn submit_receipt(st: &AppState, cmd: Command, status: StatusCode, kind: &
         } => Ok(json_response(
             status,
             receipt_json(&cmd.agent, kind, &receipt),
-            rate.as_ref(),
+            rate.as_ref().map(|r| (st.plans(), r)),
             replayed,
         )),
         Success::WouldApprove { .. } => Err(Problem::invalid("unexpected dry-run answer")),
@@ -208,7 +208,7 @@ pub async fn check(
         } => Ok(json_response(
             StatusCode::OK,
             json!({"allowed": true, "amount_micros": amount_micros, "balance_micros": balance_micros}),
-            rate.as_ref(),
+            rate.as_ref().map(|r| (st.plans(), r)),
             false,
         )),
         Success::Applied { .. } => Err(Problem::invalid("unexpected answer to a check")),
