@@ -47,6 +47,36 @@ fn problem(status: StatusCode, kind: &'static str, title: &'static str, detail: 
     Problem::new(status, kind, title, detail)
 }
 
+/// Why the engine could not take or answer a command (writes and reads alike).
+pub fn submit_error(e: SubmitError) -> Problem {
+    use StatusCode as S;
+    match e {
+        SubmitError::Overloaded { retry_after_ms } => problem(
+            S::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Overloaded",
+            "the agent's shard queue is full; retry later".into(),
+        )
+        .retry_after_ms(retry_after_ms),
+        SubmitError::ShuttingDown => problem(
+            S::SERVICE_UNAVAILABLE,
+            "shutting-down",
+            "Shutting down",
+            "the server is shutting down".into(),
+        )
+        .retry_after_ms(1_000),
+        SubmitError::Failed(why) => {
+            tracing::error!(error = %why, "engine failed");
+            problem(
+                S::INTERNAL_SERVER_ERROR,
+                "internal-error",
+                "Internal error",
+                "the engine stopped after a storage failure".into(),
+            )
+        }
+    }
+}
+
 /// The single mapping from an engine answer to success or one problem.
 pub fn classify(
     st: &AppState,
@@ -56,104 +86,88 @@ pub fn classify(
     use StatusCode as S;
     let m = st.metrics();
     let answer = match result {
-        Err(SubmitError::Overloaded { retry_after_ms }) => Err(problem(
-            S::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "Overloaded",
-            "the agent's shard queue is full; retry later".into(),
-        )
-        .retry_after_ms(retry_after_ms)),
-        Err(SubmitError::ShuttingDown) => Err(problem(
-            S::SERVICE_UNAVAILABLE,
-            "shutting-down",
-            "Shutting down",
-            "the server is shutting down".into(),
-        )
-        .retry_after_ms(1_000)),
-        Err(SubmitError::Failed(why)) => {
-            tracing::error!(error = %why, "engine failed");
+        Err(e) => Err(submit_error(e)),
+        Ok(Reply::KeyReused) => {
+            m.decisions_total.with_label_values(&["key_reused"]).inc();
             Err(problem(
-                S::INTERNAL_SERVER_ERROR,
-                "internal-error",
-                "Internal error",
-                "the engine stopped after a storage failure".into(),
+                S::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency-Key reused",
+                "this Idempotency-Key was used for a different request".into(),
             ))
         }
-        Ok(Reply::KeyReused) => Err(problem(
-            S::UNPROCESSABLE_ENTITY,
-            "idempotency-key-reused",
-            "Idempotency-Key reused",
-            "this Idempotency-Key was used for a different request".into(),
-        )),
-        Ok(Reply::Rejected(e)) => Err(match e {
-            CommandError::UnknownAgent => Problem::not_found(format!("no agent {}", cmd.agent)),
-            CommandError::AgentExists => problem(
-                S::CONFLICT,
-                "agent-exists",
-                "Agent exists",
-                format!("agent {} already exists", cmd.agent),
-            ),
-            CommandError::UnknownPlan(p) => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "unknown-plan",
-                "Unknown plan",
-                format!("no plan named {p:?}"),
-            ),
-            CommandError::ZeroAmount => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "invalid-amount",
-                "Invalid amount",
-                e.to_string(),
-            ),
-            CommandError::Overflow => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "amount-overflow",
-                "Amount overflow",
-                e.to_string(),
-            ),
-            CommandError::InvalidTtl { max_ms, .. } => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "invalid-ttl",
-                "Invalid TTL",
-                e.to_string(),
-            )
-            .field("ttl_ms_max", max_ms),
-            CommandError::UnknownHold(_) => Problem::not_found(e.to_string()),
-            CommandError::HoldExpired { expires_at_ms, .. } => {
-                problem(S::CONFLICT, "hold-expired", "Hold expired", e.to_string())
-                    .field("expires_at", rfc3339_ms(expires_at_ms))
-            }
-            CommandError::CaptureExceedsHold { held_micros, .. } => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "capture-exceeds-hold",
-                "Capture exceeds hold",
-                e.to_string(),
-            )
-            .field("held_micros", held_micros),
-            CommandError::TooManyHolds { max } => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "too-many-holds",
-                "Too many holds",
-                e.to_string(),
-            )
-            .field("open_holds_max", max),
-            CommandError::UnknownDebit(_) => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "unknown-debit",
-                "Unknown debit",
-                e.to_string(),
-            ),
-            CommandError::RefundExceedsDebit {
-                refundable_micros, ..
-            } => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "refund-exceeds-debit",
-                "Refund exceeds debit",
-                e.to_string(),
-            )
-            .field("refundable_micros", refundable_micros),
-            CommandError::Invalid(v) => Problem::invalid(v.to_string()),
-        }),
+        Ok(Reply::Rejected(e)) => {
+            m.decisions_total.with_label_values(&["rejected"]).inc();
+            Err(match e {
+                CommandError::UnknownAgent => Problem::not_found(format!("no agent {}", cmd.agent)),
+                CommandError::AgentExists => problem(
+                    S::CONFLICT,
+                    "agent-exists",
+                    "Agent exists",
+                    format!("agent {} already exists", cmd.agent),
+                ),
+                CommandError::UnknownPlan(p) => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "unknown-plan",
+                    "Unknown plan",
+                    format!("no plan named {p:?}"),
+                ),
+                CommandError::ZeroAmount => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "invalid-amount",
+                    "Invalid amount",
+                    e.to_string(),
+                ),
+                CommandError::Overflow => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "amount-overflow",
+                    "Amount overflow",
+                    e.to_string(),
+                ),
+                CommandError::InvalidTtl { max_ms, .. } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "invalid-ttl",
+                    "Invalid TTL",
+                    e.to_string(),
+                )
+                .field("ttl_ms_max", max_ms),
+                CommandError::UnknownHold(_) => Problem::not_found(e.to_string()),
+                CommandError::HoldExpired { expires_at_ms, .. } => {
+                    problem(S::CONFLICT, "hold-expired", "Hold expired", e.to_string())
+                        .field("expires_at", rfc3339_ms(expires_at_ms))
+                }
+                CommandError::CaptureExceedsHold { held_micros, .. } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "capture-exceeds-hold",
+                    "Capture exceeds hold",
+                    e.to_string(),
+                )
+                .field("held_micros", held_micros),
+                CommandError::TooManyHolds { max } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "too-many-holds",
+                    "Too many holds",
+                    e.to_string(),
+                )
+                .field("open_holds_max", max),
+                CommandError::UnknownDebit(_) => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "unknown-debit",
+                    "Unknown debit",
+                    e.to_string(),
+                ),
+                CommandError::RefundExceedsDebit {
+                    refundable_micros, ..
+                } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "refund-exceeds-debit",
+                    "Refund exceeds debit",
+                    e.to_string(),
+                )
+                .field("refundable_micros", refundable_micros),
+                CommandError::Invalid(v) => Problem::invalid(v.to_string()),
+            })
+        }
         Ok(Reply::Decided {
             outcome: Outcome::Denied(denial),
             ..
@@ -307,20 +321,6 @@ pub fn classify(
             })
         }
     };
-    if let Err(p) = &answer {
-        if p.status != S::PAYMENT_REQUIRED
-            && p.status != S::TOO_MANY_REQUESTS
-            && p.kind != "agent-suspended"
-        {
-            m.decisions_total
-                .with_label_values(&[if p.kind == "idempotency-key-reused" {
-                    "key_reused"
-                } else {
-                    "rejected"
-                }])
-                .inc();
-        }
-    }
     answer
 }
 

@@ -718,6 +718,21 @@ async fn unprocessable_422() {
         .post("/v1/agents", "k-p", json!({"id": "a2", "plan": "gold"}))
         .await;
     plan.assert_problem(422, "unknown-plan");
+    let metrics = s.send(s.http.get(s.url("/metrics"))).await;
+    assert!(
+        metrics
+            .text
+            .contains("tally_decisions_total{outcome=\"key_reused\"} 1"),
+        "{}",
+        metrics.text
+    );
+    assert!(
+        metrics
+            .text
+            .contains("tally_decisions_total{outcome=\"rejected\"} 7"),
+        "{}",
+        metrics.text
+    );
     s.stop().await;
 }
 
