@@ -1,1 +1,181 @@
-//! in progress
+//! The idempotency index of one shard: which keys were used, by which request, for which
+//! journal entries. In memory, bounded by a retention window and a key count; rebuilt at
+//! start from the journal entries inside the window. The keys and fingerprints themselves
+//! are durable inside the journal entries, so this is only a cache of the journal.
+
+use std::collections::{HashMap, VecDeque};
+
+use sha2::{Digest, Sha256};
+use tally_core::idempotency::{judge, Seen, Verdict};
+use tally_core::{AgentId, IdempotencyKey, TimestampMs};
+
+/// A remembered key: the request's fingerprint and the journal entries it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub fingerprint: u128,
+    pub first_seq: u64,
+    pub events: u32,
+    pub at_ms: TimestampMs,
+}
+
+/// The key of the map: 128 bits of SHA-256 over (agent, key), so an entry costs a fixed
+/// ~80 bytes however long the agent id and key are.
+pub fn slot(agent: &AgentId, key: &IdempotencyKey) -> u128 {
+    let mut h = Sha256::new();
+    h.update((agent.as_str().len() as u64).to_be_bytes());
+    h.update(agent.as_str().as_bytes());
+    h.update(key.as_str().as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    u128::from_be_bytes(first)
+}
+
+/// What the index did when it made room.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    /// Entries dropped because their window passed.
+    pub expired: u64,
+    /// Entries dropped while still inside the window because the count bound was hit:
+    /// the effective window is shorter than configured.
+    pub early: u64,
+}
+
+#[derive(Debug)]
+pub struct Index {
+    map: HashMap<u128, Entry>,
+    order: VecDeque<(TimestampMs, u128)>,
+    retention_ms: u64,
+    keys_max: usize,
+}
+
+impl Index {
+    pub fn new(retention_ms: u64, keys_max: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            retention_ms,
+            keys_max: keys_max.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The verdict for a request with `fingerprint` under `slot`, and the entry to replay.
+    pub fn judge(
+        &self,
+        slot: u128,
+        fingerprint: u128,
+        now_ms: TimestampMs,
+    ) -> (Verdict, Option<Entry>) {
+        let entry = self.map.get(&slot).copied();
+        let seen = entry.map(|e| Seen {
+            fingerprint: e.fingerprint,
+            at_ms: e.at_ms,
+        });
+        (judge(seen, fingerprint, now_ms, self.retention_ms), entry)
+    }
+
+    /// Remembers a key, then drops what the window and the count bound no longer allow.
+    pub fn insert(&mut self, slot: u128, entry: Entry, now_ms: TimestampMs) -> Evicted {
+        self.map.insert(slot, entry);
+        self.order.push_back((entry.at_ms, slot));
+        self.evict(now_ms)
+    }
+
+    /// Drops entries past the window, and the oldest while over the count bound.
+    pub fn evict(&mut self, now_ms: TimestampMs) -> Evicted {
+        let mut evicted = Evicted::default();
+        while let Some(&(at_ms, slot)) = self.order.front() {
+            let expired = now_ms.saturating_sub(at_ms) >= self.retention_ms;
+            if !expired && self.map.len() <= self.keys_max {
+                break;
+            }
+            self.order.pop_front();
+            // The slot may have been reused after it expired; only drop the entry this
+            // queue position belongs to.
+            if self.map.get(&slot).is_some_and(|e| e.at_ms == at_ms) {
+                self.map.remove(&slot);
+                if expired {
+                    evicted.expired += 1;
+                } else {
+                    evicted.early += 1;
+                }
+            }
+        }
+        if self.order.len() > 2 * self.keys_max {
+            // Stale positions of reused slots: compact rather than let the queue grow.
+            let map = &self.map;
+            self.order
+                .retain(|(at, s)| map.get(s).is_some_and(|e| e.at_ms == *at));
+        }
+        evicted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fp: u128, at_ms: u64) -> Entry {
+        Entry {
+            fingerprint: fp,
+            first_seq: 1,
+            events: 1,
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn replay_conflict_and_window() {
+        let mut idx = Index::new(1_000, 10);
+        idx.insert(1, entry(7, 0), 0);
+        assert_eq!(idx.judge(1, 7, 999).0, Verdict::Replay);
+        assert_eq!(idx.judge(1, 8, 999).0, Verdict::Conflict);
+        assert_eq!(idx.judge(1, 7, 1_000).0, Verdict::New);
+        assert_eq!(idx.evict(1_000).expired, 1);
+        assert_eq!(idx.len(), 0);
+    }
+
+    #[test]
+    fn count_bound_shortens_the_window_and_says_so() {
+        let mut idx = Index::new(u64::MAX, 3);
+        let mut early = 0;
+        for i in 0..10u128 {
+            early += idx.insert(i, entry(i, i as u64), i as u64).early;
+            assert!(idx.len() <= 3);
+        }
+        assert_eq!(early, 7);
+        assert_eq!(idx.judge(9, 9, 10).0, Verdict::Replay);
+        assert_eq!(
+            idx.judge(6, 6, 10).0,
+            Verdict::New,
+            "oldest forgotten first"
+        );
+    }
+
+    #[test]
+    fn reused_slot_survives_its_old_queue_position() {
+        let mut idx = Index::new(100, 10);
+        idx.insert(1, entry(7, 0), 0);
+        idx.insert(1, entry(8, 150), 150);
+        assert_eq!(
+            idx.evict(160).expired,
+            0,
+            "the old position is stale, not the entry"
+        );
+        assert_eq!(idx.judge(1, 8, 160).0, Verdict::Replay);
+    }
+
+    #[test]
+    fn slots_separate_agents_and_keys() {
+        let a = AgentId::new("a").expect("valid");
+        let ab = AgentId::new("ab").expect("valid");
+        let k = |s: &str| IdempotencyKey::new(s).expect("valid");
+        assert_ne!(slot(&a, &k("bc")), slot(&ab, &k("c")));
+        assert_ne!(slot(&a, &k("x")), slot(&a, &k("y")));
+        assert_eq!(slot(&a, &k("x")), slot(&a, &k("x")));
+    }
+}

@@ -1,2 +1,67 @@
-//! in progress
-#[derive(Debug)] pub struct EngineMetrics;
+//! The engine's Prometheus metrics: group commits, idempotency records, holds, queues.
+//! No per-agent labels: per-agent usage is the API's.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
+
+/// Metrics the engine updates; registered into the server's registry when one is given.
+#[derive(Debug, Clone)]
+pub struct EngineMetrics {
+    pub commit_batch_events: Histogram,
+    pub commit_seconds: Histogram,
+    pub commits_total: IntCounter,
+    pub idempotency_records: IntGauge,
+    pub idempotency_evicted_early_total: IntCounter,
+    pub open_holds: IntGauge,
+    pub agents: IntGauge,
+    pub overloaded_total: IntCounter,
+    pub checkpoints_total: IntCounter,
+}
+
+impl EngineMetrics {
+    pub fn new(registry: Option<&Registry>) -> Result<Self, prometheus::Error> {
+        let m = Self {
+            commit_batch_events: Histogram::with_opts(
+                HistogramOpts::new(
+                    "tally_commit_batch_events",
+                    "Journal entries made durable by one group commit (fsync).",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0]),
+            )?,
+            commit_seconds: Histogram::with_opts(
+                HistogramOpts::new("tally_commit_seconds", "Duration of one group commit (fsync).")
+                    .buckets(prometheus::exponential_buckets(0.000_05, 2.0, 16)?),
+            )?,
+            commits_total: IntCounter::with_opts(Opts::new("tally_commits_total", "Group commits (fsyncs)."))?,
+            idempotency_records: IntGauge::with_opts(Opts::new(
+                "tally_idempotency_records",
+                "Idempotency keys remembered in memory.",
+            ))?,
+            idempotency_evicted_early_total: IntCounter::with_opts(Opts::new(
+                "tally_idempotency_evicted_early_total",
+                "Idempotency keys forgotten inside their retention window because the key count bound was reached.",
+            ))?,
+            open_holds: IntGauge::with_opts(Opts::new("tally_open_holds", "Open holds across all agents."))?,
+            agents: IntGauge::with_opts(Opts::new("tally_agents", "Agents known to the engine."))?,
+            overloaded_total: IntCounter::with_opts(Opts::new(
+                "tally_overloaded_total",
+                "Commands refused because a shard queue was full.",
+            ))?,
+            checkpoints_total: IntCounter::with_opts(Opts::new(
+                "tally_checkpoints_total",
+                "Agent records written as checkpoints.",
+            ))?,
+        };
+        if let Some(r) = registry {
+            r.register(Box::new(m.commit_batch_events.clone()))?;
+            r.register(Box::new(m.commit_seconds.clone()))?;
+            r.register(Box::new(m.commits_total.clone()))?;
+            r.register(Box::new(m.idempotency_records.clone()))?;
+            r.register(Box::new(m.idempotency_evicted_early_total.clone()))?;
+            r.register(Box::new(m.open_holds.clone()))?;
+            r.register(Box::new(m.agents.clone()))?;
+            r.register(Box::new(m.overloaded_total.clone()))?;
+            r.register(Box::new(m.checkpoints_total.clone()))?;
+        }
+        Ok(m)
+    }
+}

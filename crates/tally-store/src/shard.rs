@@ -1,1 +1,559 @@
-//! in progress
+//! A shard: one thread that owns a subset of agents, decides their commands with
+//! `tally-core` in runs, applies each run's journal entries in one batch, and hands the
+//! answers to the committer, which releases them only after a group commit (fsync) made
+//! the run durable. Denials and checks touch no disk and are answered at once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::RwLock;
+use tally_core::idempotency::Verdict;
+use tally_core::{
+    decide, evolve, AgentId, AgentState, Command, CommandKind, Event, EventKind, Outcome, PlanBook,
+    RateState, Receipt,
+};
+use tokio::sync::oneshot;
+
+use crate::clock::Clock;
+use crate::config::EngineConfig;
+use crate::engine::Reply;
+use crate::error::SubmitError;
+use crate::idem::{self, Index};
+use crate::metrics::EngineMetrics;
+use crate::storage::{AgentWrite, Storage};
+
+/// How often an idle shard wakes to sweep holds and write checkpoints.
+const IDLE_TICK_MS: u64 = 50;
+
+pub(crate) type SubmitReply = oneshot::Sender<Result<Reply, SubmitError>>;
+pub(crate) type AgentReply = oneshot::Sender<Result<Option<AgentState>, SubmitError>>;
+
+/// Work for a shard.
+#[derive(Debug)]
+pub(crate) enum Job {
+    Submit { cmd: Command, reply: SubmitReply },
+    Agent { id: AgentId, reply: AgentReply },
+    Shutdown,
+}
+
+/// An answer held back until the run it depends on is durable.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    Submit(SubmitReply, Reply),
+    Agent(AgentReply, Option<AgentState>),
+}
+
+impl Pending {
+    fn send(self, failure: Option<&SubmitError>) {
+        // A caller that went away (timeout, disconnect) no longer needs its answer; the
+        // change itself is durable either way.
+        match (self, failure) {
+            (Pending::Submit(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
+            (Pending::Submit(tx, reply), None) => drop(tx.send(Ok(reply))),
+            (Pending::Agent(tx, _), Some(e)) => drop(tx.send(Err(e.clone()))),
+            (Pending::Agent(tx, agent), None) => drop(tx.send(Ok(agent))),
+        }
+    }
+}
+
+/// One shard's applied run, waiting for the group commit.
+#[derive(Debug)]
+pub(crate) struct CommitBatch {
+    pub events: usize,
+    pub replies: Vec<Pending>,
+}
+
+/// What shards, the committer and the engine share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub storage: Arc<dyn Storage>,
+    pub plans: Arc<PlanBook>,
+    pub clock: Arc<dyn Clock>,
+    pub config: EngineConfig,
+    pub metrics: EngineMetrics,
+    pub failed: OnceLock<String>,
+    pub ids: RwLock<BTreeSet<AgentId>>,
+}
+
+impl Shared {
+    pub fn fail(&self, reason: String) -> SubmitError {
+        if self.failed.set(reason.clone()).is_ok() {
+            tracing::error!(%reason, "storage failed; the engine refuses all further commands until restarted");
+        }
+        SubmitError::Failed(self.failed.get().cloned().unwrap_or(reason))
+    }
+
+    pub fn failure(&self) -> Option<SubmitError> {
+        self.failed.get().map(|r| SubmitError::Failed(r.clone()))
+    }
+}
+
+/// An agent as a shard holds it.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    /// Always `Some` between commands; taken out only while `evolve` runs.
+    state: Option<AgentState>,
+    rate: RateState,
+    /// When the agent first changed after its last checkpoint.
+    dirty_since_ms: Option<u64>,
+}
+
+impl Slot {
+    pub fn new(state: AgentState) -> Self {
+        Self {
+            state: Some(state),
+            rate: RateState::default(),
+            dirty_since_ms: None,
+        }
+    }
+
+    fn state(&self) -> &AgentState {
+        self.state
+            .as_ref()
+            .expect("a slot holds its state between commands")
+    }
+}
+
+/// The writes and held-back answers of the run being decided.
+#[derive(Default)]
+struct Run {
+    writes: Vec<AgentWrite>,
+    by_agent: HashMap<AgentId, usize>,
+    checkpoints: BTreeSet<AgentId>,
+    replies: Vec<Pending>,
+    events: usize,
+}
+
+impl Run {
+    fn write_for(&mut self, agent: &AgentId, expected_seq: u64) -> &mut AgentWrite {
+        let i = *self.by_agent.entry(agent.clone()).or_insert_with(|| {
+            self.writes.push(AgentWrite {
+                agent: agent.clone(),
+                expected_seq,
+                events: Vec::new(),
+                checkpoint: None,
+            });
+            self.writes.len() - 1
+        });
+        &mut self.writes[i]
+    }
+
+    /// Events of `agent` in this run with `first_seq ≤ seq < first_seq + n`.
+    fn events(&self, agent: &AgentId, first_seq: u64, n: u64) -> Vec<Event> {
+        self.by_agent
+            .get(agent)
+            .map(|&i| {
+                self.writes[i]
+                    .events
+                    .iter()
+                    .filter(|e| e.seq >= first_seq && e.seq < first_seq + n)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+pub(crate) struct Shard {
+    shared: Arc<Shared>,
+    agents: HashMap<AgentId, Slot>,
+    index: Index,
+    rx: Receiver<Job>,
+    commit_tx: Sender<CommitBatch>,
+    now_ms: u64,
+    last_sweep_ms: u64,
+    last_checkpoint_scan_ms: u64,
+    last_early_eviction_log: Option<Instant>,
+    reported_index_len: i64,
+}
+
+impl Shard {
+    pub fn new(
+        shared: Arc<Shared>,
+        agents: HashMap<AgentId, Slot>,
+        index: Index,
+        rx: Receiver<Job>,
+        commit_tx: Sender<CommitBatch>,
+    ) -> Self {
+        Self {
+            shared,
+            agents,
+            index,
+            rx,
+            commit_tx,
+            now_ms: 0,
+            last_sweep_ms: 0,
+            last_checkpoint_scan_ms: 0,
+            last_early_eviction_log: None,
+            reported_index_len: 0,
+        }
+    }
+
+    /// The shard's loop: take a run of jobs, decide them, commit, until shut down.
+    pub fn run(mut self) {
+        let batch_max = self.shared.config.batch_size_max.max(1);
+        let mut jobs = Vec::with_capacity(batch_max);
+        loop {
+            let mut stop = false;
+            match self.rx.recv_timeout(Duration::from_millis(IDLE_TICK_MS)) {
+                Ok(job) => jobs.push(job),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => stop = true,
+            }
+            while jobs.len() < batch_max {
+                match self.rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+            self.now_ms = self.now_ms.max(self.shared.clock.now_ms());
+            let mut run = Run::default();
+            for job in jobs.drain(..) {
+                match job {
+                    Job::Submit { cmd, reply } => self.submit(cmd, reply, &mut run),
+                    Job::Agent { id, reply } => self.read_agent(id, reply, &mut run),
+                    Job::Shutdown => stop = true,
+                }
+            }
+            self.housekeeping(&mut run, stop);
+            self.commit(run);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn submit(&mut self, cmd: Command, reply: SubmitReply, run: &mut Run) {
+        if let Some(e) = self.shared.failure() {
+            drop(reply.send(Err(e)));
+            return;
+        }
+        let now_ms = self.now_ms;
+        let keyed = cmd
+            .idempotency_key
+            .as_ref()
+            .map(|k| (idem::slot(&cmd.agent, k), cmd.fingerprint()));
+        if let Some((slot, fingerprint)) = keyed {
+            match self.index.judge(slot, fingerprint, now_ms) {
+                (Verdict::New, _) => {}
+                (Verdict::Conflict, _) => {
+                    drop(reply.send(Ok(Reply::KeyReused)));
+                    return;
+                }
+                (Verdict::Replay, entry) => {
+                    let entry = entry.expect("a replay verdict comes with its entry");
+                    match self.replay(&cmd.agent, entry, run) {
+                        Ok(receipt) => run.replies.push(Pending::Submit(
+                            reply,
+                            Reply::Decided {
+                                outcome: Outcome::Approved(receipt),
+                                rate: None,
+                                replayed: true,
+                            },
+                        )),
+                        Err(e) => drop(reply.send(Err(e))),
+                    }
+                    return;
+                }
+            }
+        }
+        if cmd.kind.spends() {
+            // Money in holds that expired is the agent's again before it spends.
+            self.expire_holds(&cmd.agent, run);
+        }
+        let mut fresh_rate = RateState::default();
+        let (state, rate) = match self.agents.get_mut(&cmd.agent) {
+            Some(slot) => (slot.state.as_ref(), &mut slot.rate),
+            None => (None, &mut fresh_rate),
+        };
+        let decision = match decide(state, rate, &cmd, &self.shared.plans, now_ms) {
+            Ok(d) => d,
+            Err(e) => {
+                drop(reply.send(Ok(Reply::Rejected(e))));
+                return;
+            }
+        };
+        let answer = Reply::Decided {
+            outcome: decision.outcome.clone(),
+            rate: decision.rate.clone(),
+            replayed: false,
+        };
+        if decision.events.is_empty() {
+            drop(reply.send(Ok(answer)));
+            return;
+        }
+        let first_seq = decision.events[0].seq;
+        let n = decision.events.len();
+        if let Err(e) = self.apply(&cmd.agent, decision.events, run) {
+            drop(reply.send(Err(e)));
+            return;
+        }
+        if let Some((slot, fingerprint)) = keyed {
+            let entry = idem::Entry {
+                fingerprint,
+                first_seq,
+                events: n as u32,
+                at_ms: now_ms,
+            };
+            let evicted = self.index.insert(slot, entry, now_ms);
+            self.note_evictions(evicted);
+        }
+        run.replies.push(Pending::Submit(reply, answer));
+    }
+
+    fn note_evictions(&mut self, evicted: idem::Evicted) {
+        let m = &self.shared.metrics;
+        if evicted.early > 0 {
+            m.idempotency_evicted_early_total.inc_by(evicted.early);
+            let quiet = self
+                .last_early_eviction_log
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+            if !quiet {
+                self.last_early_eviction_log = Some(Instant::now());
+                tracing::warn!(
+                    keys_max = self.shared.config.idempotency_keys_max,
+                    "idempotency key count bound reached: keys are forgotten before their retention window ends"
+                );
+            }
+        }
+    }
+
+    /// Evolves the agent with decided events and adds them to the run's writes.
+    fn apply(
+        &mut self,
+        agent: &AgentId,
+        events: Vec<Event>,
+        run: &mut Run,
+    ) -> Result<(), SubmitError> {
+        let now_ms = self.now_ms;
+        let created = matches!(events[0].kind, EventKind::AgentCreated { .. });
+        let slot = match self.agents.get_mut(agent) {
+            Some(slot) => slot,
+            None if created => {
+                self.shared.ids.write().insert(agent.clone());
+                self.shared.metrics.agents.inc();
+                self.agents.entry(agent.clone()).or_insert(Slot {
+                    state: None,
+                    rate: RateState::default(),
+                    dirty_since_ms: None,
+                })
+            }
+            None => {
+                return Err(self
+                    .shared
+                    .fail(format!("events for unknown agent {agent}")))
+            }
+        };
+        let expected_seq = slot.state.as_ref().map_or(0, |s| s.last_seq);
+        for e in &events {
+            match &e.kind {
+                EventKind::HoldPlaced { .. } => self.shared.metrics.open_holds.inc(),
+                EventKind::HoldCaptured { .. }
+                | EventKind::HoldVoided { .. }
+                | EventKind::HoldExpired { .. } => self.shared.metrics.open_holds.dec(),
+                _ => {}
+            }
+            match evolve(slot.state.take(), agent, e) {
+                Ok(next) => slot.state = Some(next),
+                Err(broken) => return Err(self.shared.fail(broken.to_string())),
+            }
+        }
+        slot.dirty_since_ms.get_or_insert(now_ms);
+        if created {
+            run.checkpoints.insert(agent.clone());
+        }
+        run.events += events.len();
+        run.write_for(agent, expected_seq).events.extend(events);
+        Ok(())
+    }
+
+    /// Releases the agent's holds that are due, as an `ExpireHolds` command.
+    fn expire_holds(&mut self, agent: &AgentId, run: &mut Run) {
+        let now_ms = self.now_ms;
+        let Some(slot) = self.agents.get_mut(agent) else {
+            return;
+        };
+        if slot
+            .state()
+            .next_hold_expiry_ms()
+            .is_none_or(|at| at > now_ms)
+        {
+            return;
+        }
+        let cmd = Command::new(agent.clone(), CommandKind::ExpireHolds);
+        match decide(
+            slot.state.as_ref(),
+            &mut slot.rate,
+            &cmd,
+            &self.shared.plans,
+            now_ms,
+        ) {
+            Ok(d) if !d.events.is_empty() => {
+                if let Err(e) = self.apply(agent, d.events, run) {
+                    tracing::error!(%agent, error = %e, "expiring holds failed");
+                }
+            }
+            Ok(_) => {}
+            // The agent's plan disappeared from the config; its holds expire at the next
+            // restart with a plan, and nothing is lost meanwhile.
+            Err(e) => tracing::warn!(%agent, error = %e, "cannot expire holds"),
+        }
+    }
+
+    /// Rebuilds the receipt of a stored change from its journal entries.
+    fn replay(
+        &self,
+        agent: &AgentId,
+        entry: idem::Entry,
+        run: &Run,
+    ) -> Result<Receipt, SubmitError> {
+        let n = u64::from(entry.events);
+        let mut events = run.events(agent, entry.first_seq, n);
+        if events.is_empty() {
+            events = self
+                .shared
+                .storage
+                .journal(agent, entry.first_seq - 1, n as usize)
+                .map_err(|e| self.shared.fail(e.to_string()))?;
+        }
+        if events.len() as u64 != n {
+            return Err(self.shared.fail(format!(
+                "idempotency index points at {n} journal entries of {agent} from {}, found {}",
+                entry.first_seq,
+                events.len()
+            )));
+        }
+        Ok(Receipt::from_events(&events, 0, 0, entry.at_ms))
+    }
+
+    fn read_agent(&mut self, id: AgentId, reply: AgentReply, run: &mut Run) {
+        if let Some(e) = self.shared.failure() {
+            drop(reply.send(Err(e)));
+            return;
+        }
+        let state = self.agents.get(&id).map(|s| s.state().clone());
+        // Held back like a write, so a read never shows a change that is not yet durable.
+        run.replies.push(Pending::Agent(reply, state));
+    }
+
+    /// Sweeps expired holds and writes due checkpoints (all dirty ones when stopping).
+    fn housekeeping(&mut self, run: &mut Run, stopping: bool) {
+        let now_ms = self.now_ms;
+        if self.shared.failure().is_some() {
+            return;
+        }
+        if now_ms.saturating_sub(self.last_sweep_ms) >= self.shared.config.hold_sweep_interval_ms {
+            self.last_sweep_ms = now_ms;
+            let due: Vec<AgentId> = self
+                .agents
+                .iter()
+                .filter(|(_, s)| {
+                    s.state()
+                        .next_hold_expiry_ms()
+                        .is_some_and(|at| at <= now_ms)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in due {
+                self.expire_holds(&id, run);
+            }
+            let evicted = self.index.evict(now_ms);
+            self.note_evictions(evicted);
+        }
+        let interval = self.shared.config.checkpoint_interval_ms;
+        let scan = stopping
+            || now_ms.saturating_sub(self.last_checkpoint_scan_ms)
+                >= (interval / 4).max(IDLE_TICK_MS);
+        if scan {
+            self.last_checkpoint_scan_ms = now_ms;
+            for (id, slot) in &self.agents {
+                if slot
+                    .dirty_since_ms
+                    .is_some_and(|since| stopping || now_ms.saturating_sub(since) >= interval)
+                {
+                    run.checkpoints.insert(id.clone());
+                }
+            }
+        }
+        for id in std::mem::take(&mut run.checkpoints) {
+            if let Some(slot) = self.agents.get_mut(&id) {
+                let state = slot.state().clone();
+                slot.dirty_since_ms = None;
+                let last_seq = state.last_seq;
+                run.write_for(&id, last_seq).checkpoint = Some(state);
+                self.shared.metrics.checkpoints_total.inc();
+            }
+        }
+    }
+
+    /// Applies the run's writes in one batch and queues its answers for the group commit.
+    fn commit(&mut self, run: Run) {
+        self.report_index_len();
+        if run.writes.is_empty() && run.replies.is_empty() {
+            return;
+        }
+        if !run.writes.is_empty() {
+            if let Err(e) = self.shared.storage.apply(&run.writes) {
+                let failure = self.shared.fail(e.to_string());
+                for p in run.replies {
+                    p.send(Some(&failure));
+                }
+                return;
+            }
+        }
+        let batch = CommitBatch {
+            events: run.events,
+            replies: run.replies,
+        };
+        if let Err(unsent) = self.commit_tx.send(batch) {
+            let failure = self.shared.fail("the committer stopped".into());
+            for p in unsent.0.replies {
+                p.send(Some(&failure));
+            }
+        }
+    }
+
+    /// Adds this shard's change in index size to the shared gauge.
+    fn report_index_len(&mut self) {
+        let len = self.index.len() as i64;
+        self.shared
+            .metrics
+            .idempotency_records
+            .add(len - self.reported_index_len);
+        self.reported_index_len = len;
+    }
+}
+
+/// The group committer: waits for applied runs, makes them durable with one `sync`, then
+/// releases their answers. Everything a run depends on was applied before it was queued,
+/// so one sync after draining the queue covers every answer drained.
+pub(crate) fn run_committer(rx: Receiver<CommitBatch>, shared: Arc<Shared>) {
+    let mut batches = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batches.push(first);
+        while let Ok(more) = rx.try_recv() {
+            batches.push(more);
+        }
+        let events: usize = batches.iter().map(|b| b.events).sum();
+        let failure = if events > 0 {
+            let started = Instant::now();
+            let result = shared.storage.sync();
+            shared
+                .metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            shared.metrics.commit_batch_events.observe(events as f64);
+            shared.metrics.commits_total.inc();
+            result.err().map(|e| shared.fail(e.to_string()))
+        } else {
+            shared.failure()
+        };
+        for batch in batches.drain(..) {
+            for p in batch.replies {
+                p.send(failure.as_ref());
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Helpers shared by the engine's integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tally_core::{
+    AgentId, Command, CommandKind, IdempotencyKey, Outcome, Plan, PlanBook, PlanName, Receipt,
+    Status,
+};
+use tally_store::{Engine, EngineConfig, ManualClock, Reply};
+
+pub const T0_MS: u64 = 1_795_000_000_000; // 2026-11-17
+
+pub fn plans() -> PlanBook {
+    let default = Plan::unlimited(PlanName::new("default").expect("valid"));
+    let mut capped = Plan::unlimited(PlanName::new("capped").expect("valid"));
+    capped.monthly_cap_micros = Some(1_000_000);
+    capped.soft_threshold_pct = Some(80);
+    PlanBook::new([default, capped])
+}
+
+pub fn config(dir: &Path) -> EngineConfig {
+    let mut c = EngineConfig::new(dir);
+    c.shards = 2;
+    c.sled_cache_bytes = 8 * 1024 * 1024;
+    c.checkpoint_interval_ms = 1_000;
+    c
+}
+
+pub fn open(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
+    Engine::open(config(dir), plans(), clock.clone(), None).expect("engine opens")
+}
+
+pub fn agent(name: &str) -> AgentId {
+    AgentId::new(name).expect("valid agent id")
+}
+
+pub fn key(k: &str) -> IdempotencyKey {
+    IdempotencyKey::new(k).expect("valid key")
+}
+
+pub fn cmd(a: &AgentId, kind: CommandKind, k: &str) -> Command {
+    Command::new(a.clone(), kind).with_key(key(k))
+}
+
+pub fn create(a: &AgentId, plan: &str) -> CommandKind {
+    let _ = a;
+    CommandKind::CreateAgent {
+        plan: PlanName::new(plan).expect("valid"),
+        status: Status::Active,
+    }
+}
+
+/// The receipt of an approved, fresh (not replayed) change.
+pub fn approved(reply: Reply) -> Receipt {
+    match reply {
+        Reply::Decided {
+            outcome: Outcome::Approved(r),
+            replayed: false,
+            ..
+        } => r,
+        other => panic!("expected a fresh approval, got {other:?}"),
+    }
+}
