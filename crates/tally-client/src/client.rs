@@ -1,7 +1,7 @@
 //! The HTTP client: one method per `/v1` route, each a logical call that may make several
 //! requests under the [`RetryPolicy`] with one idempotency key.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, Url};
@@ -39,6 +39,7 @@ pub struct ClientBuilder {
     token: Option<String>,
     policy: RetryPolicy,
     pool_idle_per_host_max: usize,
+    pool_idle_timeout: Option<Duration>,
 }
 
 impl ClientBuilder {
@@ -59,6 +60,15 @@ impl ClientBuilder {
         self
     }
 
+    /// How long an idle connection is kept (default 90 s; `None`: until the server closes
+    /// it). `None` also means the client runs no timer of its own between calls, which
+    /// keeps a test under `tokio::time::pause` from skipping ahead while a request is in
+    /// flight.
+    pub fn pool_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.pool_idle_timeout = timeout;
+        self
+    }
+
     pub fn build(self) -> Result<Client, Error> {
         let base = Url::parse(&self.base_url)
             .map_err(|e| Error::InvalidArgument(format!("base URL {:?}: {e}", self.base_url)))?;
@@ -70,6 +80,7 @@ impl ClientBuilder {
         }
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(self.pool_idle_per_host_max)
+            .pool_idle_timeout(self.pool_idle_timeout)
             .user_agent(concat!("tally-client/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Error::InvalidArgument(format!("HTTP client: {e}")))?;
@@ -86,7 +97,7 @@ impl ClientBuilder {
 struct Attempt<T> {
     result: Result<Outcome<T>, Error>,
     /// `None`: final. `Some(hint)`: may be retried, after `hint` when the server said so.
-    retry: Option<Option<std::time::Duration>>,
+    retry: Option<Option<Duration>>,
 }
 
 impl Client {
@@ -102,6 +113,7 @@ impl Client {
             token: None,
             policy: RetryPolicy::default(),
             pool_idle_per_host_max: 32,
+            pool_idle_timeout: Some(Duration::from_secs(90)),
         }
     }
 
