@@ -183,7 +183,11 @@ pub async fn run(args: LoadtestArgs) -> anyhow::Result<bool> {
         Some(s) => (s.url.clone(), Some(s.token.clone())),
         None => (args.url.clone(), args.token.clone()),
     };
-    let result = drive(&args, &url, token, spawned.is_some()).await;
+    // Ctrl-C still stops a spawned server (and removes its temporary directory).
+    let result = tokio::select! {
+        result = drive(&args, &url, token, spawned.is_some()) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     if let Some(spawned) = spawned {
         if let Err(e) = spawned.stop().await {
             eprintln!("warning: {e:#}");
