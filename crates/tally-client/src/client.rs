@@ -336,8 +336,21 @@ impl Client {
         let mut attempts = 0;
         loop {
             attempts += 1;
+            // No attempt runs past the call's budget (but a zero budget still gets one
+            // whole attempt).
+            let left = self.policy.total_time_max.saturating_sub(started.elapsed());
+            let timeout =
+                self.policy
+                    .attempt_timeout
+                    .map(|t| if left.is_zero() { t } else { t.min(left) });
             let attempt = self
-                .attempt(&method, &url, body.as_deref(), idempotency_key.as_deref())
+                .attempt(
+                    &method,
+                    &url,
+                    body.as_deref(),
+                    idempotency_key.as_deref(),
+                    timeout,
+                )
                 .await;
             let result = attempt.result.map_err(|e| match e {
                 Error::Transport { source, .. } => Error::Transport {
@@ -368,6 +381,7 @@ impl Client {
         url: &Url,
         body: Option<&[u8]>,
         idempotency_key: Option<&str>,
+        timeout: Option<Duration>,
     ) -> Attempt<T> {
         let transport = |source| Attempt {
             result: Err(Error::Transport {
@@ -390,7 +404,7 @@ impl Client {
                 .header(CONTENT_TYPE, "application/json")
                 .body(body.to_vec());
         }
-        if let Some(timeout) = self.policy.attempt_timeout {
+        if let Some(timeout) = timeout {
             request = request.timeout(timeout);
         }
         let response = match request.send().await {

@@ -28,7 +28,8 @@ pub struct RetryPolicy {
     /// Retry a 429 `rate-limited` after its `Retry-After` (within the budget). When false
     /// the typed [`crate::Denial::RateLimited`] is returned at once.
     pub retry_rate_limited: bool,
-    /// Timeout of one attempt (connect, send, whole response). `None`: no timeout.
+    /// Timeout of one attempt (connect, send, whole response), shortened to what is left
+    /// of `total_time_max`. `None`: no timeout.
     pub attempt_timeout: Option<Duration>,
 }
 

@@ -483,3 +483,46 @@ async fn connection_refused_is_a_transport_error_after_the_attempts() {
         other => panic!("expected a transport error, got {other:?}"),
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn slow_answers_time_out_within_the_total_budget() {
+    // A server that never answers in time: every attempt times out, and the last one is
+    // cut short so that the whole call ends at the budget.
+    let app = Router::new().route(
+        "/v1/agents/{id}/debits",
+        post(|| async {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            StatusCode::CREATED
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let addr = listener.local_addr().expect("bound");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = Client::builder(format!("http://{addr}"))
+        .pool_idle_timeout(None)
+        .retry_policy(RetryPolicy {
+            attempts_max: 10,
+            total_time_max: Duration::from_secs(15),
+            attempt_timeout: Some(Duration::from_secs(10)),
+            ..policy()
+        })
+        .build()
+        .expect("valid URL");
+    let started = Instant::now();
+    let err = client
+        .debit("a1", &Debit::new(10))
+        .await
+        .expect_err("times out");
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(err, Error::Transport { attempts: 2, .. }),
+        "{err:?}"
+    );
+    assert!(elapsed >= Duration::from_secs(10), "{elapsed:?}");
+    assert!(
+        elapsed <= Duration::from_secs(15) + Duration::from_millis(50),
+        "{elapsed:?}"
+    );
+}
