@@ -28,6 +28,11 @@ fn u64_schema() -> Value {
     json!({"type": "integer", "minimum": 0, "maximum": 18_446_744_073_709_551_615u64})
 }
 
+/// An amount in a request: at least 1 micro (0 is `invalid-amount`).
+fn amount_schema() -> Value {
+    json!({"type": "integer", "minimum": 1, "maximum": 18_446_744_073_709_551_615u64})
+}
+
 fn nullable(mut schema: Value) -> Value {
     schema["nullable"] = Value::Bool(true);
     schema
@@ -209,12 +214,12 @@ fn build() -> Value {
         "Status": object(&["status"], json!({"status": {"type": "string"}})),
         "CreateAgent": object(&["id"], json!({"id": name(128), "plan": name(64), "status": status})),
         "PatchAgent": object(&[], json!({"plan": name(64), "status": status})),
-        "Credit": object(&["amount_micros"], json!({"amount_micros": u64_schema(), "metadata": metadata})),
-        "Debit": object(&["amount_micros"], json!({"amount_micros": u64_schema(), "task_type": name(64), "priority": priority, "metadata": metadata})),
-        "HoldRequest": object(&["amount_micros", "ttl_ms"], json!({"amount_micros": u64_schema(), "ttl_ms": u64_schema(), "task_type": name(64), "priority": priority, "metadata": metadata})),
+        "Credit": object(&["amount_micros"], json!({"amount_micros": amount_schema(), "metadata": metadata})),
+        "Debit": object(&["amount_micros"], json!({"amount_micros": amount_schema(), "task_type": name(64), "priority": priority, "metadata": metadata})),
+        "HoldRequest": object(&["amount_micros", "ttl_ms"], json!({"amount_micros": amount_schema(), "ttl_ms": {"type": "integer", "minimum": 1, "maximum": 604_800_000u64}, "task_type": name(64), "priority": priority, "metadata": metadata})),
         "Capture": object(&["amount_micros"], json!({"amount_micros": u64_schema()})),
         "Void": object(&[], json!({})),
-        "Refund": object(&["debit_seq", "amount_micros"], json!({"debit_seq": u64_schema(), "amount_micros": u64_schema()})),
+        "Refund": object(&["debit_seq", "amount_micros"], json!({"debit_seq": u64_schema(), "amount_micros": amount_schema()})),
     });
 
     let ratelimit_headers = json!({"RateLimit-Policy": {"$ref": "#/components/headers/RateLimitPolicy"}, "RateLimit": {"$ref": "#/components/headers/RateLimit"}, "Retry-After": retry_after});
@@ -256,6 +261,10 @@ fn build() -> Value {
         &[("404", "NotFound"), ("422", "Unprocessable")],
     );
     spend_denials(&mut holds);
+    holds["201"]["links"] = json!({
+        "CaptureHold": {"operationId": "capture", "parameters": {"hold_id": "$response.body#/hold_id"}},
+        "VoidHold": {"operationId": "void", "parameters": {"hold_id": "$response.body#/hold_id"}},
+    });
     let mut check = with(
         json!({"200": ok_json("The debit would pass now.", r("CheckResult"), json!({"RateLimit-Policy": {"$ref": "#/components/headers/RateLimitPolicy"}, "RateLimit": {"$ref": "#/components/headers/RateLimit"}}))}),
         &[("404", "NotFound"), ("422", "Unprocessable")],
@@ -289,7 +298,7 @@ fn build() -> Value {
             ], None, with(json!({"200": ok_json("Entries with seq > after.", r("JournalPage"), Value::Null)}), &[("404", "NotFound")]))},
         "/v1/agents/{id}/usage": {"get": operation("usage", "Spend and counts by task type in a period", vec![
                 param("AgentId"),
-                json!({"name": "period", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}}),
+                json!({"name": "period", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$"}}),
             ], None, with(json!({"200": ok_json("Usage.", r("Usage"), Value::Null)}), &[("404", "NotFound")]))},
         "/v1/holds/{hold_id}/capture": {"post": operation("capture", "Settle a hold (the rest is released)", keyed(vec![param("HoldId")]), Some(body("Capture", true)),
             with(receipt_ok("200", "Captured."), &[("404", "NotFound"), ("409", "Conflict"), ("422", "Unprocessable")]))},

@@ -372,6 +372,11 @@ impl Engine {
         Ok(Some(usage))
     }
 
+    /// Commands waiting in the shard queues right now.
+    pub fn queued(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.len()).sum()
+    }
+
     /// The plans in force.
     pub fn plans(&self) -> Arc<PlanBook> {
         self.inner.shared.plans.clone()

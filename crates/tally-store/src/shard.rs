@@ -189,6 +189,13 @@ impl Shard {
             last_early_eviction_log: None,
             reported_index_len: 0,
         }
+        .with_index_reported()
+    }
+
+    /// Counts the recovered index in the shared gauge once.
+    fn with_index_reported(mut self) -> Self {
+        self.report_index_len();
+        self
     }
 
     /// The shard's loop: take a run of jobs, decide them, commit, until shut down.
