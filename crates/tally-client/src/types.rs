@@ -104,6 +104,10 @@ pub struct JournalEntry {
     pub hold_seq: Option<u64>,
     pub debit_seq: Option<u64>,
     pub period: Option<String>,
+    /// Set on `agent_created` / `agent_updated` entries.
+    pub plan: Option<String>,
+    /// Set on `agent_created` / `agent_updated` entries.
+    pub status: Option<String>,
 }
 
 /// One page of the journal.
@@ -317,6 +321,32 @@ pub struct Refund {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Plans {
-    /// Plans as the server describes them (their shape belongs to the server's config).
-    pub plans: Vec<Value>,
+    pub plans: Vec<PlanInfo>,
+    /// The plan of agents created without one.
+    pub default_plan: Option<String>,
+}
+
+/// A plan as the server describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct PlanInfo {
+    pub name: String,
+    pub buckets: Vec<BucketInfo>,
+    /// The `RateLimit-Policy` header of the plan (`"second";q=50;w=1`), if it has buckets.
+    pub rate_limit_policy: Option<String>,
+    pub monthly_cap_micros: Option<u64>,
+    pub soft_threshold_pct: Option<u8>,
+    pub anchor_day: u8,
+    pub pricing: Option<Value>,
+    pub hold_ttl_max_ms: u64,
+}
+
+/// One rate-limit bucket of a plan: `quota` requests per `window_ms`, `burst` at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct BucketInfo {
+    pub name: String,
+    pub quota: u32,
+    pub window_ms: u64,
+    pub burst: u32,
 }

@@ -180,6 +180,17 @@ async fn retry_after_is_honoured_against_the_real_server() {
         .await
         .expect("server started");
     let client = client(&server.url);
+    let plans = client.plans().await.expect("plans");
+    assert_eq!(plans.default_plan.as_deref(), Some("default"));
+    let tight = plans
+        .plans
+        .iter()
+        .find(|p| p.name == "tight")
+        .expect("tight plan");
+    assert_eq!(
+        (tight.buckets[0].quota, tight.buckets[0].window_ms),
+        (1, 2_000)
+    );
     client
         .create_agent(&NewAgent::new("busy").plan("tight"))
         .await

@@ -333,11 +333,7 @@ async fn set_up(
     prefix: &str,
 ) -> anyhow::Result<(Vec<MockAgent>, Vec<AgentLog>, HashSet<String>)> {
     let plans = client.plans().await.context("GET /v1/plans")?;
-    let names: HashSet<&str> = plans
-        .plans
-        .iter()
-        .filter_map(|p| p.get("name").and_then(|n| n.as_str()))
-        .collect();
+    let names: HashSet<&str> = plans.plans.iter().map(|p| p.name.as_str()).collect();
     for (plan, needed) in [
         (&args.plan, args.agents + args.broke_agents > 0),
         (&args.limited_plan, args.limited_agents > 0),
@@ -345,6 +341,14 @@ async fn set_up(
         anyhow::ensure!(
             !needed || names.contains(plan.as_str()),
             "the server has no plan {plan:?} (it has {names:?}); name another one, or use --spawn"
+        );
+    }
+
+    let limited = plans.plans.iter().find(|p| p.name == args.limited_plan);
+    if args.limited_agents > 0 && limited.is_some_and(|p| p.buckets.is_empty()) && !args.quiet {
+        eprintln!(
+            "warning: plan {:?} has no rate-limit bucket: the rate-limited agents will see no 429",
+            args.limited_plan
         );
     }
 
