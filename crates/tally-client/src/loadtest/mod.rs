@@ -147,6 +147,7 @@ pub struct Report {
     pub agents_normal: u32,
     pub agents_broke: u32,
     pub agents_rate_limited: u32,
+    /// Logical calls (a call retried after a 503 or a dropped connection counts once).
     pub requests: u64,
     pub requests_per_s: f64,
     pub counts_by_outcome: BTreeMap<String, u64>,
@@ -434,8 +435,8 @@ fn progress_bar(args: &LoadtestArgs, duration: Duration) -> ProgressBar {
         None => (duration.as_secs(), "s"),
     };
     let bar = ProgressBar::new(len);
-    let template =
-        format!("{{spinner}} [{{elapsed_precise}}] [{{bar:30}}] {{pos}}/{{len}} {unit}  {{msg}}");
+    // `wide_msg` is cut to the terminal's width, so the bar stays on one line.
+    let template = format!("[{{bar:20}}] {{pos}}/{{len}} {unit} {{wide_msg}}");
     if let Ok(style) = ProgressStyle::with_template(&template) {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -460,7 +461,7 @@ async fn tick(run: Arc<Run>, bar: ProgressBar, by_requests: bool) {
         });
         let live = &run.live;
         bar.set_message(format!(
-            "{total} req {rate:.0}/s | ok {} 402 {} 429 {} other {}",
+            "{total} req, {rate:.0}/s | ok {} 402 {} 429 {} other {}",
             live.get(Outcome::Approved),
             live.get(Outcome::InsufficientFunds),
             live.get(Outcome::RateLimited) + live.get(Outcome::MonthlyCap),
