@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use tally_client::{Client, Credit, Debit, Denial, NewAgent, Outcome, RetryPolicy};
 use tally_server::{Config, Running};
 use tally_store::{Clock, SystemClock};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
 const TOKEN: &str = "client-real-test-token";
@@ -267,12 +267,16 @@ async fn lossy_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
             let mut outbound = TcpStream::connect(upstream).await.expect("upstream");
             if std::mem::take(&mut first) {
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let n = inbound.read(&mut buf).await.expect("request");
-                    outbound.write_all(&buf[..n]).await.expect("forwarded");
+                    let (mut from_client, _to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    // Forward the whole request, however many segments it arrives in.
+                    let forward = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+                    });
                     // The server answers (it has committed); the client never hears it.
-                    let _ = outbound.read(&mut buf).await;
-                    drop(inbound);
+                    let mut buf = [0u8; 1];
+                    let _ = from_server.read(&mut buf).await;
+                    forward.abort();
                 });
             } else {
                 tokio::spawn(async move {
