@@ -20,6 +20,8 @@ enum Bug {
     None,
     ChargeOn402,
     DoubleDebit,
+    /// Forgets idempotency keys: a duplicate request is applied again.
+    NoIdempotency,
 }
 
 #[derive(Default)]
@@ -173,8 +175,16 @@ fn keyed(
     let Some(agent) = agents.get_mut(id) else {
         return reply(problem(404, "not-found", json!({})));
     };
+    if m.bug == Bug::NoIdempotency {
+        let answer = change(agent);
+        return reply(answer);
+    }
     if let Some(stored) = agent.replies.get(key) {
-        return reply(stored.clone());
+        let mut response = reply(stored.clone());
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", "true".parse().expect("valid"));
+        return response;
     }
     let (status, body) = change(agent);
     if status < 300 {
@@ -377,6 +387,10 @@ async fn an_honest_server_passes_with_402s_and_429s() {
         );
     }
     assert!(report["requests"].as_u64().unwrap_or(0) > 0);
+    assert!(
+        report["replayed_receipts"].as_u64().unwrap_or(0) > 0,
+        "{report:#}"
+    );
     assert!(report["latency_ms_by_outcome"]["approved"]["p99_ms"]
         .as_f64()
         .is_some());
@@ -410,6 +424,25 @@ async fn a_charge_on_402_is_caught() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_double_debit_is_caught() {
     let url = start(Bug::DoubleDebit).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("report.json");
+    let ok = loadtest::run(args(&url, &path)).await.expect("runs");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("report written")).expect("JSON");
+    assert!(!ok);
+    let failed: Vec<&str> = report["invariants"]["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(failed.contains(&"approved_exactly_once"), "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_applied_twice_is_caught() {
+    let url = start(Bug::NoIdempotency).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("report.json");
     let ok = loadtest::run(args(&url, &path)).await.expect("runs");

@@ -59,5 +59,10 @@ fn loadtest_spawn_shows_402s_and_429s_and_every_invariant_holds() {
             > 0
     );
     assert!(report["requests_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+    // Duplicate debits sent at once were answered by replay, not charged twice.
+    assert!(
+        report["replayed_receipts"].as_u64().unwrap_or(0) > 0,
+        "{report:#}"
+    );
     assert!(stdout.contains("invariants: all hold"), "{stdout}");
 }

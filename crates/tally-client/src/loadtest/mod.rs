@@ -153,7 +153,10 @@ pub struct Report {
     pub counts_by_outcome: BTreeMap<String, u64>,
     /// By final HTTP status (`"transport"` when there was none).
     pub counts_by_status: BTreeMap<String, u64>,
+    /// By operation; `duplicate` is the second of two identical debits sent at once.
     pub counts_by_operation: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Approved answers that were replays of an earlier request with the same key.
+    pub replayed_receipts: u64,
     pub latency_ms_by_outcome: BTreeMap<String, LatencySummary>,
     pub invariants: InvariantReport,
 }
@@ -323,6 +326,7 @@ async fn drive(
             })
             .collect(),
         latency_ms_by_outcome,
+        replayed_receipts: stats.replayed,
         invariants,
     })
 }
@@ -492,7 +496,12 @@ fn render(report: &Report) -> String {
         .iter()
         .map(|(s, n)| format!("{s}: {n}"))
         .collect();
-    let _ = writeln!(out, "by status: {}", statuses.join(", "));
+    let _ = writeln!(
+        out,
+        "by status: {}; replayed receipts: {}",
+        statuses.join(", "),
+        report.replayed_receipts
+    );
     let _ = writeln!(
         out,
         "{:<20} {:>9} {:>9} {:>9} {:>9} {:>9}",

@@ -150,6 +150,8 @@ pub struct Stats {
     pub latency: BTreeMap<Outcome, Histogram>,
     pub by_status: BTreeMap<String, u64>,
     pub by_operation: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    /// Approved answers marked `Idempotent-Replayed`.
+    pub replayed: u64,
 }
 
 impl Stats {
@@ -172,6 +174,7 @@ impl Stats {
     }
 
     pub fn merge(&mut self, other: Stats) {
+        self.replayed += other.replayed;
         for (outcome, histogram) in other.latency {
             self.latency.entry(outcome).or_default().merge(&histogram);
         }

@@ -91,13 +91,19 @@ pub async fn work(run: Arc<Run>, id: usize, rng: StdRng) -> WorkerResult {
 
 /// One keyed call, as the report and the invariant check need it.
 struct Call {
+    /// The name counted in the report.
     operation: &'static str,
+    /// The journal kind the change must appear as.
+    journal_kind: &'static str,
     agent: usize,
     key: String,
     /// The amount its journal entry must show.
     amount_micros: u64,
     success_status: u16,
     started: Instant,
+    /// Log a denied key as one that must never be charged. Off for a duplicate pair in
+    /// which the other request was approved: the key is then legitimately charged once.
+    log_denial: bool,
 }
 
 /// A keyed call's result in one shape: approved receipt, denial, or error.
@@ -131,9 +137,13 @@ impl Worker {
         let roll = self.rng.gen_range(0..100u32);
         match kind {
             Kind::Normal => match roll {
-                0..=49 => {
+                0..=44 => {
                     let amount = self.rng.gen_range(100..=20_000);
                     self.debit(agent, amount).await;
+                }
+                45..=49 => {
+                    let amount = self.rng.gen_range(100..=20_000);
+                    self.duplicate_debit(agent, amount).await;
                 }
                 50..=64 => {
                     let amount = self.rng.gen_range(100..=20_000);
@@ -168,19 +178,24 @@ impl Worker {
     fn record(&mut self, call: Call, answer: Answer) -> Option<Receipt> {
         let Call {
             operation,
+            journal_kind,
             agent,
             key,
             amount_micros,
             success_status,
             started,
+            log_denial,
         } = call;
         let latency = started.elapsed();
         let log = &mut self.out.logs[agent];
         let (outcome, status, receipt) = match answer {
             Ok(crate::Outcome::Approved(receipt)) => {
+                if receipt.replayed {
+                    self.out.stats.replayed += 1;
+                }
                 log.applied.push(Applied {
                     seq: receipt.seq,
-                    kind: operation,
+                    kind: journal_kind,
                     amount_micros,
                     key,
                 });
@@ -188,10 +203,12 @@ impl Worker {
             }
             Ok(crate::Outcome::Denied(denial)) => {
                 let outcome = denial_outcome(&denial);
-                if outcome == Outcome::InsufficientFunds {
-                    log.denied_funds.push(key);
-                } else {
-                    log.denied_other.push(key);
+                if log_denial {
+                    if outcome == Outcome::InsufficientFunds {
+                        log.denied_funds.push(key);
+                    } else {
+                        log.denied_other.push(key);
+                    }
                 }
                 (outcome, Some(denial.status()), None)
             }
@@ -224,14 +241,48 @@ impl Worker {
         self.record(
             Call {
                 operation: "debit",
+                journal_kind: "debit",
                 agent,
                 key,
                 amount_micros: amount,
                 success_status: 201,
                 started,
+                log_denial: true,
             },
             answer,
         );
+    }
+
+    /// Sends one debit twice at once, same key and body, as a client that retries too
+    /// eagerly would: the server must apply it once and answer the other with the same
+    /// receipt (`Idempotent-Replayed`). A double charge shows up in the invariants as the
+    /// key appearing twice.
+    async fn duplicate_debit(&mut self, agent: usize, amount: u64) {
+        let key = self.key();
+        let debit = Debit::new(amount)
+            .task_type("loadtest")
+            .idempotency_key(&key);
+        let run = self.run.clone();
+        let id = &run.agents[agent].id;
+        self.run.issued.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let (first, second) =
+            tokio::join!(run.client.debit(id, &debit), run.client.debit(id, &debit));
+        let approved = |a: &Answer| matches!(a, Ok(crate::Outcome::Approved(_)));
+        let log_denial = !approved(&first) && !approved(&second);
+        for (operation, answer) in [("debit", first), ("duplicate", second)] {
+            let call = Call {
+                operation,
+                journal_kind: "debit",
+                agent,
+                key: key.clone(),
+                amount_micros: amount,
+                success_status: 201,
+                started,
+                log_denial,
+            };
+            self.record(call, answer);
+        }
     }
 
     async fn check(&mut self, agent: usize, amount: u64) {
@@ -265,11 +316,13 @@ impl Worker {
         self.record(
             Call {
                 operation: "credit",
+                journal_kind: "credit",
                 agent,
                 key,
                 amount_micros: amount,
                 success_status: 201,
                 started,
+                log_denial: true,
             },
             answer,
         );
@@ -291,11 +344,13 @@ impl Worker {
         let Some(receipt) = self.record(
             Call {
                 operation: "hold",
+                journal_kind: "hold",
                 agent,
                 key,
                 amount_micros: amount,
                 success_status: 201,
                 started,
+                log_denial: true,
             },
             answer,
         ) else {
@@ -314,11 +369,13 @@ impl Worker {
             self.record(
                 Call {
                     operation: "capture",
+                    journal_kind: "capture",
                     agent,
                     key,
                     amount_micros: captured,
                     success_status: 200,
                     started,
+                    log_denial: true,
                 },
                 answer,
             );
@@ -328,11 +385,13 @@ impl Worker {
             self.record(
                 Call {
                     operation: "void",
+                    journal_kind: "void",
                     agent,
                     key,
                     amount_micros: amount,
                     success_status: 200,
                     started,
+                    log_denial: true,
                 },
                 answer,
             );
