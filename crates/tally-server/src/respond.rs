@@ -6,7 +6,9 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{json, Value};
-use tally_core::{Command, CommandError, CommandKind, Denial, Outcome, RateStatus, Receipt};
+use tally_core::{
+    Command, CommandError, CommandKind, Denial, Outcome, PlanBook, RateStatus, Receipt,
+};
 use tally_store::{Reply, SubmitError};
 
 use crate::app::AppState;
@@ -45,6 +47,36 @@ fn problem(status: StatusCode, kind: &'static str, title: &'static str, detail: 
     Problem::new(status, kind, title, detail)
 }
 
+/// Why the engine could not take or answer a command (writes and reads alike).
+pub fn submit_error(e: SubmitError) -> Problem {
+    use StatusCode as S;
+    match e {
+        SubmitError::Overloaded { retry_after_ms } => problem(
+            S::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Overloaded",
+            "the agent's shard queue is full; retry later".into(),
+        )
+        .retry_after_ms(retry_after_ms),
+        SubmitError::ShuttingDown => problem(
+            S::SERVICE_UNAVAILABLE,
+            "shutting-down",
+            "Shutting down",
+            "the server is shutting down".into(),
+        )
+        .retry_after_ms(1_000),
+        SubmitError::Failed(why) => {
+            tracing::error!(error = %why, "engine failed");
+            problem(
+                S::INTERNAL_SERVER_ERROR,
+                "internal-error",
+                "Internal error",
+                "the engine stopped after a storage failure".into(),
+            )
+        }
+    }
+}
+
 /// The single mapping from an engine answer to success or one problem.
 pub fn classify(
     st: &AppState,
@@ -54,104 +86,88 @@ pub fn classify(
     use StatusCode as S;
     let m = st.metrics();
     let answer = match result {
-        Err(SubmitError::Overloaded { retry_after_ms }) => Err(problem(
-            S::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "Overloaded",
-            "the agent's shard queue is full; retry later".into(),
-        )
-        .retry_after_ms(retry_after_ms)),
-        Err(SubmitError::ShuttingDown) => Err(problem(
-            S::SERVICE_UNAVAILABLE,
-            "shutting-down",
-            "Shutting down",
-            "the server is shutting down".into(),
-        )
-        .retry_after_ms(1_000)),
-        Err(SubmitError::Failed(why)) => {
-            tracing::error!(error = %why, "engine failed");
+        Err(e) => Err(submit_error(e)),
+        Ok(Reply::KeyReused) => {
+            m.decisions_total.with_label_values(&["key_reused"]).inc();
             Err(problem(
-                S::INTERNAL_SERVER_ERROR,
-                "internal-error",
-                "Internal error",
-                "the engine stopped after a storage failure".into(),
+                S::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency-Key reused",
+                "this Idempotency-Key was used for a different request".into(),
             ))
         }
-        Ok(Reply::KeyReused) => Err(problem(
-            S::UNPROCESSABLE_ENTITY,
-            "idempotency-key-reused",
-            "Idempotency-Key reused",
-            "this Idempotency-Key was used for a different request".into(),
-        )),
-        Ok(Reply::Rejected(e)) => Err(match e {
-            CommandError::UnknownAgent => Problem::not_found(format!("no agent {}", cmd.agent)),
-            CommandError::AgentExists => problem(
-                S::CONFLICT,
-                "agent-exists",
-                "Agent exists",
-                format!("agent {} already exists", cmd.agent),
-            ),
-            CommandError::UnknownPlan(p) => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "unknown-plan",
-                "Unknown plan",
-                format!("no plan named {p:?}"),
-            ),
-            CommandError::ZeroAmount => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "invalid-amount",
-                "Invalid amount",
-                e.to_string(),
-            ),
-            CommandError::Overflow => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "amount-overflow",
-                "Amount overflow",
-                e.to_string(),
-            ),
-            CommandError::InvalidTtl { max_ms, .. } => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "invalid-ttl",
-                "Invalid TTL",
-                e.to_string(),
-            )
-            .field("ttl_ms_max", max_ms),
-            CommandError::UnknownHold(_) => Problem::not_found(e.to_string()),
-            CommandError::HoldExpired { expires_at_ms, .. } => {
-                problem(S::CONFLICT, "hold-expired", "Hold expired", e.to_string())
-                    .field("expires_at", rfc3339_ms(expires_at_ms))
-            }
-            CommandError::CaptureExceedsHold { held_micros, .. } => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "capture-exceeds-hold",
-                "Capture exceeds hold",
-                e.to_string(),
-            )
-            .field("held_micros", held_micros),
-            CommandError::TooManyHolds { max } => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "too-many-holds",
-                "Too many holds",
-                e.to_string(),
-            )
-            .field("open_holds_max", max),
-            CommandError::UnknownDebit(_) => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "unknown-debit",
-                "Unknown debit",
-                e.to_string(),
-            ),
-            CommandError::RefundExceedsDebit {
-                refundable_micros, ..
-            } => problem(
-                S::UNPROCESSABLE_ENTITY,
-                "refund-exceeds-debit",
-                "Refund exceeds debit",
-                e.to_string(),
-            )
-            .field("refundable_micros", refundable_micros),
-            CommandError::Invalid(v) => Problem::invalid(v.to_string()),
-        }),
+        Ok(Reply::Rejected(e)) => {
+            m.decisions_total.with_label_values(&["rejected"]).inc();
+            Err(match e {
+                CommandError::UnknownAgent => Problem::not_found(format!("no agent {}", cmd.agent)),
+                CommandError::AgentExists => problem(
+                    S::CONFLICT,
+                    "agent-exists",
+                    "Agent exists",
+                    format!("agent {} already exists", cmd.agent),
+                ),
+                CommandError::UnknownPlan(p) => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "unknown-plan",
+                    "Unknown plan",
+                    format!("no plan named {p:?}"),
+                ),
+                CommandError::ZeroAmount => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "invalid-amount",
+                    "Invalid amount",
+                    e.to_string(),
+                ),
+                CommandError::Overflow => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "amount-overflow",
+                    "Amount overflow",
+                    e.to_string(),
+                ),
+                CommandError::InvalidTtl { max_ms, .. } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "invalid-ttl",
+                    "Invalid TTL",
+                    e.to_string(),
+                )
+                .field("ttl_ms_max", max_ms),
+                CommandError::UnknownHold(_) => Problem::not_found(e.to_string()),
+                CommandError::HoldExpired { expires_at_ms, .. } => {
+                    problem(S::CONFLICT, "hold-expired", "Hold expired", e.to_string())
+                        .field("expires_at", rfc3339_ms(expires_at_ms))
+                }
+                CommandError::CaptureExceedsHold { held_micros, .. } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "capture-exceeds-hold",
+                    "Capture exceeds hold",
+                    e.to_string(),
+                )
+                .field("held_micros", held_micros),
+                CommandError::TooManyHolds { max } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "too-many-holds",
+                    "Too many holds",
+                    e.to_string(),
+                )
+                .field("open_holds_max", max),
+                CommandError::UnknownDebit(_) => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "unknown-debit",
+                    "Unknown debit",
+                    e.to_string(),
+                ),
+                CommandError::RefundExceedsDebit {
+                    refundable_micros, ..
+                } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "refund-exceeds-debit",
+                    "Refund exceeds debit",
+                    e.to_string(),
+                )
+                .field("refundable_micros", refundable_micros),
+                CommandError::Invalid(v) => Problem::invalid(v.to_string()),
+            })
+        }
         Ok(Reply::Decided {
             outcome: Outcome::Denied(denial),
             ..
@@ -174,7 +190,7 @@ pub fn classify(
                     problem(S::TOO_MANY_REQUESTS, "rate-limited", "Rate limited", format!("rate limit {bucket:?} ({quota} per {} s) reached; retry in {retry_after_ms} ms", window_ms / 1_000))
                         .retry_after_ms(retry_after_ms)
                         .field("bucket", bucket.clone())
-                        .header(RATELIMIT_POLICY, format!("\"{bucket}\";q={quota};w={}", window_ms / 1_000))
+                        .header(RATELIMIT_POLICY, policy_header(st.plans(), &bucket, quota, window_ms))
                         .header(RATELIMIT, format!("\"{bucket}\";r=0;t={secs}"))
                 }
                 Denial::MonthlyCapReached {
@@ -305,20 +321,6 @@ pub fn classify(
             })
         }
     };
-    if let Err(p) = &answer {
-        if p.status != S::PAYMENT_REQUIRED
-            && p.status != S::TOO_MANY_REQUESTS
-            && p.kind != "agent-suspended"
-        {
-            m.decisions_total
-                .with_label_values(&[if p.kind == "idempotency-key-reused" {
-                    "key_reused"
-                } else {
-                    "rejected"
-                }])
-                .inc();
-        }
-    }
     answer
 }
 
@@ -345,10 +347,24 @@ fn log_denial(st: &AppState, cmd: &Command, denial: &Denial) {
     );
 }
 
+/// The `RateLimit-Policy` value: every bucket of the plan the bucket belongs to, when the
+/// plans say unambiguously which plan that is; else just the bucket itself.
+pub fn policy_header(plans: &PlanBook, bucket: &str, quota: u32, window_ms: u64) -> String {
+    let mut owners = plans.iter().filter(|p| {
+        p.buckets
+            .iter()
+            .any(|b| b.name == bucket && b.quota == quota && b.window_ms == window_ms)
+    });
+    match (owners.next(), owners.next()) {
+        (Some(plan), None) => plan.policy_header(),
+        _ => format!("\"{bucket}\";q={quota};w={}", window_ms / 1_000),
+    }
+}
+
 /// `RateLimit-Policy` / `RateLimit` for an admitted request.
-pub fn rate_headers(resp: &mut Response, rate: Option<&RateStatus>) {
+pub fn rate_headers(resp: &mut Response, plans: &PlanBook, rate: Option<&RateStatus>) {
     let Some(r) = rate else { return };
-    let policy = format!("\"{}\";q={};w={}", r.bucket, r.quota, r.window_ms / 1_000);
+    let policy = policy_header(plans, &r.bucket, r.quota, r.window_ms);
     let now = format!(
         "\"{}\";r={};t={}",
         r.bucket,
@@ -366,11 +382,13 @@ pub fn rate_headers(resp: &mut Response, rate: Option<&RateStatus>) {
 pub fn json_response(
     status: StatusCode,
     body: Value,
-    rate: Option<&RateStatus>,
+    rate: Option<(&PlanBook, &RateStatus)>,
     replayed: bool,
 ) -> Response {
     let mut resp = (status, axum::Json(body)).into_response();
-    rate_headers(&mut resp, rate);
+    if let Some((plans, rate)) = rate {
+        rate_headers(&mut resp, plans, Some(rate));
+    }
     if replayed {
         resp.headers_mut()
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));

@@ -15,7 +15,7 @@ use crate::dto::{
 };
 use crate::extract::{AgentPath, ApiJson, ApiQuery, HoldPath, IdemKey, OptionalJson};
 use crate::problem::Problem;
-use crate::respond::{classify, json_response, Success};
+use crate::respond::{classify, json_response, submit_error, Success};
 
 type Answer = Result<Response, Problem>;
 
@@ -31,7 +31,7 @@ async fn submit_receipt(st: &AppState, cmd: Command, status: StatusCode, kind: &
         } => Ok(json_response(
             status,
             receipt_json(&cmd.agent, kind, &receipt),
-            rate.as_ref(),
+            rate.as_ref().map(|r| (st.plans(), r)),
             replayed,
         )),
         Success::WouldApprove { .. } => Err(Problem::invalid("unexpected dry-run answer")),
@@ -59,19 +59,8 @@ async fn fetch_agent(st: &AppState, id: &AgentId) -> Result<tally_core::AgentSta
     st.engine()?
         .agent(id)
         .await
-        .map_err(|e| read_error(st, id, e))?
+        .map_err(submit_error)?
         .ok_or_else(|| Problem::not_found(format!("no agent {id}")))
-}
-
-fn read_error(st: &AppState, id: &AgentId, e: tally_store::SubmitError) -> Problem {
-    match classify(
-        st,
-        &Command::new(id.clone(), CommandKind::ExpireHolds),
-        Err(e),
-    ) {
-        Err(p) => p,
-        Ok(_) => Problem::invalid("unexpected answer"),
-    }
 }
 
 pub async fn create_agent(
@@ -133,11 +122,10 @@ pub async fn list_agents(State(st): State<AppState>, ApiQuery(q): ApiQuery<ListQ
         Some(a) => Some(AgentId::new(a).map_err(|e| Problem::invalid(format!("after: {e}")))?),
     };
     let engine = st.engine()?;
-    let probe = AgentId::new("list").expect("a valid constant id");
     let page = engine
         .list_agents(after.as_ref(), limit)
         .await
-        .map_err(|e| read_error(&st, &probe, e))?;
+        .map_err(submit_error)?;
     let now = st.now_ms();
     let agents: Vec<Value> = page
         .agents
@@ -208,7 +196,7 @@ pub async fn check(
         } => Ok(json_response(
             StatusCode::OK,
             json!({"allowed": true, "amount_micros": amount_micros, "balance_micros": balance_micros}),
-            rate.as_ref(),
+            rate.as_ref().map(|r| (st.plans(), r)),
             false,
         )),
         Success::Applied { .. } => Err(Problem::invalid("unexpected answer to a check")),
@@ -310,7 +298,7 @@ pub async fn journal(
         .engine()?
         .journal(&id, q.after.unwrap_or(0), limit)
         .await
-        .map_err(|e| read_error(&st, &id, e))?;
+        .map_err(submit_error)?;
     let next_after = if entries.len() == limit {
         entries.last().map(|e| e.seq)
     } else {
@@ -349,7 +337,7 @@ pub async fn usage(
         .engine()?
         .usage(&id, period)
         .await
-        .map_err(|e| read_error(&st, &id, e))?
+        .map_err(submit_error)?
         .ok_or_else(|| Problem::not_found(format!("no agent {id}")))?;
     Ok(json_response(
         StatusCode::OK,

@@ -302,3 +302,56 @@ async fn first_start_prints_an_admin_token_once_and_sigterm_exits_zero() {
     again.child.kill().expect("kill");
     again.child.wait().expect("reaped");
 }
+
+#[test]
+fn a_bad_config_names_the_key_and_line_and_exits_non_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tally.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[limits]\nbody_bytes_maxx = 10\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("TALLY_DATA_DIR", dir.path().join("data"))
+        .output()
+        .expect("run tally");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("body_bytes_maxx") && err.contains("line 5"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout when it does not start"
+    );
+}
+
+#[test]
+fn loadtest_and_token_hash_are_wired() {
+    let help = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["loadtest", "--help"])
+        .output()
+        .expect("run tally");
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--spawn"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("token-hash")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"test\n").expect("write");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    );
+}

@@ -718,6 +718,21 @@ async fn unprocessable_422() {
         .post("/v1/agents", "k-p", json!({"id": "a2", "plan": "gold"}))
         .await;
     plan.assert_problem(422, "unknown-plan");
+    let metrics = s.send(s.http.get(s.url("/metrics"))).await;
+    assert!(
+        metrics
+            .text
+            .contains("tally_decisions_total{outcome=\"key_reused\"} 1"),
+        "{}",
+        metrics.text
+    );
+    assert!(
+        metrics
+            .text
+            .contains("tally_decisions_total{outcome=\"rejected\"} 7"),
+        "{}",
+        metrics.text
+    );
     s.stop().await;
 }
 
@@ -920,4 +935,123 @@ async fn concurrent_duplicates_apply_once() {
     assert_eq!(replayed, 15);
     assert!(bodies.windows(2).all(|w| w[0] == w[1]));
     assert_eq!(s.get("/v1/agents/a1").await.body["balance_micros"], 999_000);
+}
+
+#[tokio::test]
+async fn rate_limit_policy_lists_every_bucket_of_the_plan() {
+    let s = TestServer::start().await;
+    s.agent("a1", "two", 1_000_000).await;
+    let both = "\"second\";q=5;w=1, \"minute\";q=6;w=60";
+    for i in 0..5 {
+        let r = s
+            .call(
+                "POST",
+                "/v1/agents/a1/debits",
+                SERVICE,
+                Some(&format!("k{i}")),
+                Some(json!({"amount_micros": 1})),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        assert_eq!(r.header("ratelimit-policy"), Some(both));
+    }
+    let limited = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k5"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    limited.assert_problem(429, "rate-limited");
+    assert_eq!(limited.body["bucket"], "second");
+    assert_eq!(limited.body["retry_after_ms"], 200);
+    assert_eq!(limited.header("retry-after"), Some("1"));
+    assert_eq!(limited.header("ratelimit-policy"), Some(both));
+    assert_eq!(limited.header("ratelimit"), Some("\"second\";r=0;t=1"));
+    s.clock.advance(200);
+    let sixth = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k5"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    assert_eq!(sixth.status, 201, "{}", sixth.text);
+    s.clock.advance(200);
+    let minute = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k6"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    minute.assert_problem(429, "rate-limited");
+    assert_eq!(minute.body["bucket"], "minute");
+    assert_eq!(minute.body["retry_after_ms"], 9_600);
+    assert_eq!(minute.header("retry-after"), Some("10"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unavailable_503_overloaded_when_a_shard_queue_is_full() {
+    let mut cfg = config("");
+    cfg.engine.shards = 1;
+    cfg.engine.shard_queue_len_max = 1;
+    cfg.engine.batch_size_max = 1;
+    let s = std::sync::Arc::new(TestServer::start_with(cfg).await);
+    s.agent("a1", "default", 1_000_000_000).await;
+    let mut overloaded = None;
+    for round in 0..10 {
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.call(
+                    "POST",
+                    "/v1/agents/a1/debits",
+                    SERVICE,
+                    Some(&format!("r{round}-{i}")),
+                    Some(json!({"amount_micros": 1})),
+                )
+                .await
+            }));
+        }
+        for t in tasks {
+            let r = t.await.expect("task");
+            assert!(
+                r.status == 201 || r.status == 503,
+                "{} {}",
+                r.status,
+                r.text
+            );
+            if r.status == 503 {
+                overloaded = Some(r);
+            }
+        }
+        if overloaded.is_some() {
+            break;
+        }
+    }
+    let r = overloaded.expect("a queue of one overflows under 64 concurrent debits");
+    r.assert_problem(503, "overloaded");
+    assert!(r
+        .header("retry-after")
+        .is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)));
+    assert!(r.body["retry_after_ms"].is_u64());
+    // Whatever was answered 201 was debited; nothing else was.
+    let a = s.get("/v1/agents/a1").await;
+    let j = s.get("/v1/agents/a1/journal?limit=1000").await;
+    let debits = j.body["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["kind"] == "debit")
+        .count() as u64;
+    assert_eq!(a.body["debited_total_micros"], debits);
 }

@@ -9,21 +9,22 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use parking_lot::{Mutex, RwLock};
 use tally_core::{
-    evolve, AgentId, AgentState, Command, CommandError, Event, EventKind, Outcome, PeriodKey,
-    PlanBook, RateStatus,
+    AgentId, AgentState, Command, CommandError, Event, EventKind, Outcome, PeriodKey, PlanBook,
+    RateStatus,
 };
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::error::{StoreError, SubmitError};
-use crate::idem::{self, Index};
+use crate::idem::Index;
 use crate::metrics::EngineMetrics;
+use crate::recovery::recover;
 use crate::shard::{run_committer, Job, Shard, Shared, Slot};
 use crate::sled_store::SledStorage;
 use crate::storage::Storage;
 
-/// Journal entries read per page during recovery and scans.
+/// Journal entries read per page during scans.
 const SCAN_PAGE_LEN: usize = 4_096;
 /// Runs queued for the committer; a full queue slows the shards (backpressure).
 const COMMIT_QUEUE_LEN_MAX: usize = 1_024;
@@ -105,6 +106,18 @@ fn shard_of(agent: &AgentId, shards: usize) -> usize {
     (h % shards as u64) as usize
 }
 
+fn shared_metrics_early(metrics: &EngineMetrics, forgotten_early: u64) {
+    if forgotten_early > 0 {
+        metrics
+            .idempotency_evicted_early_total
+            .inc_by(forgotten_early);
+        tracing::warn!(
+            forgotten_early,
+            "idempotency key count bound reached during recovery: the oldest keys inside the window were forgotten"
+        );
+    }
+}
+
 impl Engine {
     /// Opens (or creates) the sled store at `config.data_dir`, recovers every agent and the
     /// idempotency index, and starts the shards. Blocking: run it off the async runtime.
@@ -143,6 +156,7 @@ impl Engine {
         let n = config.shard_count();
         let now_ms = clock.now_ms();
         let recovered = recover(storage.as_ref(), &config, now_ms)?;
+        shared_metrics_early(&metrics, recovered.forgotten_early);
         let shared = Arc::new(Shared {
             storage,
             plans: Arc::new(plans),
@@ -167,8 +181,8 @@ impl Engine {
             slots[shard_of(&agent.id, n)].insert(agent.id.clone(), Slot::new(agent));
         }
         let key_count = recovered.keys.len();
-        for (agent, slot, entry) in recovered.keys {
-            let evicted = indexes[shard_of(&agent, n)].insert(slot, entry, now_ms);
+        for key in recovered.keys {
+            let evicted = indexes[shard_of(&key.agent, n)].insert(key.slot, key.entry, now_ms);
             shared
                 .metrics
                 .idempotency_evicted_early_total
@@ -477,123 +491,6 @@ impl Usage {
             }
             _ => {}
         }
-    }
-}
-
-/// What recovery found.
-struct Recovered {
-    agents: Vec<AgentState>,
-    /// Idempotency keys inside the window, oldest first.
-    keys: Vec<(AgentId, u128, idem::Entry)>,
-    replayed: u64,
-}
-
-/// Loads every agent checkpoint, evolves the journal entries after it, and collects the
-/// idempotency keys written inside the retention window.
-fn recover(
-    storage: &dyn Storage,
-    config: &EngineConfig,
-    now_ms: u64,
-) -> Result<Recovered, StoreError> {
-    let mut agents = storage.load_agents()?;
-    let mut replayed = 0u64;
-    for agent in agents.iter_mut() {
-        loop {
-            let tail = storage.journal(&agent.id, agent.last_seq, SCAN_PAGE_LEN)?;
-            if tail.is_empty() {
-                break;
-            }
-            let id = agent.id.clone();
-            let mut state = Some(std::mem::replace(agent, placeholder(&id)));
-            for e in &tail {
-                state = Some(evolve(state, &id, e)?);
-                replayed += 1;
-            }
-            *agent = state.expect("evolve returns a state");
-        }
-        agent.check_invariants()?;
-    }
-    let window_start_ms = now_ms.saturating_sub(config.idempotency_retention_ms);
-    let mut keys = Vec::new();
-    for agent in &agents {
-        let mut before = u64::MAX;
-        // Newest first; one command's events are consecutive and share key and fingerprint.
-        let mut group: Option<(u128, idem::Entry)> = None;
-        'pages: loop {
-            let page = storage.journal_rev(&agent.id, before, SCAN_PAGE_LEN)?;
-            for e in &page {
-                if e.at_ms < window_start_ms {
-                    break 'pages;
-                }
-                let Some(key) = &e.idempotency_key else {
-                    if let Some(g) = group.take() {
-                        keys.push((agent.id.clone(), g.0, g.1));
-                    }
-                    continue;
-                };
-                let slot = idem::slot(&agent.id, key);
-                match &mut group {
-                    Some((s, entry))
-                        if *s == slot
-                            && entry.fingerprint == e.fingerprint
-                            && entry.first_seq == e.seq + 1 =>
-                    {
-                        entry.first_seq = e.seq;
-                        entry.events += 1;
-                    }
-                    _ => {
-                        if let Some(g) = group.take() {
-                            keys.push((agent.id.clone(), g.0, g.1));
-                        }
-                        group = Some((
-                            slot,
-                            idem::Entry {
-                                fingerprint: e.fingerprint,
-                                first_seq: e.seq,
-                                events: 1,
-                                at_ms: e.at_ms,
-                            },
-                        ));
-                    }
-                }
-            }
-            match page.last() {
-                Some(last) if page.len() == SCAN_PAGE_LEN => before = last.seq,
-                _ => break,
-            }
-        }
-        if let Some(g) = group.take() {
-            keys.push((agent.id.clone(), g.0, g.1));
-        }
-    }
-    // Oldest first, so the count bound keeps the newest. A key seen twice in the window
-    // (reused after its first use expired) keeps its newest use.
-    keys.sort_by_key(|(_, _, e)| (e.at_ms, e.first_seq));
-    Ok(Recovered {
-        agents,
-        keys,
-        replayed,
-    })
-}
-
-/// A throwaway state used only while an agent is moved through `evolve`.
-fn placeholder(id: &AgentId) -> AgentState {
-    AgentState {
-        id: id.clone(),
-        plan: tally_core::PlanName::new("placeholder").expect("valid name"),
-        status: tally_core::Status::Active,
-        balance_micros: 0,
-        held_micros: 0,
-        holds: Default::default(),
-        period: Default::default(),
-        period_spent_micros: 0,
-        credited_total_micros: 0,
-        debited_total_micros: 0,
-        refunded_total_micros: 0,
-        refundable: Default::default(),
-        last_seq: 0,
-        created_at_ms: 0,
-        updated_at_ms: 0,
     }
 }
 

@@ -8,18 +8,20 @@
 #![forbid(unsafe_code)]
 
 mod clock;
-mod codec;
+pub mod codec;
 mod config;
 mod engine;
 mod error;
 mod idem;
 mod metrics;
+mod recovery;
 mod shard;
 mod sled_store;
 mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::CodecError;
+pub use sled_store::SCHEMA_VERSION;
 pub use config::EngineConfig;
 pub use engine::{AgentPage, Engine, Reply, Usage, UsageByTask};
 pub use error::{StoreError, SubmitError};

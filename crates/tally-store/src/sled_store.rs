@@ -9,6 +9,7 @@
 //! what lets us trust it here.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use tally_core::{AgentId, AgentState, Event};
 
@@ -19,6 +20,8 @@ use crate::storage::{AgentWrite, Storage};
 /// The schema this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 const SCHEMA_KEY: &[u8] = b"m/schema";
+/// How long opening waits for sled's file lock.
+const LOCK_WAIT_MS_MAX: u64 = 5_000;
 
 /// tally's data in a sled database.
 #[derive(Debug, Clone)]
@@ -51,12 +54,31 @@ impl SledStorage {
     /// Opens or creates the database at `path` with a page cache of `cache_bytes`, and
     /// checks (or writes) the schema version.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| StoreError::Io(format!("opening sled at {}: {e}", path.display())))?;
+            .mode(sled::Mode::HighThroughput);
+        let started = Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                // sled's background threads may hold the file lock for a moment after the
+                // previous handle in this process was dropped; another process holding it
+                // is still an error once the wait is over.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && started.elapsed() < Duration::from_millis(LOCK_WAIT_MS_MAX) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(StoreError::Io(format!(
+                        "opening sled at {} (is another tally using it?): {e}",
+                        path.display()
+                    )))
+                }
+            }
+        };
         match db.get(SCHEMA_KEY)? {
             Some(bytes) => {
                 let found = codec::decode_u32(&bytes)?;

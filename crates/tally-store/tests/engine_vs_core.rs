@@ -124,6 +124,9 @@ struct Mirror {
     keys: BTreeMap<(AgentId, String), (u128, Receipt)>,
 }
 
+/// The engine's default retention window of idempotency keys.
+const RETENTION_MS: u64 = tally_core::idempotency::RETENTION_MS_DEFAULT;
+
 impl Mirror {
     fn expire_due(&mut self, agent: &AgentId, plans: &PlanBook, now_ms: u64) {
         let Some((state, rate)) = self.agents.get_mut(agent) else {
@@ -160,7 +163,11 @@ impl Mirror {
             .as_ref()
             .map(|k| (cmd.agent.clone(), k.to_string()));
         if let Some(k) = &key {
-            if let Some((fp, receipt)) = self.keys.get(k) {
+            let live = self
+                .keys
+                .get(k)
+                .filter(|(_, r)| now_ms - r.at_ms < RETENTION_MS);
+            if let Some((fp, receipt)) = live {
                 return if *fp == cmd.fingerprint() {
                     Reply::Decided {
                         outcome: Outcome::Approved(*receipt),
@@ -339,7 +346,13 @@ fn run(ops: Vec<Op>) {
                 Op::Restart { crash } => {
                     generation += 1;
                     if crash {
-                        // Everything acknowledged is durable; take the files as a crash would leave them.
+                        // Denials and rejections are answered before the run they were
+                        // decided in is written, and that run may hold hold expiries. Let
+                        // it finish (a read waits for the runs before it), then take the
+                        // files as a crash would leave them.
+                        for i in 0..AGENTS {
+                            engine.agent(&a(i)).await.expect("reads");
+                        }
                         copy_dir(&dir_of(generation - 1), &dir_of(generation));
                         std::mem::forget(engine);
                     } else {

@@ -36,6 +36,17 @@ quota = 2
 window_s = 60
 
 [[plans]]
+name = "two"
+[[plans.buckets]]
+name = "second"
+quota = 5
+window_s = 1
+[[plans.buckets]]
+name = "minute"
+quota = 6
+window_s = 60
+
+[[plans]]
 name = "capped"
 monthly_cap_micros = 1000
 soft_threshold_pct = 80

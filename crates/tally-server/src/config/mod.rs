@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use tally_core::{Plan, PlanBook, PlanName, Pricing, RateBucket};
 use tally_store::EngineConfig;
-use toml::Spanned;
 
 use crate::auth::{Role, TokenHash};
+
+mod raw;
+use raw::RawConfig;
 
 /// Where `tally serve` listens with no config.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:8402";
@@ -120,110 +121,6 @@ impl Default for Config {
 pub struct ConfigError {
     pub origin: String,
     pub message: String,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    server: Option<Spanned<RawServer>>,
-    limits: Option<Spanned<RawLimits>>,
-    engine: Option<Spanned<RawEngine>>,
-    auth: Option<RawAuth>,
-    #[serde(default)]
-    plans: Vec<Spanned<RawPlan>>,
-    x402: Option<Spanned<RawX402>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    listen: Option<String>,
-    data_dir: Option<PathBuf>,
-    log: Option<String>,
-    public_url: Option<String>,
-    default_plan: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    body_bytes_max: Option<usize>,
-    json_depth_max: Option<usize>,
-    page_limit_max: Option<u32>,
-    page_limit_default: Option<u32>,
-    idempotency_key_len_max: Option<usize>,
-    auth_header_bytes_max: Option<usize>,
-    request_timeout_ms: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEngine {
-    shards: Option<usize>,
-    shard_queue_len_max: Option<usize>,
-    batch_size_max: Option<usize>,
-    sled_cache_bytes: Option<u64>,
-    checkpoint_interval_ms: Option<u64>,
-    idempotency_retention_ms: Option<u64>,
-    idempotency_keys_max: Option<usize>,
-    hold_sweep_interval_ms: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    #[serde(default)]
-    tokens: Vec<Spanned<RawToken>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawToken {
-    name: String,
-    role: String,
-    sha256: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPlan {
-    name: String,
-    monthly_cap_micros: Option<u64>,
-    soft_threshold_pct: Option<u8>,
-    anchor_day: Option<u8>,
-    hold_ttl_max_ms: Option<u64>,
-    pricing: Option<RawPricing>,
-    #[serde(default)]
-    buckets: Vec<RawBucket>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPricing {
-    margin_ppm: Option<u64>,
-    min_micros: Option<u64>,
-    max_micros: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBucket {
-    name: String,
-    quota: u32,
-    window_s: u64,
-    burst: Option<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawX402 {
-    scheme: Option<String>,
-    network: String,
-    asset: String,
-    pay_to: String,
-    max_timeout_seconds: Option<u64>,
-    description: Option<String>,
-    extra: Option<toml::Table>,
 }
 
 /// Turns byte spans into `line N` for messages.

@@ -1,0 +1,256 @@
+//! Recovery: load every agent checkpoint, evolve the journal entries after it with the
+//! core's `evolve`, and collect the idempotency keys written inside the retention window.
+//! Each journal entry is read and decoded once; agents are recovered on all cores.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use tally_core::{evolve, AgentId, AgentState, Event};
+
+use crate::config::EngineConfig;
+use crate::error::StoreError;
+use crate::idem;
+use crate::storage::Storage;
+
+/// Journal entries read per page.
+const PAGE_LEN: usize = 4_096;
+
+/// A remembered key found in the journal.
+#[derive(Debug)]
+pub(crate) struct RecoveredKey {
+    pub agent: AgentId,
+    pub slot: u128,
+    pub entry: idem::Entry,
+}
+
+/// What recovery found.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub agents: Vec<AgentState>,
+    /// Idempotency keys inside the window, oldest first, at most the key bound.
+    pub keys: Vec<RecoveredKey>,
+    /// Keys inside the window left out because of the key bound.
+    pub forgotten_early: u64,
+    /// Journal entries evolved on top of checkpoints.
+    pub replayed: u64,
+}
+
+/// Orders keys by age so a bounded heap keeps the newest.
+struct ByAge(RecoveredKey);
+
+impl ByAge {
+    fn age(&self) -> (u64, u64) {
+        (self.0.entry.at_ms, self.0.entry.first_seq)
+    }
+}
+
+impl PartialEq for ByAge {
+    fn eq(&self, other: &Self) -> bool {
+        self.age() == other.age()
+    }
+}
+impl Eq for ByAge {}
+impl PartialOrd for ByAge {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for ByAge {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.age().cmp(&other.age())
+    }
+}
+
+/// The newest `max` keys seen, in memory bounded by `max`.
+struct NewestKeys {
+    heap: BinaryHeap<Reverse<ByAge>>,
+    max: usize,
+    dropped: u64,
+}
+
+impl NewestKeys {
+    fn new(max: usize) -> Self {
+        Self {
+            heap: BinaryHeap::new(),
+            max,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, key: RecoveredKey) {
+        self.heap.push(Reverse(ByAge(key)));
+        if self.heap.len() > self.max {
+            self.heap.pop();
+            self.dropped += 1;
+        }
+    }
+}
+
+/// Keyed journal entries of one agent, grouped into commands: one command's events are
+/// consecutive and share key and fingerprint.
+#[derive(Default)]
+struct Grouper {
+    group: Option<(u128, idem::Entry)>,
+}
+
+impl Grouper {
+    /// Feeds entries in ascending sequence order.
+    fn feed(&mut self, agent: &AgentId, e: &Event, out: &mut NewestKeys) {
+        let Some(key) = &e.idempotency_key else {
+            self.flush(agent, out);
+            return;
+        };
+        let slot = idem::slot(agent, key);
+        if let Some((s, entry)) = &mut self.group {
+            if *s == slot
+                && entry.fingerprint == e.fingerprint
+                && entry.first_seq + u64::from(entry.events) == e.seq
+            {
+                entry.events += 1;
+                return;
+            }
+        }
+        self.flush(agent, out);
+        self.group = Some((
+            slot,
+            idem::Entry {
+                fingerprint: e.fingerprint,
+                first_seq: e.seq,
+                events: 1,
+                at_ms: e.at_ms,
+            },
+        ));
+    }
+
+    fn flush(&mut self, agent: &AgentId, out: &mut NewestKeys) {
+        if let Some((slot, entry)) = self.group.take() {
+            out.push(RecoveredKey {
+                agent: agent.clone(),
+                slot,
+                entry,
+            });
+        }
+    }
+}
+
+/// Recovers one agent: evolves its journal tail, collects its keys inside the window.
+fn recover_agent(
+    storage: &dyn Storage,
+    mut agent: AgentState,
+    window_start_ms: u64,
+    keys: &mut NewestKeys,
+) -> Result<(AgentState, u64), StoreError> {
+    let id = agent.id.clone();
+    let checkpoint_seq = agent.last_seq;
+    // Entries up to the checkpoint are only needed for their keys: walk back from it
+    // to the window's start, then put them in sequence order.
+    let mut before_checkpoint = Vec::new();
+    let mut before = checkpoint_seq + 1;
+    loop {
+        let page = storage.journal_rev(&id, before, PAGE_LEN)?;
+        let full = page.len() == PAGE_LEN;
+        let reached_window_start = page.iter().any(|e| e.at_ms < window_start_ms);
+        before = page.last().map_or(0, |e| e.seq);
+        before_checkpoint.extend(
+            page.into_iter()
+                .filter(|e| e.at_ms >= window_start_ms && e.idempotency_key.is_some()),
+        );
+        if !full || reached_window_start {
+            break;
+        }
+    }
+    let mut grouper = Grouper::default();
+    for e in before_checkpoint.iter().rev() {
+        grouper.feed(&id, e, keys);
+    }
+    drop(before_checkpoint);
+    let mut replayed = 0;
+    loop {
+        let tail = storage.journal(&id, agent.last_seq, PAGE_LEN)?;
+        if tail.is_empty() {
+            break;
+        }
+        for e in &tail {
+            agent = evolve(Some(agent), &id, e)?;
+            if e.at_ms >= window_start_ms {
+                grouper.feed(&id, e, keys);
+            }
+            replayed += 1;
+        }
+    }
+    grouper.flush(&id, keys);
+    agent.check_invariants()?;
+    Ok((agent, replayed))
+}
+
+/// One thread's share: its agents, its newest keys, entries replayed.
+type ChunkRecovered = (Vec<AgentState>, NewestKeys, u64);
+
+/// Loads and evolves every agent, on up to one thread per core.
+pub(crate) fn recover(
+    storage: &dyn Storage,
+    config: &EngineConfig,
+    now_ms: u64,
+) -> Result<Recovered, StoreError> {
+    let checkpoints = storage.load_agents()?;
+    let window_start_ms = now_ms.saturating_sub(config.idempotency_retention_ms);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 16);
+    let chunk_len = checkpoints.len().div_ceil(threads).max(1);
+    let mut chunks: Vec<Vec<AgentState>> = Vec::new();
+    let mut rest = checkpoints;
+    while rest.len() > chunk_len {
+        let tail = rest.split_off(chunk_len);
+        chunks.push(rest);
+        rest = tail;
+    }
+    chunks.push(rest);
+    let keys_max = config.idempotency_keys_max;
+    let results: Vec<Result<ChunkRecovered, StoreError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        let mut keys = NewestKeys::new(keys_max);
+                        let mut agents = Vec::with_capacity(chunk.len());
+                        let mut replayed = 0;
+                        for agent in chunk {
+                            let (agent, n) =
+                                recover_agent(storage, agent, window_start_ms, &mut keys)?;
+                            agents.push(agent);
+                            replayed += n;
+                        }
+                        Ok((agents, keys, replayed))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a recovery thread panicked"))
+                .collect()
+        });
+    let mut agents = Vec::new();
+    let mut newest = NewestKeys::new(keys_max);
+    let mut replayed = 0;
+    for r in results {
+        let (a, keys, n) = r?;
+        agents.extend(a);
+        newest.dropped += keys.dropped;
+        for Reverse(ByAge(k)) in keys.heap {
+            newest.push(k);
+        }
+        replayed += n;
+    }
+    let forgotten_early = newest.dropped;
+    let mut keys: Vec<RecoveredKey> = newest.heap.into_iter().map(|Reverse(ByAge(k))| k).collect();
+    // Oldest first, so the engine's index evicts in age order afterwards.
+    keys.sort_by_key(|k| (k.entry.at_ms, k.entry.first_seq));
+    Ok(Recovered {
+        agents,
+        keys,
+        forgotten_early,
+        replayed,
+    })
+}
