@@ -129,7 +129,11 @@ impl RateState {
                     });
                 }
             } else {
-                next_tats.push(tat.max(now_ns) + bucket.emission_interval_ns());
+                // TATs here run one T ahead of governor's (a fresh bucket starts at
+                // now + T), so an idle bucket restarts from now + T as well; restarting
+                // from `now` would admit burst + 1 requests after any pause.
+                let t = bucket.emission_interval_ns();
+                next_tats.push(tat.max(now_ns + t) + t);
             }
         }
         match worst {
