@@ -1159,3 +1159,44 @@ fn feb_29_with_anchor_day_28_is_in_the_period_that_began_feb_28() {
     ));
     l.debit(1, MAR_28_2028);
 }
+
+// ---- idempotency envelope ------------------------------------------------------------------
+
+#[test]
+fn events_carry_the_key_and_fingerprint_of_their_command() {
+    use tally_core::IdempotencyKey;
+    let mut l = Ledger::new("open", T0);
+    let key = |k: &str| IdempotencyKey::new(k).expect("valid key");
+    let credit = l
+        .cmd(CommandKind::Credit { amount_micros: 100 })
+        .with_key(key("credit-1"));
+    let d = l.run_cmd(&credit, T0).expect("credit");
+    assert_eq!(d.events.len(), 1);
+    assert_eq!(d.events[0].idempotency_key, Some(key("credit-1")));
+    assert_eq!(d.events[0].fingerprint, credit.fingerprint());
+    assert_ne!(d.events[0].fingerprint, 0);
+    // Without a key there is nothing to fingerprint.
+    let d = l
+        .run(CommandKind::Credit { amount_micros: 1 }, T0)
+        .expect("credit");
+    assert_eq!(
+        (d.events[0].idempotency_key.clone(), d.events[0].fingerprint),
+        (None, 0)
+    );
+    // Every event of a multi-event command carries the same envelope.
+    l.hold(10, 1_000, T0);
+    l.hold(20, 1_000, T0);
+    let sweep = l.cmd(CommandKind::ExpireHolds).with_key(key("sweep-1"));
+    let d = l.run_cmd(&sweep, T0 + 1_000).expect("sweep");
+    assert_eq!(d.events.len(), 2);
+    for e in &d.events {
+        assert_eq!(e.idempotency_key, Some(key("sweep-1")));
+        assert_eq!(e.fingerprint, sweep.fingerprint());
+    }
+    // A keyed denial writes nothing.
+    let denied = l.cmd(debit(10_000)).with_key(key("debit-1"));
+    assert!(matches!(
+        l.deny_cmd(&denied, T0 + 1_000),
+        Denial::InsufficientFunds { .. }
+    ));
+}
