@@ -1,12 +1,14 @@
 //! Differential test of the core's GCRA (`RateState`) against governor 0.10, the
 //! reference implementation the design names: for random buckets and random request
 //! times both must admit and deny the same requests, and on a denial the core's
-//! `retry_after_ms` must be governor's wait rounded up to a whole millisecond.
+//! `retry_after_ms` must be governor's wait rounded up to a whole millisecond; on an
+//! admit the requests left (`RateStatus::remaining`) must be governor's remaining burst.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use governor::clock::{Clock, FakeRelativeClock};
+use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter};
 use proptest::prelude::*;
 use tally_core::{Plan, PlanName, RateBucket, RateState};
@@ -27,7 +29,8 @@ fn compare(bucket: &RateBucket, base_ms: u64, steps_ms: &[u64]) -> Result<(), Te
         .expect("emission interval is at least 1 ns")
         .allow_burst(NonZeroU32::new(bucket.burst).expect("burst is at least 1"));
     let clock = FakeRelativeClock::default();
-    let governor = RateLimiter::direct_with_clock(quota, clock.clone());
+    let governor = RateLimiter::direct_with_clock(quota, clock.clone())
+        .with_middleware::<StateInformationMiddleware>();
     let mut core = RateState::default();
     let mut now_ms = base_ms;
     let (mut admitted, mut denied) = (0u32, 0u32);
@@ -37,7 +40,16 @@ fn compare(bucket: &RateBucket, base_ms: u64, steps_ms: &[u64]) -> Result<(), Te
         let expected = governor.check();
         let actual = core.acquire(&plan, now_ms);
         match (&expected, &actual) {
-            (Ok(()), Ok(_)) => admitted += 1,
+            (Ok(snapshot), Ok(status)) => {
+                admitted += 1;
+                let status = status.as_ref().expect("one bucket, one status");
+                prop_assert_eq!(
+                    status.remaining,
+                    u64::from(snapshot.remaining_burst_capacity()),
+                    "step {}: requests left after an admit",
+                    i
+                );
+            }
             (Err(not_until), Err(limited)) => {
                 denied += 1;
                 let wait_ns = not_until.wait_time_from(clock.now()).as_nanos();
