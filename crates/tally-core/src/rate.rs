@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::plan::{Plan, RateBucket};
 use crate::TimestampMs;
 
+// Sums of times saturate rather than panic: with plan validation bounding τ, they are
+// exact for any `now` before the year 2262 and merely degenerate after it.
 const NANOS_PER_MS: u64 = 1_000_000;
 
 /// The volatile limiter state of one agent: one theoretical arrival time (TAT, ns since
@@ -43,7 +45,7 @@ pub struct Limited {
 fn gcra_earliest_ns(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> (u64, u64) {
     let t = bucket.emission_interval_ns();
     // governor's starting state: a fresh bucket behaves as if its TAT were now + T.
-    let tat = tat_ns.unwrap_or(now_ns + t);
+    let tat = tat_ns.unwrap_or(now_ns.saturating_add(t));
     (tat, tat.saturating_sub(bucket.tolerance_ns()))
 }
 
@@ -51,24 +53,27 @@ fn gcra_earliest_ns(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> (u
 fn remaining(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> u64 {
     let t = bucket.emission_interval_ns();
     let tau = bucket.tolerance_ns();
-    let tat = tat_ns.unwrap_or(now_ns + t).max(now_ns + t);
-    let remaining = if tat > now_ns + tau {
+    let floor = now_ns.saturating_add(t);
+    let tat = tat_ns.unwrap_or(floor).max(floor);
+    let horizon = now_ns.saturating_add(tau);
+    let remaining = if tat > horizon {
         0
     } else {
-        (now_ns + tau - tat) / t + 1
+        (horizon - tat) / t + 1
     };
     remaining.min(u64::from(bucket.burst))
 }
 
 fn status_of(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> RateStatus {
     let t = bucket.emission_interval_ns();
-    let tat = tat_ns.unwrap_or(now_ns + t).max(now_ns + t);
+    let floor = now_ns.saturating_add(t);
+    let tat = tat_ns.unwrap_or(floor).max(floor);
     RateStatus {
         bucket: bucket.name.clone(),
         quota: bucket.quota,
         window_ms: bucket.window_ms,
         remaining: remaining(bucket, tat_ns, now_ns),
-        reset_ms: (tat - (now_ns + t)).div_ceil(NANOS_PER_MS),
+        reset_ms: (tat - floor).div_ceil(NANOS_PER_MS),
     }
 }
 
@@ -96,7 +101,7 @@ impl RateState {
 
     /// Would a request be admitted at `now_ms`? Changes nothing.
     pub fn peek(&self, plan: &Plan, now_ms: TimestampMs) -> Result<Option<RateStatus>, Limited> {
-        let now_ns = now_ms * NANOS_PER_MS;
+        let now_ns = now_ms.saturating_mul(NANOS_PER_MS);
         self.check(plan, now_ns)?;
         Ok(self.tightest(plan, now_ns))
     }
@@ -107,7 +112,7 @@ impl RateState {
         plan: &Plan,
         now_ms: TimestampMs,
     ) -> Result<Option<RateStatus>, Limited> {
-        let now_ns = now_ms * NANOS_PER_MS;
+        let now_ns = now_ms.saturating_mul(NANOS_PER_MS);
         self.check(plan, now_ns)?;
         let tats = self.tats_for(plan);
         for (slot, bucket) in tats.iter_mut().zip(&plan.buckets) {
@@ -116,7 +121,7 @@ impl RateState {
             // so an idle bucket restarts from now + T as well; restarting from `now`
             // would admit burst + 1 requests after any pause.
             let t = bucket.emission_interval_ns();
-            *slot = Some(tat.max(now_ns + t) + t);
+            *slot = Some(tat.max(now_ns.saturating_add(t)).saturating_add(t));
         }
         Ok(self.tightest(plan, now_ns))
     }
