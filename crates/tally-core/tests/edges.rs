@@ -1200,3 +1200,42 @@ fn events_carry_the_key_and_fingerprint_of_their_command() {
         Denial::InsufficientFunds { .. }
     ));
 }
+
+// ---- extreme clocks ---------------------------------------------------------------------------
+
+#[test]
+fn far_future_now_is_answered_without_panic() {
+    // Past 2^64 ns (year 2554) the limiter's nanoseconds would overflow; time is the
+    // caller's argument, so it must degrade, not panic.
+    for now in [
+        u64::MAX / 1_000_000 - 10,
+        u64::MAX / 1_000_000 + 1,
+        u64::MAX,
+    ] {
+        for plan in ["limited", "capped"] {
+            let mut l = Ledger::new(plan, now);
+            l.credit(10, now);
+            assert!(matches!(
+                l.run(debit(1), now).expect("decides").outcome,
+                Outcome::Approved(_)
+            ));
+            assert!(l.run(debit(1), now).is_ok(), "{plan} at {now}");
+            assert!(l.run(CommandKind::Check { amount_micros: 1 }, now).is_ok());
+        }
+        let mut l = Ledger::new("open", now);
+        l.credit(10, now);
+        // now + ttl overflows: a rejected command, not a wrapped expiry.
+        let hold = l.run(
+            CommandKind::Hold {
+                amount_micros: 1,
+                ttl_ms: 3_600_000,
+            },
+            now,
+        );
+        if now > u64::MAX - 3_600_000 {
+            assert_eq!(hold, Err(CommandError::Overflow));
+        } else {
+            assert!(hold.is_ok());
+        }
+    }
+}
