@@ -289,17 +289,15 @@ mod tests {
                 amount_micros: 1_000,
             },
         );
+        // The first 16 bytes of SHA-256 over the canonical encoding, computed outside
+        // Rust: 'a' len=2 "a1", 'd' len=8 1000 (u64 BE), 'T' len=0, 'P' len=1 [1].
         assert_eq!(
-            c.fingerprint(),
-            Command::new(
-                agent(),
-                CommandKind::Debit {
-                    amount_micros: 1_000
-                }
-            )
-            .fingerprint()
+            format!("{:032x}", c.fingerprint()),
+            "b508a31f819d010c7a076c9e3e066df3"
         );
-        assert_eq!(format!("{:032x}", c.fingerprint()).len(), 32);
+        // The key is not part of the fingerprint.
+        let keyed = c.with_key(IdempotencyKey::new("k-1").expect("valid"));
+        assert_eq!(keyed.fingerprint(), 0xb508a31f819d010c7a076c9e3e066df3);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! rate limit uses its cell even if it is then denied, so an agent looping on 402 soon
 //! gets 429s.
 
+use std::cell::OnceCell;
+
 use crate::command::{Command, CommandKind, Priority};
 use crate::error::CommandError;
 use crate::event::{Event, EventKind};
@@ -386,22 +388,29 @@ fn wait_for_holds(s: &AgentState, amount: u64, now_ms: TimestampMs) -> Option<u6
 /// The envelope every event of one command carries.
 struct Stamp<'a> {
     cmd: &'a Command,
-    fingerprint: u128,
+    /// Hashed on the first event only: denials and checks write nothing under the key,
+    /// so they skip the SHA-256 (it was 3/4 of a keyed 402's cost).
+    fingerprint: OnceCell<u128>,
     now_ms: TimestampMs,
 }
 
 impl<'a> Stamp<'a> {
     fn new(cmd: &'a Command, now_ms: TimestampMs) -> Self {
-        let fingerprint = if cmd.idempotency_key.is_some() {
-            cmd.fingerprint()
-        } else {
-            0
-        };
         Self {
             cmd,
-            fingerprint,
+            fingerprint: OnceCell::new(),
             now_ms,
         }
+    }
+
+    fn fingerprint(&self) -> u128 {
+        *self.fingerprint.get_or_init(|| {
+            if self.cmd.idempotency_key.is_some() {
+                self.cmd.fingerprint()
+            } else {
+                0
+            }
+        })
     }
 
     fn event(
@@ -418,7 +427,7 @@ impl<'a> Stamp<'a> {
             balance_after_micros,
             held_after_micros,
             idempotency_key: self.cmd.idempotency_key.clone(),
-            fingerprint: self.fingerprint,
+            fingerprint: self.fingerprint(),
             task_type: self.cmd.task_type.clone(),
             metadata: self.cmd.metadata.clone(),
         }

@@ -12,6 +12,9 @@ use crate::id::PlanName;
 pub const PLAN_BUCKETS_MAX: usize = 8;
 /// Longest rate-limit window: one day (`w` of the `RateLimit-Policy` header, in seconds).
 pub const RATE_WINDOW_MS_MAX: u64 = 86_400_000;
+/// Largest GCRA tolerance τ = T × burst (2^63 ns, 292 years), so that `now + τ` fits in
+/// a u64 of nanoseconds until the year 2262.
+const RATE_TOLERANCE_NS_MAX: u64 = 1 << 63;
 /// Longest hold TTL a plan may allow: 7 days.
 pub const HOLD_TTL_MS_MAX: u64 = 7 * 86_400_000;
 
@@ -53,8 +56,15 @@ impl RateBucket {
         if burst == 0 {
             return Err(invalid("burst", "must be at least 1"));
         }
-        if window_ms * 1_000_000 / u64::from(quota) == 0 {
+        let emission_interval_ns = window_ms * 1_000_000 / u64::from(quota);
+        if emission_interval_ns == 0 {
             return Err(invalid("quota", "more than one request per nanosecond"));
+        }
+        if emission_interval_ns
+            .checked_mul(u64::from(burst))
+            .is_none_or(|tau_ns| tau_ns > RATE_TOLERANCE_NS_MAX)
+        {
+            return Err(invalid("burst", "burst x window / quota exceeds 292 years"));
         }
         Ok(Self {
             name,
@@ -73,7 +83,8 @@ impl RateBucket {
     /// GCRA's delay tolerance τ = T × burst, in nanoseconds.
     #[inline]
     pub fn tolerance_ns(&self) -> u64 {
-        self.emission_interval_ns() * u64::from(self.burst)
+        self.emission_interval_ns()
+            .saturating_mul(u64::from(self.burst))
     }
 
     /// The `RateLimit-Policy` item of this bucket (`"default";q=100;w=60`).
@@ -258,6 +269,13 @@ mod tests {
         assert!(RateBucket::new("default", 10, RATE_WINDOW_MS_MAX + 1_000, 10).is_err());
         assert!(RateBucket::new("default", 10, 1_000, 0).is_err());
         assert!(RateBucket::new("bad name", 10, 1_000, 1).is_err());
+        // τ = T × burst must fit: one per day with a burst of 10^6 is 2,739 years.
+        assert!(RateBucket::new("default", 1, RATE_WINDOW_MS_MAX, 1_000_000).is_err());
+        assert!(RateBucket::new("default", 1, RATE_WINDOW_MS_MAX, u32::MAX).is_err());
+        // 106,751 days of tolerance (just under 2^63 ns) is the most a bucket may have.
+        assert!(RateBucket::new("default", 1, RATE_WINDOW_MS_MAX, 106_751).is_ok());
+        assert!(RateBucket::new("default", 1, RATE_WINDOW_MS_MAX, 106_752).is_err());
+        assert!(RateBucket::new("default", 1_000_000_000, 1_000, u32::MAX).is_ok());
         let b = RateBucket::new("default", 100, 60_000, 100).expect("valid");
         assert_eq!(b.emission_interval_ns(), 600_000_000);
         assert_eq!(b.policy_header_item(), "\"default\";q=100;w=60");

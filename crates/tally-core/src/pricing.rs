@@ -8,7 +8,10 @@ const PPM: u128 = 1_000_000;
 
 /// The price of a call that costs `cost_micros` upstream.
 pub fn price_micros(cost_micros: u64, pricing: &Pricing) -> Result<u64, CommandError> {
-    let scaled = u128::from(cost_micros) * (PPM + u128::from(pricing.margin_ppm));
+    // u64 × (10^6 + u64) can exceed even u128 when the margin is absurd.
+    let scaled = u128::from(cost_micros)
+        .checked_mul(PPM + u128::from(pricing.margin_ppm))
+        .ok_or(CommandError::Overflow)?;
     let rounded_up = scaled.div_ceil(PPM);
     let price = u64::try_from(rounded_up).map_err(|_| CommandError::Overflow)?;
     Ok(price.clamp(pricing.min_micros, pricing.max_micros))
@@ -52,5 +55,9 @@ mod tests {
             price_micros(u64::MAX, &pricing(0, 0, u64::MAX)),
             Ok(u64::MAX)
         );
+        // Plans do not bound the margin; the largest one must not overflow u128.
+        let absurd = pricing(u64::MAX, 0, u64::MAX);
+        assert_eq!(price_micros(u64::MAX, &absurd), Err(CommandError::Overflow));
+        assert_eq!(price_micros(1, &absurd), Ok(18_446_744_073_711));
     }
 }

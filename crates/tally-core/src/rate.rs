@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::plan::{Plan, RateBucket};
 use crate::TimestampMs;
 
+// Sums of times saturate rather than panic: with plan validation bounding τ, they are
+// exact for any `now` before the year 2262 and merely degenerate after it.
 const NANOS_PER_MS: u64 = 1_000_000;
 
 /// The volatile limiter state of one agent: one theoretical arrival time (TAT, ns since
@@ -43,25 +45,35 @@ pub struct Limited {
 fn gcra_earliest_ns(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> (u64, u64) {
     let t = bucket.emission_interval_ns();
     // governor's starting state: a fresh bucket behaves as if its TAT were now + T.
-    let tat = tat_ns.unwrap_or(now_ns + t);
+    let tat = tat_ns.unwrap_or(now_ns.saturating_add(t));
     (tat, tat.saturating_sub(bucket.tolerance_ns()))
+}
+
+/// Requests a bucket would still admit at `now_ns`.
+fn remaining(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> u64 {
+    let t = bucket.emission_interval_ns();
+    let tau = bucket.tolerance_ns();
+    let floor = now_ns.saturating_add(t);
+    let tat = tat_ns.unwrap_or(floor).max(floor);
+    let horizon = now_ns.saturating_add(tau);
+    let remaining = if tat > horizon {
+        0
+    } else {
+        (horizon - tat) / t + 1
+    };
+    remaining.min(u64::from(bucket.burst))
 }
 
 fn status_of(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> RateStatus {
     let t = bucket.emission_interval_ns();
-    let tau = bucket.tolerance_ns();
-    let tat = tat_ns.unwrap_or(now_ns + t).max(now_ns + t);
-    let remaining = if tat > now_ns + tau {
-        0
-    } else {
-        (now_ns + tau - tat) / t + 1
-    };
+    let floor = now_ns.saturating_add(t);
+    let tat = tat_ns.unwrap_or(floor).max(floor);
     RateStatus {
         bucket: bucket.name.clone(),
         quota: bucket.quota,
         window_ms: bucket.window_ms,
-        remaining: remaining.min(u64::from(bucket.burst)),
-        reset_ms: (tat - (now_ns + t)).div_ceil(NANOS_PER_MS),
+        remaining: remaining(bucket, tat_ns, now_ns),
+        reset_ms: (tat - floor).div_ceil(NANOS_PER_MS),
     }
 }
 
@@ -78,9 +90,20 @@ impl RateState {
         self.tats_ns.get(i).copied().flatten()
     }
 
+    /// The TAT of bucket `i` as the plan sees it: a plan of another shape starts fresh.
+    fn tat_for(&self, plan: &Plan, i: usize) -> Option<u64> {
+        if self.tats_ns.len() == plan.buckets.len() {
+            self.tat(i)
+        } else {
+            None
+        }
+    }
+
     /// Would a request be admitted at `now_ms`? Changes nothing.
     pub fn peek(&self, plan: &Plan, now_ms: TimestampMs) -> Result<Option<RateStatus>, Limited> {
-        self.evaluate(plan, now_ms).map(|(status, _)| status)
+        let now_ns = now_ms.saturating_mul(NANOS_PER_MS);
+        self.check(plan, now_ns)?;
+        Ok(self.tightest(plan, now_ns))
     }
 
     /// Admits a request at `now_ms` in every bucket of the plan, or none of them.
@@ -89,61 +112,51 @@ impl RateState {
         plan: &Plan,
         now_ms: TimestampMs,
     ) -> Result<Option<RateStatus>, Limited> {
-        let (_, next_tats) = self.evaluate(plan, now_ms)?;
+        let now_ns = now_ms.saturating_mul(NANOS_PER_MS);
+        self.check(plan, now_ns)?;
         let tats = self.tats_for(plan);
-        for (slot, next) in tats.iter_mut().zip(next_tats) {
-            *slot = Some(next);
+        for (slot, bucket) in tats.iter_mut().zip(&plan.buckets) {
+            let (tat, _) = gcra_earliest_ns(bucket, *slot, now_ns);
+            // TATs here run one T ahead of governor's (a fresh bucket starts at now + T),
+            // so an idle bucket restarts from now + T as well; restarting from `now`
+            // would admit burst + 1 requests after any pause.
+            let t = bucket.emission_interval_ns();
+            *slot = Some(tat.max(now_ns.saturating_add(t)).saturating_add(t));
         }
-        let now_ns = now_ms * NANOS_PER_MS;
-        Ok(plan
-            .buckets
-            .iter()
-            .enumerate()
-            .map(|(i, b)| status_of(b, self.tat(i), now_ns))
-            .min_by_key(|s| s.remaining))
+        Ok(self.tightest(plan, now_ns))
     }
 
-    /// The tightest bucket's status and the TATs after admitting one more request, or the
-    /// longest wait among the buckets that refuse it.
-    fn evaluate(
-        &self,
-        plan: &Plan,
-        now_ms: TimestampMs,
-    ) -> Result<(Option<RateStatus>, Vec<u64>), Limited> {
-        let now_ns = now_ms * NANOS_PER_MS;
-        let fresh = self.tats_ns.len() != plan.buckets.len();
-        let mut next_tats = Vec::with_capacity(plan.buckets.len());
-        let mut worst: Option<Limited> = None;
+    /// `Ok` if every bucket admits a request at `now_ns`, else the longest wait among
+    /// the buckets that refuse it. Builds a status (one `String`) only for a denial.
+    fn check(&self, plan: &Plan, now_ns: u64) -> Result<(), Limited> {
+        let mut worst: Option<(usize, u64)> = None;
         for (i, bucket) in plan.buckets.iter().enumerate() {
-            let tat_ns = if fresh { None } else { self.tat(i) };
-            let (tat, earliest) = gcra_earliest_ns(bucket, tat_ns, now_ns);
+            let (_, earliest) = gcra_earliest_ns(bucket, self.tat_for(plan, i), now_ns);
             if now_ns < earliest {
                 let retry_after_ms = (earliest - now_ns).div_ceil(NANOS_PER_MS);
-                if worst
-                    .as_ref()
-                    .is_none_or(|w| retry_after_ms > w.retry_after_ms)
-                {
-                    worst = Some(Limited {
-                        status: status_of(bucket, tat_ns, now_ns),
-                        retry_after_ms,
-                    });
+                if worst.is_none_or(|(_, w)| retry_after_ms > w) {
+                    worst = Some((i, retry_after_ms));
                 }
-            } else {
-                next_tats.push(tat.max(now_ns) + bucket.emission_interval_ns());
             }
         }
         match worst {
-            Some(limited) => Err(limited),
-            None => {
-                let status = plan
-                    .buckets
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| status_of(b, if fresh { None } else { self.tat(i) }, now_ns))
-                    .min_by_key(|s| s.remaining);
-                Ok((status, next_tats))
-            }
+            None => Ok(()),
+            Some((i, retry_after_ms)) => Err(Limited {
+                status: status_of(&plan.buckets[i], self.tat_for(plan, i), now_ns),
+                retry_after_ms,
+            }),
         }
+    }
+
+    /// The status of the bucket with the fewest requests left (the first on a tie).
+    fn tightest(&self, plan: &Plan, now_ns: u64) -> Option<RateStatus> {
+        let (i, _) = plan
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i, remaining(b, self.tat_for(plan, i), now_ns)))
+            .min_by_key(|(_, remaining)| *remaining)?;
+        Some(status_of(&plan.buckets[i], self.tat_for(plan, i), now_ns))
     }
 }
 

@@ -1,0 +1,483 @@
+//! The reference model: plans, a civil-date calendar of its own, and a ledger of
+//! plain wide integers that follows DESIGN.md without calling into the core.
+
+use super::*;
+
+// ---- the model's plans ---------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ModelBucket {
+    pub(crate) quota: u32,
+    pub(crate) window_ms: u64,
+    pub(crate) burst: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ModelPlan {
+    pub(crate) name: &'static str,
+    pub(crate) bucket: Option<ModelBucket>,
+    pub(crate) cap_micros: Option<u64>,
+    pub(crate) soft_pct: Option<u64>,
+    pub(crate) anchor_day: u32,
+}
+
+pub(crate) const PLANS: [ModelPlan; 4] = [
+    ModelPlan {
+        name: "free",
+        bucket: None,
+        cap_micros: None,
+        soft_pct: None,
+        anchor_day: 1,
+    },
+    ModelPlan {
+        name: "capped",
+        bucket: None,
+        cap_micros: Some(20_000),
+        soft_pct: Some(80),
+        anchor_day: 1,
+    },
+    ModelPlan {
+        name: "metered",
+        bucket: Some(ModelBucket {
+            quota: 5,
+            window_ms: 1_000,
+            burst: 3,
+        }),
+        cap_micros: Some(10_000),
+        soft_pct: Some(50),
+        anchor_day: 15,
+    },
+    ModelPlan {
+        name: "tight",
+        bucket: Some(ModelBucket {
+            quota: 1,
+            window_ms: 2_000,
+            burst: 1,
+        }),
+        cap_micros: None,
+        soft_pct: None,
+        anchor_day: 1,
+    },
+];
+
+pub(crate) fn plan_name(i: usize) -> PlanName {
+    PlanName::new(PLANS[i].name).expect("valid plan name")
+}
+
+/// The same plans, as the core's configuration.
+pub(crate) fn plan_book() -> PlanBook {
+    PlanBook::new(PLANS.iter().enumerate().map(|(i, m)| {
+        let buckets = m
+            .bucket
+            .iter()
+            .map(|b| RateBucket::new("default", b.quota, b.window_ms, b.burst).expect("bucket"))
+            .collect();
+        let mut p = Plan::unlimited(plan_name(i));
+        p.buckets = buckets;
+        p.monthly_cap_micros = m.cap_micros;
+        p.soft_threshold_pct = m.soft_pct.map(|p| p as u8);
+        p.anchor_day = m.anchor_day as u8;
+        p.hold_ttl_max_ms = HOLD_TTL_MAX_MS;
+        p.validate().expect("valid plan");
+        p
+    }))
+}
+
+// ---- the model's calendar (Howard Hinnant's days/civil algorithms) -----------------------
+
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The (year, month) of the period containing `now_ms`: months start on `anchor_day`.
+pub(crate) fn period_at(now_ms: u64, anchor_day: u32) -> (i64, u32) {
+    let (y, m, d) = civil_from_days((now_ms / MS_PER_DAY) as i64);
+    match (d < anchor_day, m) {
+        (false, _) => (y, m),
+        (true, 1) => (y - 1, 12),
+        (true, _) => (y, m - 1),
+    }
+}
+
+/// First ms of the period after `period`.
+pub(crate) fn period_end_ms(period: (i64, u32), anchor_day: u32) -> u64 {
+    let (y, m) = if period.1 == 12 {
+        (period.0 + 1, 1)
+    } else {
+        (period.0, period.1 + 1)
+    };
+    days_from_civil(y, m, anchor_day) as u64 * MS_PER_DAY
+}
+
+// ---- the model ledger --------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ModelHold {
+    pub(crate) amount: u64,
+    pub(crate) expires_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ModelDebit {
+    pub(crate) remaining: u64,
+    pub(crate) period: (i64, u32),
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ModelAgent {
+    pub(crate) plan: usize,
+    pub(crate) suspended: bool,
+    pub(crate) balance: i128,
+    pub(crate) holds: BTreeMap<u64, ModelHold>,
+    pub(crate) debits: BTreeMap<u64, ModelDebit>,
+    pub(crate) spend: BTreeMap<(i64, u32), u128>,
+    pub(crate) credited: u128,
+    pub(crate) debited: u128,
+    pub(crate) refunded: u128,
+    pub(crate) seq: u64,
+    /// governor's theoretical arrival time, ns; volatile.
+    pub(crate) tat_ns: Option<u64>,
+}
+
+/// What the model expects a command to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Expect {
+    Approved {
+        events: u32,
+        balance: u64,
+        held: u64,
+    },
+    WouldApprove {
+        amount: u64,
+        balance: u64,
+    },
+    Denied(Denial),
+}
+
+pub(crate) const U64_MAX: u128 = u64::MAX as u128;
+
+/// `a + b` must fit the core's 64-bit counters.
+pub(crate) fn fits(a: u128, b: u128) -> Result<u128, CommandError> {
+    let sum = a + b;
+    if sum > U64_MAX {
+        Err(CommandError::Overflow)
+    } else {
+        Ok(sum)
+    }
+}
+
+impl ModelAgent {
+    pub(crate) fn plan(&self) -> ModelPlan {
+        PLANS[self.plan]
+    }
+
+    pub(crate) fn held(&self) -> u128 {
+        self.holds.values().map(|h| u128::from(h.amount)).sum()
+    }
+
+    pub(crate) fn spent_at(&self, now_ms: u64) -> u128 {
+        let period = period_at(now_ms, self.plan().anchor_day);
+        self.spend.get(&period).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn balance_u64(&self) -> u64 {
+        u64::try_from(self.balance).expect("model balance fits u64")
+    }
+
+    pub(crate) fn held_u64(&self) -> u64 {
+        u64::try_from(self.held()).expect("model held fits u64")
+    }
+
+    pub(crate) fn approved(&mut self, events: u32) -> Expect {
+        self.seq += u64::from(events);
+        Expect::Approved {
+            events,
+            balance: self.balance_u64(),
+            held: self.held_u64(),
+        }
+    }
+
+    /// GCRA as governor 0.10 writes it. `take` uses the cell on admit.
+    pub(crate) fn rate(&mut self, now_ms: u64, take: bool) -> Result<(), Denial> {
+        let Some(b) = self.plan().bucket else {
+            return Ok(());
+        };
+        let t = b.window_ms * NANOS_PER_MS / u64::from(b.quota);
+        let tau = t * u64::from(b.burst - 1);
+        let now = now_ms * NANOS_PER_MS;
+        let tat = self.tat_ns.unwrap_or(now);
+        let earliest = tat.saturating_sub(tau);
+        if now < earliest {
+            return Err(Denial::RateLimited {
+                bucket: "default".into(),
+                quota: b.quota,
+                window_ms: b.window_ms,
+                retry_after_ms: (earliest - now).div_ceil(NANOS_PER_MS),
+            });
+        }
+        if take {
+            self.tat_ns = Some(tat.max(now) + t);
+        }
+        Ok(())
+    }
+
+    /// Suspended → rate limit → monthly cap (and the soft threshold for low) → funds.
+    pub(crate) fn gate(
+        &mut self,
+        amount: u64,
+        priority: Priority,
+        now_ms: u64,
+        take: bool,
+    ) -> Result<(), Denial> {
+        if self.suspended {
+            return Err(Denial::Suspended);
+        }
+        self.rate(now_ms, take)?;
+        let plan = self.plan();
+        if let Some(cap) = plan.cap_micros {
+            let spent = self.spent_at(now_ms);
+            let held = self.held();
+            let committed = spent + held + u128::from(amount);
+            let soft_limit = match (priority, plan.soft_pct) {
+                (Priority::Low, Some(pct)) => {
+                    Some(u64::try_from(u128::from(cap) * u128::from(pct) / 100).expect("fits"))
+                }
+                _ => None,
+            };
+            let limit = if committed > u128::from(cap) {
+                Some((cap, false))
+            } else {
+                soft_limit
+                    .filter(|l| committed > u128::from(*l))
+                    .map(|l| (l, true))
+            };
+            if let Some((limit_micros, soft)) = limit {
+                let period = period_at(now_ms, plan.anchor_day);
+                return Err(Denial::MonthlyCapReached {
+                    cap_micros: cap,
+                    limit_micros,
+                    spent_micros: u64::try_from(spent).expect("fits"),
+                    held_micros: u64::try_from(held).expect("fits"),
+                    resets_at_ms: period_end_ms(period, plan.anchor_day),
+                    soft,
+                });
+            }
+        }
+        if i128::from(amount) > self.balance {
+            // Retry-After only if holds expiring on their own would free enough.
+            let mut by_expiry: Vec<ModelHold> = self.holds.values().copied().collect();
+            by_expiry.sort_by_key(|h| h.expires_at_ms);
+            let mut available = self.balance;
+            let mut retry_after_ms = None;
+            for h in by_expiry {
+                available += i128::from(h.amount);
+                if available >= i128::from(amount) {
+                    retry_after_ms = Some(h.expires_at_ms.saturating_sub(now_ms));
+                    break;
+                }
+            }
+            return Err(Denial::InsufficientFunds {
+                required_micros: amount,
+                available_micros: self.balance_u64(),
+                balance_micros: self.balance_u64(),
+                held_micros: self.held_u64(),
+                retry_after_ms,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn spend(&mut self, amount: u64, now_ms: u64, seq: u64) {
+        let period = period_at(now_ms, self.plan().anchor_day);
+        *self.spend.entry(period).or_default() += u128::from(amount);
+        self.debited += u128::from(amount);
+        if amount > 0 {
+            self.debits.insert(
+                seq,
+                ModelDebit {
+                    remaining: amount,
+                    period,
+                },
+            );
+        }
+    }
+
+    pub(crate) fn step(
+        &mut self,
+        kind: &CommandKind,
+        prio: Priority,
+        now: u64,
+    ) -> Result<Expect, CommandError> {
+        let next = self.seq + 1;
+        match *kind {
+            CommandKind::CreateAgent { .. } => Err(CommandError::AgentExists),
+            CommandKind::UpdateAgent { status, .. } => {
+                if let Some(s) = status {
+                    self.suspended = s == Status::Suspended;
+                }
+                Ok(self.approved(1))
+            }
+            CommandKind::Credit { amount_micros: a } => {
+                if a == 0 {
+                    return Err(CommandError::ZeroAmount);
+                }
+                fits(self.credited, a.into())?;
+                fits(self.balance as u128, a.into())?;
+                self.credited += u128::from(a);
+                self.balance += i128::from(a);
+                Ok(self.approved(1))
+            }
+            CommandKind::Debit { amount_micros: a } => {
+                if a == 0 {
+                    return Err(CommandError::ZeroAmount);
+                }
+                if let Err(d) = self.gate(a, prio, now, true) {
+                    return Ok(Expect::Denied(d));
+                }
+                fits(self.debited, a.into())?;
+                fits(self.spent_at(now), a.into())?;
+                self.balance -= i128::from(a);
+                self.spend(a, now, next);
+                Ok(self.approved(1))
+            }
+            CommandKind::Check { amount_micros: a } => {
+                if a == 0 {
+                    return Err(CommandError::ZeroAmount);
+                }
+                Ok(match self.gate(a, prio, now, false) {
+                    Ok(()) => Expect::WouldApprove {
+                        amount: a,
+                        balance: self.balance_u64(),
+                    },
+                    Err(d) => Expect::Denied(d),
+                })
+            }
+            CommandKind::Hold {
+                amount_micros: a,
+                ttl_ms,
+            } => {
+                if a == 0 {
+                    return Err(CommandError::ZeroAmount);
+                }
+                if ttl_ms == 0 || ttl_ms > HOLD_TTL_MAX_MS {
+                    return Err(CommandError::InvalidTtl {
+                        ttl_ms,
+                        max_ms: HOLD_TTL_MAX_MS,
+                    });
+                }
+                if let Err(d) = self.gate(a, prio, now, true) {
+                    return Ok(Expect::Denied(d));
+                }
+                fits(self.held(), a.into())?;
+                self.balance -= i128::from(a);
+                self.holds.insert(
+                    next,
+                    ModelHold {
+                        amount: a,
+                        expires_at_ms: now + ttl_ms,
+                    },
+                );
+                Ok(self.approved(1))
+            }
+            CommandKind::Capture {
+                hold_seq,
+                amount_micros: a,
+            } => {
+                let hold = *self
+                    .holds
+                    .get(&hold_seq)
+                    .ok_or(CommandError::UnknownHold(hold_seq))?;
+                if now >= hold.expires_at_ms {
+                    return Err(CommandError::HoldExpired {
+                        hold_seq,
+                        expires_at_ms: hold.expires_at_ms,
+                    });
+                }
+                if a > hold.amount {
+                    return Err(CommandError::CaptureExceedsHold {
+                        amount_micros: a,
+                        held_micros: hold.amount,
+                    });
+                }
+                let released = hold.amount - a;
+                fits(self.debited, a.into())?;
+                fits(self.spent_at(now), a.into())?;
+                fits(self.balance as u128, released.into())?;
+                self.holds.remove(&hold_seq);
+                self.balance += i128::from(released);
+                self.spend(a, now, next);
+                Ok(self.approved(1))
+            }
+            CommandKind::Void { hold_seq } => {
+                let hold = *self
+                    .holds
+                    .get(&hold_seq)
+                    .ok_or(CommandError::UnknownHold(hold_seq))?;
+                fits(self.balance as u128, hold.amount.into())?;
+                self.holds.remove(&hold_seq);
+                self.balance += i128::from(hold.amount);
+                Ok(self.approved(1))
+            }
+            CommandKind::ExpireHolds => {
+                let due: Vec<u64> = self
+                    .holds
+                    .iter()
+                    .filter(|(_, h)| h.expires_at_ms <= now)
+                    .map(|(s, _)| *s)
+                    .collect();
+                let freed: u128 = due.iter().map(|s| u128::from(self.holds[s].amount)).sum();
+                fits(self.balance as u128, freed)?;
+                for s in &due {
+                    let h = self.holds.remove(s).expect("due hold is open");
+                    self.balance += i128::from(h.amount);
+                }
+                Ok(self.approved(due.len() as u32))
+            }
+            CommandKind::Refund {
+                debit_seq,
+                amount_micros: a,
+            } => {
+                if a == 0 {
+                    return Err(CommandError::ZeroAmount);
+                }
+                let debit = *self
+                    .debits
+                    .get(&debit_seq)
+                    .ok_or(CommandError::UnknownDebit(debit_seq))?;
+                if a > debit.remaining {
+                    return Err(CommandError::RefundExceedsDebit {
+                        amount_micros: a,
+                        refundable_micros: debit.remaining,
+                    });
+                }
+                fits(self.refunded, a.into())?;
+                fits(self.balance as u128, a.into())?;
+                self.refunded += u128::from(a);
+                self.balance += i128::from(a);
+                self.debits.get_mut(&debit_seq).expect("exists").remaining -= a;
+                let spent = self.spend.entry(debit.period).or_default();
+                *spent = spent.saturating_sub(u128::from(a));
+                Ok(self.approved(1))
+            }
+        }
+    }
+}
