@@ -110,15 +110,17 @@ pub fn decide(
         }
         CommandKind::Debit { amount_micros } => {
             let amount = nonzero(*amount_micros)?;
-            let status =
-                match spend_gate(s, plan, rate, amount, cmd.priority, now_ms, Gate::Acquire) {
-                    Ok(status) => status,
-                    Err(denial) => return Ok(Decision::denied(denial)),
-                };
+            if let Err(denial) =
+                spend_gate(s, plan, rate, amount, cmd.priority, now_ms, Gate::Acquire)
+            {
+                return Ok(Decision::denied(denial));
+            }
+            // Overflows are rejected before the cell is taken: a rejection changes nothing.
             let period = period_of(now_ms, plan.anchor_day);
             add(s.debited_total_micros, amount)?;
             add(s.spent_in(period), amount)?;
             let balance = sub(s.balance_micros, amount)?;
+            let status = admit(rate, plan, now_ms);
             let kind = EventKind::Debited {
                 amount_micros: amount,
                 period,
@@ -157,13 +159,14 @@ pub fn decide(
                 });
             }
             let expires_at_ms = add(now_ms, *ttl_ms)?;
-            let status =
-                match spend_gate(s, plan, rate, amount, cmd.priority, now_ms, Gate::Acquire) {
-                    Ok(status) => status,
-                    Err(denial) => return Ok(Decision::denied(denial)),
-                };
+            if let Err(denial) =
+                spend_gate(s, plan, rate, amount, cmd.priority, now_ms, Gate::Acquire)
+            {
+                return Ok(Decision::denied(denial));
+            }
             let balance = sub(s.balance_micros, amount)?;
             let held = add(s.held_micros, amount)?;
+            let status = admit(rate, plan, now_ms);
             let kind = EventKind::HoldPlaced {
                 amount_micros: amount,
                 expires_at_ms,
@@ -322,16 +325,39 @@ fn spend_gate(
     if s.status == Status::Suspended {
         return Err(Denial::Suspended);
     }
-    let limited = match gate {
-        Gate::Acquire => rate.acquire(plan, now_ms),
-        Gate::Peek => rate.peek(plan, now_ms),
-    };
-    let status = limited.map_err(|l| Denial::RateLimited {
+    // Look first; the cell is taken by `admit` once the spend is approved, or below when
+    // the cap or funds deny it (a request that passed the limiter uses its cell).
+    let status = rate.peek(plan, now_ms).map_err(|l| Denial::RateLimited {
         bucket: l.status.bucket,
         quota: l.status.quota,
         window_ms: l.status.window_ms,
         retry_after_ms: l.retry_after_ms,
     })?;
+    match cap_or_funds(s, plan, amount, priority, now_ms) {
+        Some(denial) => {
+            if gate == Gate::Acquire {
+                admit(rate, plan, now_ms);
+            }
+            Err(denial)
+        }
+        None => Ok(status),
+    }
+}
+
+/// Takes the rate-limit cell of a request the limiter admitted at this same instant.
+fn admit(rate: &mut RateState, plan: &Plan, now_ms: TimestampMs) -> Option<RateStatus> {
+    rate.acquire(plan, now_ms)
+        .expect("peek admitted this request at the same instant")
+}
+
+/// The monthly cap (hard, and the soft threshold for low priority), then funds.
+fn cap_or_funds(
+    s: &AgentState,
+    plan: &Plan,
+    amount: u64,
+    priority: Priority,
+    now_ms: TimestampMs,
+) -> Option<Denial> {
     if let Some(cap_micros) = plan.monthly_cap_micros {
         let period = period_of(now_ms, plan.anchor_day);
         let spent = s.spent_in(period);
@@ -349,7 +375,7 @@ fn spend_gate(
                 .map(|l| (l, true))
         };
         if let Some((limit_micros, soft)) = refused_by {
-            return Err(Denial::MonthlyCapReached {
+            return Some(Denial::MonthlyCapReached {
                 cap_micros,
                 limit_micros,
                 spent_micros: spent,
@@ -359,16 +385,13 @@ fn spend_gate(
             });
         }
     }
-    if amount > s.balance_micros {
-        return Err(Denial::InsufficientFunds {
-            required_micros: amount,
-            available_micros: s.balance_micros,
-            balance_micros: s.balance_micros,
-            held_micros: s.held_micros,
-            retry_after_ms: wait_for_holds(s, amount, now_ms),
-        });
-    }
-    Ok(status)
+    (amount > s.balance_micros).then(|| Denial::InsufficientFunds {
+        required_micros: amount,
+        available_micros: s.balance_micros,
+        balance_micros: s.balance_micros,
+        held_micros: s.held_micros,
+        retry_after_ms: wait_for_holds(s, amount, now_ms),
+    })
 }
 
 /// How long until open holds expiring on their own free enough for `amount`, if ever.

@@ -114,3 +114,24 @@ fn the_rate_limit_comes_before_the_cap_and_the_cap_before_funds() {
         Denial::InsufficientFunds { .. }
     ));
 }
+
+#[test]
+fn an_overflowing_debit_is_rejected_before_the_limiter_and_takes_no_cell() {
+    let mut l = Ledger::new("limited", T0);
+    l.credit(u64::MAX, T0);
+    // Spend almost everything ever credited, then refund it: the lifetime debited total
+    // sits at u64::MAX - 1 while the balance is full again.
+    let seq = l.debit(u64::MAX - 1, T0);
+    l.approve(
+        CommandKind::Refund {
+            debit_seq: seq,
+            amount_micros: u64::MAX - 1,
+        },
+        T0 + 1_000,
+    );
+    assert_eq!(l.balance(), u64::MAX);
+    // A debit of 2 would overflow the lifetime total: rejected, state unchanged...
+    assert_eq!(l.reject(debit(2), T0 + 2_000), CommandError::Overflow);
+    // ...and it took no rate-limit cell: a debit of 1 in the same second passes.
+    l.debit(1, T0 + 2_000);
+}
