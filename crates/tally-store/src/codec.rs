@@ -12,6 +12,10 @@ use thiserror::Error;
 
 /// The format version written by this build.
 pub const RECORD_VERSION: u8 = 1;
+/// Largest record body decoded. Far above the largest agent record (1,024 holds and
+/// 1,024 refundable debits, ~60 KB); a corrupted length prefix claiming more is a decode
+/// error instead of an allocation of whatever the prefix says.
+pub const RECORD_BYTES_MAX: usize = 1 << 20;
 
 /// A stored record could not be read.
 #[derive(Debug, Error)]
@@ -28,8 +32,14 @@ pub enum CodecError {
     Encode(String),
 }
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<RECORD_BYTES_MAX>,
+>;
+
+fn config() -> Config {
+    bincode::config::standard().with_limit::<RECORD_BYTES_MAX>()
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
@@ -156,6 +166,23 @@ mod tests {
         let err = decode_agent(&bytes).expect_err("newer version");
         assert!(matches!(err, CodecError::UnknownVersion { found: 2 }));
         assert!(err.to_string().contains("newer"));
+    }
+
+    #[test]
+    fn huge_length_prefixes_are_errors_not_allocations() {
+        // Found by the codec fuzz target: before the byte limit these panicked
+        // (capacity overflow), aborted (allocation failure) or allocated 4 GiB.
+        let inputs: [&[u8]; 3] = [
+            &[0x01, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            &[
+                0x01, 0x00, 0x00, 0x00, 0xfd, 0x0b, 0xfd, 0xfc, 0x03, 0x13, 0xb7, 0xd8, 0x73,
+            ],
+            &[0x01, 0xfc, 0xc0, 0xc0, 0x00, 0xfc],
+        ];
+        for bytes in inputs {
+            assert!(decode_event(bytes).is_err());
+            assert!(decode_agent(bytes).is_err());
+        }
     }
 
     #[test]
