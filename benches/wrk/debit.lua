@@ -1,0 +1,51 @@
+-- wrk script: POST /v1/agents/{id}/debits with a distinct Idempotency-Key per request,
+-- spread round-robin over AGENTS agents (bench-0 .. bench-N-1).
+-- Env: TALLY_TOKEN (bearer token), AGENTS (default 64), AMOUNT_MICROS (default 1).
+local token = os.getenv("TALLY_TOKEN") or ""
+local agents = tonumber(os.getenv("AGENTS") or "64")
+local amount = os.getenv("AMOUNT_MICROS") or "1"
+local run = tostring(os.time()) .. "-" .. tostring(math.random(1, 1000000000))
+
+local threads = {}
+local next_id = 0
+
+function setup(thread)
+  thread:set("tid", next_id)
+  next_id = next_id + 1
+  table.insert(threads, thread)
+end
+
+local counter = 0
+local body = '{"amount_micros":' .. amount .. ',"task_type":"bench"}'
+
+function init(args)
+  math.randomseed(os.time() + tid)
+end
+
+function request()
+  counter = counter + 1
+  local agent = (counter * 7 + tid) % agents
+  local headers = {
+    ["Authorization"] = "Bearer " .. token,
+    ["Content-Type"] = "application/json",
+    ["Idempotency-Key"] = run .. "-" .. tid .. "-" .. counter,
+  }
+  return wrk.format("POST", "/v1/agents/bench-" .. agent .. "/debits", headers, body)
+end
+
+local non201 = 0
+function response(status, headers, body)
+  if status ~= 201 then
+    non201 = non201 + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local secs = summary.duration / 1e6
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT requests=%d rps=%.0f p50_ms=%.3f p99_ms=%.3f max_ms=%.3f non2xx_or_socket_errors=%d\n",
+    summary.requests, summary.requests / secs,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.max / 1000,
+    e.status + e.connect + e.read + e.write + e.timeout))
+end

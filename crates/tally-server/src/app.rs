@@ -1,0 +1,334 @@
+//! The application: shared state, the router with its layers (auth, metrics, limits,
+//! timeout), and a server that binds first, opens the engine in the background, and shuts
+//! down gracefully (stop accepting, finish in-flight requests, then `engine.shutdown()`).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::Router;
+use tally_core::{PlanBook, PlanName, TimestampMs};
+use tally_store::{Clock, Engine};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::{Authenticator, Need};
+use crate::config::{Config, Limits, X402};
+use crate::metrics::Metrics;
+use crate::problem::Problem;
+use crate::routes;
+
+/// Everything handlers share. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    engine: OnceLock<Engine>,
+    plans: Arc<PlanBook>,
+    default_plan: PlanName,
+    clock: Arc<dyn Clock>,
+    auth: Authenticator,
+    limits: Limits,
+    metrics: Metrics,
+    x402: Option<X402>,
+    public_url: String,
+}
+
+impl AppState {
+    pub fn new(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        metrics: Metrics,
+        public_url: String,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                engine: OnceLock::new(),
+                plans: Arc::new(config.plans.clone()),
+                default_plan: config.default_plan.clone(),
+                clock,
+                auth: Authenticator::new(
+                    config.tokens.clone(),
+                    config.limits.auth_header_bytes_max,
+                ),
+                limits: config.limits.clone(),
+                metrics,
+                x402: config.x402.clone(),
+                public_url,
+            }),
+        }
+    }
+
+    /// The engine, or 503 `not-ready` while it is still opening.
+    pub fn engine(&self) -> Result<&Engine, Problem> {
+        self.inner.engine.get().ok_or_else(Problem::not_ready)
+    }
+
+    /// Installs the opened engine; the server is ready from now on.
+    pub fn set_engine(&self, engine: Engine) {
+        let _ = self.inner.engine.set(engine);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.inner.engine.get().is_some_and(Engine::is_ready)
+    }
+
+    pub fn plans(&self) -> &PlanBook {
+        &self.inner.plans
+    }
+
+    pub fn default_plan(&self) -> &PlanName {
+        &self.inner.default_plan
+    }
+
+    pub fn now_ms(&self) -> TimestampMs {
+        self.inner.clock.now_ms()
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn x402(&self) -> Option<&X402> {
+        self.inner.x402.as_ref()
+    }
+
+    pub fn public_url(&self) -> &str {
+        &self.inner.public_url
+    }
+
+    fn authorize(&self, req: &Request, need: Need) -> Result<(), Problem> {
+        self.inner.auth.authorize(req.headers(), need).map(|_| ())
+    }
+}
+
+async fn need_admin(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    match st.authorize(&req, Need::Admin) {
+        Ok(()) => next.run(req).await,
+        Err(p) => p.into_response(),
+    }
+}
+
+async fn need_service(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    match st.authorize(&req, Need::Service) {
+        Ok(()) => next.run(req).await,
+        Err(p) => p.into_response(),
+    }
+}
+
+async fn need_read(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    match st.authorize(&req, Need::Read) {
+        Ok(()) => next.run(req).await,
+        Err(p) => p.into_response(),
+    }
+}
+
+/// Records latency by route template (never the raw path: no per-agent labels).
+async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let start = Instant::now();
+    let timeout = Duration::from_millis(st.limits().request_timeout_ms);
+    let resp = match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => Problem::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "Timeout",
+            "the request took too long",
+        )
+        .retry_after_ms(1_000)
+        .into_response(),
+    };
+    st.metrics()
+        .http_request_duration_seconds
+        .with_label_values(&[route.as_str(), method.as_str(), resp.status().as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// The whole API.
+pub fn router(st: AppState) -> Router {
+    let admin = || middleware::from_fn_with_state(st.clone(), need_admin);
+    let service = || middleware::from_fn_with_state(st.clone(), need_service);
+    let read = || middleware::from_fn_with_state(st.clone(), need_read);
+    Router::new()
+        .route(
+            "/v1/agents",
+            post(routes::create_agent)
+                .route_layer(admin())
+                .merge(get(routes::list_agents).route_layer(read())),
+        )
+        .route(
+            "/v1/agents/{id}",
+            get(routes::get_agent)
+                .route_layer(read())
+                .merge(patch(routes::patch_agent).route_layer(admin())),
+        )
+        .route(
+            "/v1/agents/{id}/credits",
+            post(routes::credit).route_layer(admin()),
+        )
+        .route(
+            "/v1/agents/{id}/debits",
+            post(routes::debit).route_layer(service()),
+        )
+        .route(
+            "/v1/agents/{id}/check",
+            post(routes::check).route_layer(service()),
+        )
+        .route(
+            "/v1/agents/{id}/holds",
+            post(routes::hold).route_layer(service()),
+        )
+        .route(
+            "/v1/agents/{id}/refunds",
+            post(routes::refund).route_layer(admin()),
+        )
+        .route(
+            "/v1/agents/{id}/journal",
+            get(routes::journal).route_layer(read()),
+        )
+        .route(
+            "/v1/agents/{id}/usage",
+            get(routes::usage).route_layer(read()),
+        )
+        .route(
+            "/v1/holds/{hold_id}/capture",
+            post(routes::capture).route_layer(service()),
+        )
+        .route(
+            "/v1/holds/{hold_id}/void",
+            post(routes::void).route_layer(service()),
+        )
+        .route("/v1/plans", get(routes::plans).route_layer(read()))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .route("/openapi.json", get(routes::openapi))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(middleware::from_fn_with_state(st.clone(), observe))
+        .layer(DefaultBodyLimit::max(st.limits().body_bytes_max))
+        .with_state(st)
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Waits until the engine is open (or failed to open: then the task's error).
+    pub async fn ready(&mut self) -> anyhow::Result<()> {
+        let mut rx = self.shutdown.subscribe();
+        loop {
+            if self.state.is_ready() {
+                return Ok(());
+            }
+            if self.task.is_finished() {
+                return match (&mut self.task).await {
+                    Ok(Ok(())) => anyhow::bail!("server stopped before it was ready"),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
+                };
+            }
+            // The readiness flag has no notifier; poll briefly (start-up only).
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = rx.changed() => {}
+            }
+        }
+    }
+
+    /// Asks the server to stop: no new connections, in-flight requests finish, then the
+    /// engine shuts down.
+    pub fn trigger_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Triggers shutdown and waits for it to complete.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.trigger_shutdown();
+        self.task.await?
+    }
+
+    /// Waits for the server to finish (after a signal).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await?
+    }
+}
+
+/// Binds `config.listen`, serves at once (`/readyz` 503 until the engine is open), opens
+/// the engine in the background with `clock`, and returns the running server.
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    let metrics = Metrics::new()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    let state = AppState::new(&config, clock.clone(), metrics.clone(), public_url);
+    let app = router(state.clone());
+    let (shutdown, mut rx) = watch::channel(false);
+    let opener_state = state.clone();
+    let task = tokio::spawn(async move {
+        let engine_config = config.engine_config();
+        let plans = config.plans.clone();
+        let registry = metrics.registry.clone();
+        let opening = tokio::task::spawn_blocking(move || {
+            Engine::open(engine_config, plans, clock, Some(&registry))
+        });
+        let mut serve_rx = rx.clone();
+        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = serve_rx.wait_for(|stop| *stop).await;
+        });
+        let serving = tokio::spawn(async move { server.await });
+        let engine = tokio::select! {
+            opened = opening => match opened? {
+                Ok(engine) => engine,
+                Err(e) => {
+                    serving.abort();
+                    anyhow::bail!("opening the store at {}: {e}", config.data_dir.display());
+                }
+            },
+            _ = async { let _ = rx.wait_for(|stop| *stop).await; } => {
+                let _ = serving.await;
+                return Ok(());
+            }
+        };
+        opener_state.set_engine(engine.clone());
+        tracing::info!(data_dir = %config.data_dir.display(), "engine open; ready");
+        serving.await??;
+        tracing::info!("no more requests; shutting the engine down");
+        engine.shutdown().await?;
+        Ok(())
+    });
+    Ok(Running {
+        addr,
+        state,
+        shutdown,
+        task,
+    })
+}

@@ -1,0 +1,276 @@
+//! The JSON shapes of the API (see `API.md`): request bodies, validated on the way in by
+//! the core's newtypes, and the objects we answer with.
+
+use chrono::{DateTime, SecondsFormat};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tally_core::period::period_of;
+use tally_core::{
+    AgentId, AgentState, Event, EventKind, Metadata, Plan, PlanBook, PlanName, Priority, Receipt,
+    Status, TaskType, TimestampMs,
+};
+use tally_store::Usage;
+
+/// `POST /v1/agents`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAgentBody {
+    pub id: AgentId,
+    pub plan: Option<PlanName>,
+    pub status: Option<Status>,
+}
+
+/// `PATCH /v1/agents/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchAgentBody {
+    pub plan: Option<PlanName>,
+    pub status: Option<Status>,
+}
+
+/// `POST /v1/agents/{id}/credits`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditBody {
+    pub amount_micros: u64,
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+/// `POST /v1/agents/{id}/debits` and `/check`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebitBody {
+    pub amount_micros: u64,
+    pub task_type: Option<TaskType>,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+/// `POST /v1/agents/{id}/holds`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldBody {
+    pub amount_micros: u64,
+    pub ttl_ms: u64,
+    pub task_type: Option<TaskType>,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+/// `POST /v1/holds/{hold_id}/capture`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureBody {
+    pub amount_micros: u64,
+}
+
+/// `POST /v1/holds/{hold_id}/void` (`{}` or no body).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoidBody {}
+
+/// `POST /v1/agents/{id}/refunds`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundBody {
+    pub debit_seq: u64,
+    pub amount_micros: u64,
+}
+
+/// RFC 3339 UTC with milliseconds (`2026-11-29T13:00:00.000Z`).
+pub fn rfc3339_ms(ms: TimestampMs) -> String {
+    let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+    DateTime::from_timestamp_millis(ms)
+        .unwrap_or(DateTime::<chrono::Utc>::MAX_UTC)
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A hold's public id: `<agent_id>~<seq>` (`~` is outside the agent id charset).
+pub fn hold_id(agent: &AgentId, seq: u64) -> String {
+    format!("{agent}~{seq}")
+}
+
+/// Parses a hold id back into its agent and sequence.
+pub fn parse_hold_id(s: &str) -> Option<(AgentId, u64)> {
+    let (agent, seq) = s.rsplit_once('~')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((AgentId::new(agent).ok()?, seq.parse().ok()?))
+}
+
+fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Active => "active",
+        Status::Suspended => "suspended",
+    }
+}
+
+/// The Agent object. `period` is the period in force now under the agent's plan.
+pub fn agent_json(a: &AgentState, plans: &PlanBook, now_ms: TimestampMs) -> Value {
+    let anchor = plans.get(&a.plan).map_or(1, |p| p.anchor_day);
+    let period = period_of(now_ms, anchor);
+    let holds: Vec<Value> = a
+        .holds
+        .iter()
+        .map(|(seq, h)| {
+            json!({
+                "hold_id": hold_id(&a.id, *seq),
+                "amount_micros": h.amount_micros,
+                "expires_at": rfc3339_ms(h.expires_at_ms),
+            })
+        })
+        .collect();
+    json!({
+        "id": a.id.as_str(),
+        "plan": a.plan.as_str(),
+        "status": status_name(a.status),
+        "balance_micros": a.balance_micros,
+        "held_micros": a.held_micros,
+        "period": period.to_string(),
+        "period_spent_micros": a.spent_in(period),
+        "credited_total_micros": a.credited_total_micros,
+        "debited_total_micros": a.debited_total_micros,
+        "refunded_total_micros": a.refunded_total_micros,
+        "holds": holds,
+        "version": a.last_seq,
+        "created_at": rfc3339_ms(a.created_at_ms),
+        "updated_at": rfc3339_ms(a.updated_at_ms),
+    })
+}
+
+/// The Receipt object of an applied money command.
+pub fn receipt_json(agent: &AgentId, kind: &str, r: &Receipt) -> Value {
+    let is_hold = kind == "hold";
+    json!({
+        "agent_id": agent.as_str(),
+        "seq": r.first_seq,
+        "kind": kind,
+        "amount_micros": r.amount_micros,
+        "balance_micros": r.balance_after_micros,
+        "held_micros": r.held_after_micros,
+        "at": rfc3339_ms(r.at_ms),
+        "hold_id": if is_hold { Value::from(hold_id(agent, r.first_seq)) } else { Value::Null },
+        "expires_at": r.hold_expires_at_ms.map(rfc3339_ms),
+    })
+}
+
+/// One journal entry.
+pub fn event_json(e: &Event) -> Value {
+    let (hold_seq, debit_seq, period, plan, status) = match &e.kind {
+        EventKind::AgentCreated { plan, status } | EventKind::AgentUpdated { plan, status } => (
+            None,
+            None,
+            None,
+            Some(plan.as_str()),
+            Some(status_name(*status)),
+        ),
+        EventKind::Credited { .. } | EventKind::HoldPlaced { .. } => (None, None, None, None, None),
+        EventKind::Debited { period, .. } => (None, None, Some(*period), None, None),
+        EventKind::HoldCaptured {
+            hold_seq, period, ..
+        } => (Some(*hold_seq), None, Some(*period), None, None),
+        EventKind::HoldVoided { hold_seq, .. } | EventKind::HoldExpired { hold_seq, .. } => {
+            (Some(*hold_seq), None, None, None, None)
+        }
+        EventKind::Refunded {
+            debit_seq,
+            debit_period,
+            ..
+        } => (None, Some(*debit_seq), Some(*debit_period), None, None),
+    };
+    json!({
+        "seq": e.seq,
+        "kind": e.kind.name(),
+        "amount_micros": e.kind.amount_micros(),
+        "balance_micros": e.balance_after_micros,
+        "held_micros": e.held_after_micros,
+        "at": rfc3339_ms(e.at_ms),
+        "idempotency_key": e.idempotency_key.as_ref().map(|k| k.as_str()),
+        "task_type": e.task_type.as_ref().map(|t| t.as_str()),
+        "metadata": e.metadata.entries(),
+        "hold_seq": hold_seq,
+        "debit_seq": debit_seq,
+        "period": period.map(|p| p.to_string()),
+        "plan": plan,
+        "status": status,
+    })
+}
+
+/// The usage report of one period.
+pub fn usage_json(u: &Usage) -> Value {
+    let by_task: serde_json::Map<String, Value> = u
+        .by_task_type
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                json!({"spent_micros": v.spent_micros, "refunded_micros": v.refunded_micros, "count": v.count}),
+            )
+        })
+        .collect();
+    json!({
+        "period": u.period.to_string(),
+        "start_at": rfc3339_ms(u.start_ms),
+        "end_at": rfc3339_ms(u.end_ms),
+        "spent_micros": u.spent_micros,
+        "refunded_micros": u.refunded_micros,
+        "credited_micros": u.credited_micros,
+        "debits": u.debits,
+        "by_task_type": by_task,
+    })
+}
+
+/// One plan as `GET /v1/plans` shows it.
+pub fn plan_json(p: &Plan) -> Value {
+    let buckets: Vec<Value> = p
+        .buckets
+        .iter()
+        .map(|b| json!({"name": b.name, "quota": b.quota, "window_ms": b.window_ms, "burst": b.burst}))
+        .collect();
+    json!({
+        "name": p.name.as_str(),
+        "buckets": buckets,
+        "rate_limit_policy": if p.buckets.is_empty() { Value::Null } else { Value::from(p.policy_header()) },
+        "monthly_cap_micros": p.monthly_cap_micros,
+        "soft_threshold_pct": p.soft_threshold_pct,
+        "anchor_day": p.anchor_day,
+        "pricing": {"margin_ppm": p.pricing.margin_ppm, "min_micros": p.pricing.min_micros, "max_micros": p.pricing.max_micros},
+        "hold_ttl_max_ms": p.hold_ttl_max_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_with_millis() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_795_957_200_123), "2026-11-29T13:00:00.123Z");
+        // Beyond chrono's range: clamped, not a panic.
+        assert!(!rfc3339_ms(u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn hold_ids_round_trip() {
+        let a = AgentId::new("agent-1").expect("valid");
+        assert_eq!(parse_hold_id(&hold_id(&a, 7)), Some((a, 7)));
+        for bad in [
+            "agent-1",
+            "agent-1~",
+            "~7",
+            "agent-1~x",
+            "a b~1",
+            "a~99999999999999999999999",
+            "a~+1",
+        ] {
+            assert!(parse_hold_id(bad).is_none(), "{bad}");
+        }
+    }
+}

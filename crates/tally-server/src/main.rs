@@ -1,0 +1,181 @@
+//! The `tally` binary: `tally serve` runs the HTTP service, `tally loadtest` drives one,
+//! `tally token-hash` prints the SHA-256 a config file wants for a token.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tally_server::auth::{bootstrap_admin, token_sha256_hex, Role};
+use tally_server::Config;
+use tally_store::SystemClock;
+
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about = "Usage metering and quota ledger")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Drive a running tally with mock agents and check its invariants.
+    Loadtest(tally_client::loadtest::LoadtestArgs),
+    /// Print the SHA-256 (hex) of a token read from stdin, for `[[auth.tokens]]`.
+    TokenHash,
+    /// A no-op HTTP server with the same set-up, for the wrk comparison.
+    #[command(hide = true)]
+    NoopServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Config file (tally.toml); without one, built-in defaults.
+    #[arg(long, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on (overrides `server.listen`).
+    #[arg(long, env = "TALLY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory (overrides `server.data_dir`).
+    #[arg(long, env = "TALLY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log filter (overrides `server.log`), e.g. `info` or `tally=debug`.
+    #[arg(long, env = "TALLY_LOG")]
+    log: Option<String>,
+    /// SHA-256 (hex) of an extra admin token.
+    #[arg(long, env = "TALLY_ADMIN_TOKEN_SHA256", hide_env_values = true)]
+    admin_token_sha256: Option<String>,
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(log) = args.log {
+        config.log = log;
+    }
+    if let Some(hash) = &args.admin_token_sha256 {
+        config
+            .add_admin_hash("env-admin", hash)
+            .map_err(|e| anyhow::anyhow!("TALLY_ADMIN_TOKEN_SHA256: {e}"))?;
+    }
+    init_logging(&config.log);
+
+    let has_admin = config.tokens.iter().any(|t| t.role == Role::Admin);
+    let boot = bootstrap_admin(&config.data_dir, !has_admin)
+        .with_context(|| format!("admin token file in {}", config.data_dir.display()))?;
+    let mut new_token = None;
+    if let Some(b) = boot {
+        new_token = b.new_token.clone();
+        config.tokens.push(b.hash);
+    }
+
+    let mut running = tally_server::start(config, Arc::new(SystemClock)).await?;
+    let handle_addr = running.addr;
+    tokio::select! {
+        ready = running.ready() => ready?,
+        _ = shutdown_signal() => {
+            running.shutdown().await?;
+            return Ok(());
+        }
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        if let Some(token) = new_token {
+            writeln!(out, "tally admin token (shown once, keep it): {token}")?;
+        }
+        writeln!(out, "tally listening on http://{handle_addr}")?;
+        out.flush()?;
+    }
+    shutdown_signal().await;
+    tracing::info!("signal received; shutting down");
+    running.shutdown().await
+}
+
+async fn noop_server(listen: SocketAddr) -> anyhow::Result<()> {
+    init_logging("warn");
+    tally_server::noop::serve(
+        listen,
+        |addr| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "tally listening on http://{addr}");
+            let _ = out.flush();
+        },
+        shutdown_signal(),
+    )
+    .await
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Serve(args) => serve(args).await.map(|()| true),
+        Cmd::Loadtest(args) => tally_client::loadtest::run(args).await,
+        Cmd::TokenHash => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_line(&mut token)
+                .map_err(anyhow::Error::from)
+                .map(|_| {
+                    println!("{}", token_sha256_hex(token.trim_end_matches(['\n', '\r'])));
+                    true
+                })
+        }
+        Cmd::NoopServer { listen } => noop_server(listen).await.map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tally: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The server's Prometheus metrics. Base units, `_total` on counters, no per-agent labels
+//! (per-agent usage is the API's job). The engine registers its own into the same registry.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// Handles to the server's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Decisions by outcome: `approved`, `would_approve`, a denial reason, `rejected`,
+    /// `key_reused`.
+    pub decisions_total: IntCounterVec,
+    pub debited_micros_total: IntCounter,
+    pub credited_micros_total: IntCounter,
+    /// HTTP latency by route template, method and status.
+    pub http_request_duration_seconds: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let decisions_total = IntCounterVec::new(
+            Opts::new("tally_decisions_total", "Ledger decisions by outcome."),
+            &["outcome"],
+        )?;
+        let debited_micros_total = IntCounter::new(
+            "tally_debited_micros_total",
+            "Micros debited (debits and captures).",
+        )?;
+        let credited_micros_total =
+            IntCounter::new("tally_credited_micros_total", "Micros credited (top-ups).")?;
+        let http_request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tally_http_request_duration_seconds",
+                "HTTP request latency by route template, method and status.",
+            )
+            .buckets(vec![
+                0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 10.0,
+            ]),
+            &["route", "method", "status"],
+        )?;
+        registry.register(Box::new(decisions_total.clone()))?;
+        registry.register(Box::new(debited_micros_total.clone()))?;
+        registry.register(Box::new(credited_micros_total.clone()))?;
+        registry.register(Box::new(http_request_duration_seconds.clone()))?;
+        Ok(Self {
+            registry,
+            decisions_total,
+            debited_micros_total,
+            credited_micros_total,
+            http_request_duration_seconds,
+        })
+    }
+
+    /// The text exposition of every registered metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

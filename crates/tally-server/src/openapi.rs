@@ -1,0 +1,365 @@
+//! `/openapi.json`: the hand-written OpenAPI 3.0 description of the API, including every
+//! problem answer. schemathesis checks the live server against it (`scripts/schemathesis.sh`).
+
+use std::sync::LazyLock;
+
+use serde_json::{json, Value};
+
+static DOCUMENT: LazyLock<String> = LazyLock::new(|| build().to_string());
+
+/// The document, serialized once.
+pub fn document() -> &'static str {
+    &DOCUMENT
+}
+
+fn r(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn resp(name: &str) -> Value {
+    json!({"$ref": format!("#/components/responses/{name}")})
+}
+
+fn param(name: &str) -> Value {
+    json!({"$ref": format!("#/components/parameters/{name}")})
+}
+
+fn u64_schema() -> Value {
+    json!({"type": "integer", "minimum": 0, "maximum": 18_446_744_073_709_551_615u64})
+}
+
+/// An amount in a request: at least 1 micro (0 is `invalid-amount`).
+fn amount_schema() -> Value {
+    json!({"type": "integer", "minimum": 1, "maximum": 18_446_744_073_709_551_615u64})
+}
+
+fn nullable(mut schema: Value) -> Value {
+    schema["nullable"] = Value::Bool(true);
+    schema
+}
+
+fn object(required: &[&str], props: Value) -> Value {
+    json!({"type": "object", "required": required, "properties": props, "additionalProperties": false})
+}
+
+fn ok_json(desc: &str, schema: Value, extra_headers: Value) -> Value {
+    let mut r = json!({"description": desc, "content": {"application/json": {"schema": schema}}});
+    if extra_headers.is_object() {
+        r["headers"] = extra_headers;
+    }
+    r
+}
+
+fn body(schema: &str, required: bool) -> Value {
+    json!({"required": required, "content": {"application/json": {"schema": r(schema)}}})
+}
+
+/// Errors every authenticated route can answer.
+fn common_errors(responses: &mut Value) {
+    for (code, name) in [
+        ("400", "BadRequest"),
+        ("401", "Unauthorized"),
+        ("403", "Forbidden"),
+        ("503", "Unavailable"),
+    ] {
+        responses[code] = resp(name);
+    }
+}
+
+fn body_errors(responses: &mut Value) {
+    responses["413"] = resp("TooLarge");
+    responses["415"] = resp("UnsupportedMediaType");
+}
+
+fn operation(
+    id: &str,
+    summary: &str,
+    params: Vec<Value>,
+    request: Option<Value>,
+    mut responses: Value,
+) -> Value {
+    common_errors(&mut responses);
+    let mut op = json!({"operationId": id, "summary": summary, "parameters": params, "responses": responses});
+    if let Some(b) = request {
+        body_errors(&mut op["responses"]);
+        op["requestBody"] = b;
+    }
+    op
+}
+
+fn replay_headers() -> Value {
+    json!({
+        "Idempotent-Replayed": {"description": "`true` when this is the stored answer to an earlier request with the same key.", "schema": {"type": "string", "enum": ["true"]}},
+        "RateLimit-Policy": {"$ref": "#/components/headers/RateLimitPolicy"},
+        "RateLimit": {"$ref": "#/components/headers/RateLimit"},
+    })
+}
+
+fn spend_denials(responses: &mut Value) {
+    responses["402"] = resp("PaymentRequired");
+    responses["429"] = resp("TooManyRequests");
+}
+
+fn build() -> Value {
+    let agent_ops = || vec![param("AgentId")];
+    let keyed = |mut v: Vec<Value>| {
+        v.push(param("IdempotencyKey"));
+        v
+    };
+    let metadata = json!({
+        "type": "object", "maxProperties": 16,
+        "additionalProperties": {"type": "string", "maxLength": 256},
+        "propertyNames": {"minLength": 1, "maxLength": 64},
+    });
+    let name =
+        |max: u32| json!({"type": "string", "pattern": format!("^[A-Za-z0-9._:-]{{1,{max}}}$")});
+    let time = json!({"type": "string", "format": "date-time"});
+    let priority = json!({"type": "string", "enum": ["low", "normal", "critical"]});
+    let status = json!({"type": "string", "enum": ["active", "suspended"]});
+    let problem_fields = |extra: Value| {
+        let mut props = json!({
+            "type": {"type": "string"}, "title": {"type": "string"},
+            "status": {"type": "integer"}, "detail": {"type": "string"},
+        });
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                props[k] = v;
+            }
+        }
+        json!({"type": "object", "required": ["type", "title", "status", "detail"], "properties": props, "additionalProperties": true})
+    };
+    let problem_resp = |desc: &str, schema: Value, headers: Value| {
+        let mut r = json!({"description": desc, "content": {"application/problem+json": {"schema": schema}}});
+        if headers.is_object() {
+            r["headers"] = headers;
+        }
+        r
+    };
+    let retry_after = json!({"$ref": "#/components/headers/RetryAfter"});
+
+    let schemas = json!({
+        "Problem": problem_fields(json!({})),
+        "InsufficientFunds": problem_fields(json!({
+            "required_micros": u64_schema(), "available_micros": u64_schema(),
+            "balance_micros": u64_schema(), "held_micros": u64_schema(),
+            "retryable": {"type": "boolean"}, "retry_after_ms": u64_schema(),
+            "top_up": {"type": "string"},
+            "accepts": {"type": "array", "items": {"type": "object", "required": ["scheme", "network", "amount", "asset", "payTo", "maxTimeoutSeconds"], "properties": {
+                "scheme": {"type": "string"}, "network": {"type": "string"}, "amount": {"type": "string", "pattern": "^[0-9]+$"},
+                "asset": {"type": "string"}, "payTo": {"type": "string"}, "maxTimeoutSeconds": {"type": "integer"}, "extra": {"nullable": true}}}},
+        })),
+        "Limited": problem_fields(json!({
+            "retry_after_ms": u64_schema(), "bucket": {"type": "string"},
+            "cap_micros": u64_schema(), "limit_micros": u64_schema(), "spent_micros": u64_schema(),
+            "held_micros": u64_schema(), "resets_at": time, "soft": {"type": "boolean"},
+        })),
+        "Hold": object(&["hold_id", "amount_micros", "expires_at"], json!({"hold_id": {"type": "string"}, "amount_micros": u64_schema(), "expires_at": time})),
+        "Agent": object(
+            &["id", "plan", "status", "balance_micros", "held_micros", "period", "period_spent_micros", "credited_total_micros", "debited_total_micros", "refunded_total_micros", "holds", "version", "created_at", "updated_at"],
+            json!({
+                "id": name(128), "plan": name(64), "status": status,
+                "balance_micros": u64_schema(), "held_micros": u64_schema(),
+                "period": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}, "period_spent_micros": u64_schema(),
+                "credited_total_micros": u64_schema(), "debited_total_micros": u64_schema(), "refunded_total_micros": u64_schema(),
+                "holds": {"type": "array", "items": r("Hold")},
+                "version": u64_schema(), "created_at": time, "updated_at": time,
+            }),
+        ),
+        "AgentPage": object(&["agents", "next_after"], json!({"agents": {"type": "array", "items": r("Agent")}, "next_after": nullable(json!({"type": "string"}))})),
+        "Receipt": object(
+            &["agent_id", "seq", "kind", "amount_micros", "balance_micros", "held_micros", "at", "hold_id", "expires_at"],
+            json!({
+                "agent_id": name(128), "seq": u64_schema(),
+                "kind": {"type": "string", "enum": ["credit", "debit", "hold", "capture", "void", "refund"]},
+                "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(),
+                "at": time, "hold_id": nullable(json!({"type": "string"})), "expires_at": nullable(time.clone()),
+            }),
+        ),
+        "CheckResult": object(&["allowed", "amount_micros", "balance_micros"], json!({"allowed": {"type": "boolean"}, "amount_micros": u64_schema(), "balance_micros": u64_schema()})),
+        "JournalEntry": object(
+            &["seq", "kind", "amount_micros", "balance_micros", "held_micros", "at", "idempotency_key", "task_type", "metadata", "hold_seq", "debit_seq", "period", "plan", "status"],
+            json!({
+                "seq": u64_schema(),
+                "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund"]},
+                "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(), "at": time,
+                "idempotency_key": nullable(json!({"type": "string"})), "task_type": nullable(json!({"type": "string"})),
+                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                "hold_seq": nullable(u64_schema()), "debit_seq": nullable(u64_schema()),
+                "period": nullable(json!({"type": "string"})), "plan": nullable(json!({"type": "string"})), "status": nullable(status.clone()),
+            }),
+        ),
+        "JournalPage": object(&["entries", "next_after"], json!({"entries": {"type": "array", "items": r("JournalEntry")}, "next_after": nullable(u64_schema())})),
+        "TaskUsage": object(&["spent_micros", "refunded_micros", "count"], json!({"spent_micros": u64_schema(), "refunded_micros": u64_schema(), "count": u64_schema()})),
+        "Usage": object(
+            &["period", "start_at", "end_at", "spent_micros", "refunded_micros", "credited_micros", "debits", "by_task_type"],
+            json!({
+                "period": {"type": "string"}, "start_at": time, "end_at": time,
+                "spent_micros": u64_schema(), "refunded_micros": u64_schema(), "credited_micros": u64_schema(), "debits": u64_schema(),
+                "by_task_type": {"type": "object", "additionalProperties": r("TaskUsage")},
+            }),
+        ),
+        "Plan": object(
+            &["name", "buckets", "rate_limit_policy", "monthly_cap_micros", "soft_threshold_pct", "anchor_day", "pricing", "hold_ttl_max_ms"],
+            json!({
+                "name": {"type": "string"},
+                "buckets": {"type": "array", "items": object(&["name", "quota", "window_ms", "burst"], json!({"name": {"type": "string"}, "quota": {"type": "integer"}, "window_ms": u64_schema(), "burst": {"type": "integer"}}))},
+                "rate_limit_policy": nullable(json!({"type": "string"})),
+                "monthly_cap_micros": nullable(u64_schema()), "soft_threshold_pct": nullable(json!({"type": "integer"})),
+                "anchor_day": {"type": "integer", "minimum": 1, "maximum": 28},
+                "pricing": object(&["margin_ppm", "min_micros", "max_micros"], json!({"margin_ppm": u64_schema(), "min_micros": u64_schema(), "max_micros": u64_schema()})),
+                "hold_ttl_max_ms": u64_schema(),
+            }),
+        ),
+        "PlanList": object(&["plans", "default_plan"], json!({"plans": {"type": "array", "items": r("Plan")}, "default_plan": {"type": "string"}})),
+        "Status": object(&["status"], json!({"status": {"type": "string"}})),
+        "CreateAgent": object(&["id"], json!({"id": name(128), "plan": name(64), "status": status})),
+        "PatchAgent": object(&[], json!({"plan": name(64), "status": status})),
+        "Credit": object(&["amount_micros"], json!({"amount_micros": amount_schema(), "metadata": metadata})),
+        "Debit": object(&["amount_micros"], json!({"amount_micros": amount_schema(), "task_type": name(64), "priority": priority, "metadata": metadata})),
+        "HoldRequest": object(&["amount_micros", "ttl_ms"], json!({"amount_micros": amount_schema(), "ttl_ms": {"type": "integer", "minimum": 1, "maximum": 604_800_000u64}, "task_type": name(64), "priority": priority, "metadata": metadata})),
+        "Capture": object(&["amount_micros"], json!({"amount_micros": u64_schema()})),
+        "Void": object(&[], json!({})),
+        "Refund": object(&["debit_seq", "amount_micros"], json!({"debit_seq": u64_schema(), "amount_micros": amount_schema()})),
+    });
+
+    let ratelimit_headers = json!({"RateLimit-Policy": {"$ref": "#/components/headers/RateLimitPolicy"}, "RateLimit": {"$ref": "#/components/headers/RateLimit"}, "Retry-After": retry_after});
+    let responses = json!({
+        "BadRequest": problem_resp("Malformed request, missing or invalid Idempotency-Key (`invalid-request`, `idempotency-key-missing`, `invalid-idempotency-key`).", r("Problem"), Value::Null),
+        "Unauthorized": problem_resp("No or unknown bearer token (`unauthorized`).", r("Problem"), json!({"WWW-Authenticate": {"schema": {"type": "string"}}})),
+        "Forbidden": problem_resp("The token's role may not do this (`forbidden`), or the agent is suspended (`agent-suspended`).", r("Problem"), Value::Null),
+        "NotFound": problem_resp("Unknown agent, hold or route (`not-found`).", r("Problem"), Value::Null),
+        "Conflict": problem_resp("`agent-exists`, `hold-expired`.", r("Problem"), Value::Null),
+        "TooLarge": problem_resp("Body larger than `limits.body_bytes_max` (`body-too-large`).", r("Problem"), Value::Null),
+        "UnsupportedMediaType": problem_resp("Body not sent as application/json (`unsupported-media-type`).", r("Problem"), Value::Null),
+        "Unprocessable": problem_resp("`idempotency-key-reused`, `unknown-plan`, `invalid-amount`, `amount-overflow`, `invalid-ttl`, `too-many-holds`, `capture-exceeds-hold`, `refund-exceeds-debit`, `unknown-debit`.", r("Problem"), Value::Null),
+        "PaymentRequired": problem_resp("Insufficient funds (`insufficient-funds`). `Retry-After` only when an expiring hold frees enough; x402 `accepts` and `PAYMENT-REQUIRED` when configured.", r("InsufficientFunds"), json!({"Retry-After": retry_after, "PAYMENT-REQUIRED": {"description": "base64 of the x402 v2 PaymentRequired JSON", "schema": {"type": "string"}}})),
+        "TooManyRequests": problem_resp("Rate limit (`rate-limited`) or monthly cap (`monthly-cap-reached`).", r("Limited"), ratelimit_headers),
+        "Unavailable": problem_resp("`overloaded`, `shutting-down`, `not-ready`, `timeout`.", r("Problem"), json!({"Retry-After": retry_after})),
+    });
+
+    let receipt_ok = |code: &str, desc: &str| {
+        let mut m = serde_json::Map::new();
+        m.insert(code.into(), ok_json(desc, r("Receipt"), replay_headers()));
+        Value::Object(m)
+    };
+    let with = |mut base: Value, extra: &[(&str, &str)]| {
+        for (code, name) in extra {
+            base[*code] = resp(name);
+        }
+        base
+    };
+
+    let mut credits = receipt_ok("201", "Credited.");
+    credits = with(credits, &[("404", "NotFound"), ("422", "Unprocessable")]);
+    let mut debits = with(
+        receipt_ok("201", "Debited."),
+        &[("404", "NotFound"), ("422", "Unprocessable")],
+    );
+    spend_denials(&mut debits);
+    let mut holds = with(
+        receipt_ok("201", "Hold placed."),
+        &[("404", "NotFound"), ("422", "Unprocessable")],
+    );
+    spend_denials(&mut holds);
+    holds["201"]["links"] = json!({
+        "CaptureHold": {"operationId": "capture", "parameters": {"hold_id": "$response.body#/hold_id"}},
+        "VoidHold": {"operationId": "void", "parameters": {"hold_id": "$response.body#/hold_id"}},
+    });
+    let mut check = with(
+        json!({"200": ok_json("The debit would pass now.", r("CheckResult"), json!({"RateLimit-Policy": {"$ref": "#/components/headers/RateLimitPolicy"}, "RateLimit": {"$ref": "#/components/headers/RateLimit"}}))}),
+        &[("404", "NotFound"), ("422", "Unprocessable")],
+    );
+    spend_denials(&mut check);
+
+    let paths = json!({
+        "/v1/agents": {
+            "post": operation("createAgent", "Create an agent", keyed(vec![]), Some(body("CreateAgent", true)),
+                with(json!({"201": ok_json("Created.", r("Agent"), replay_headers())}), &[("409", "Conflict"), ("422", "Unprocessable")])),
+            "get": operation("listAgents", "List agents, paged by id", vec![
+                    json!({"name": "after", "in": "query", "required": false, "schema": name(128)}),
+                    param("Limit"),
+                ], None, json!({"200": ok_json("A page of agents.", r("AgentPage"), Value::Null)})),
+        },
+        "/v1/agents/{id}": {
+            "get": operation("getAgent", "Get an agent", agent_ops(), None, with(json!({"200": ok_json("The agent.", r("Agent"), Value::Null)}), &[("404", "NotFound")])),
+            "patch": operation("patchAgent", "Change an agent's plan or status", keyed(agent_ops()), Some(body("PatchAgent", true)),
+                with(json!({"200": ok_json("The agent.", r("Agent"), replay_headers())}), &[("404", "NotFound"), ("422", "Unprocessable")])),
+        },
+        "/v1/agents/{id}/credits": {"post": operation("credit", "Top up", keyed(agent_ops()), Some(body("Credit", true)), credits)},
+        "/v1/agents/{id}/debits": {"post": operation("debit", "Debit", keyed(agent_ops()), Some(body("Debit", true)), debits)},
+        "/v1/agents/{id}/check": {"post": operation("check", "Would this debit pass? Changes nothing", agent_ops(), Some(body("Debit", true)), check)},
+        "/v1/agents/{id}/holds": {"post": operation("hold", "Authorize up to an amount for a TTL", keyed(agent_ops()), Some(body("HoldRequest", true)), holds)},
+        "/v1/agents/{id}/refunds": {"post": operation("refund", "Refund part or all of a debit", keyed(agent_ops()), Some(body("Refund", true)),
+            with(receipt_ok("201", "Refunded."), &[("404", "NotFound"), ("422", "Unprocessable")]))},
+        "/v1/agents/{id}/journal": {"get": operation("journal", "The agent's journal, paged by sequence", vec![
+                param("AgentId"),
+                json!({"name": "after", "in": "query", "required": false, "schema": u64_schema()}),
+                param("Limit"),
+            ], None, with(json!({"200": ok_json("Entries with seq > after.", r("JournalPage"), Value::Null)}), &[("404", "NotFound")]))},
+        "/v1/agents/{id}/usage": {"get": operation("usage", "Spend and counts by task type in a period", vec![
+                param("AgentId"),
+                json!({"name": "period", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$"}}),
+            ], None, with(json!({"200": ok_json("Usage.", r("Usage"), Value::Null)}), &[("404", "NotFound")]))},
+        "/v1/holds/{hold_id}/capture": {"post": operation("capture", "Settle a hold (the rest is released)", keyed(vec![param("HoldId")]), Some(body("Capture", true)),
+            with(receipt_ok("200", "Captured."), &[("404", "NotFound"), ("409", "Conflict"), ("422", "Unprocessable")]))},
+        "/v1/holds/{hold_id}/void": {"post": operation("void", "Release a hold", keyed(vec![param("HoldId")]), Some(body("Void", false)),
+            with(receipt_ok("200", "Voided."), &[("404", "NotFound"), ("422", "Unprocessable")]))},
+        "/v1/plans": {"get": operation("plans", "Plans in force", vec![], None, json!({"200": ok_json("Plans.", r("PlanList"), Value::Null)}))},
+        "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness", "security": [], "responses": {"200": ok_json("Alive.", r("Status"), Value::Null)}}},
+        "/readyz": {"get": {"operationId": "readyz", "summary": "Readiness (recovery done)", "security": [], "responses": {
+            "200": ok_json("Ready.", r("Status"), Value::Null), "503": resp("Unavailable")}}},
+        "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics", "security": [], "responses": {
+            "200": {"description": "Text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "security": [], "responses": {
+            "200": {"description": "OpenAPI 3.0.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+    });
+
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "tally", "version": env!("CARGO_PKG_VERSION"),
+            "description": "Usage metering and quota ledger: prepaid balances, rate limits, monthly caps, idempotent debits. Money is integer micros. Errors are RFC 9457 problem+json."},
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas,
+            "responses": responses,
+            "parameters": {
+                "AgentId": {"name": "id", "in": "path", "required": true, "schema": name(128)},
+                "HoldId": {"name": "hold_id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}~[0-9]{1,19}$"}},
+                "IdempotencyKey": {"name": "Idempotency-Key", "in": "header", "required": true, "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"}},
+                "Limit": {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": crate::config::PAGE_LIMIT_MAX_DEFAULT}},
+            },
+            "headers": {
+                "RetryAfter": {"description": "Whole seconds, rounded up, at least 1.", "schema": {"type": "integer", "minimum": 1}},
+                "RateLimitPolicy": {"description": "IETF draft, e.g. `\"default\";q=100;w=60`.", "schema": {"type": "string"}},
+                "RateLimit": {"description": "IETF draft, e.g. `\"default\";r=0;t=3`.", "schema": {"type": "string"}},
+            },
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ref_resolves() {
+        let doc: Value = serde_json::from_str(document()).expect("valid JSON");
+        fn walk(v: &Value, doc: &Value) {
+            match v {
+                Value::Object(m) => {
+                    if let Some(Value::String(r)) = m.get("$ref") {
+                        let ptr = r.trim_start_matches('#');
+                        assert!(doc.pointer(ptr).is_some(), "dangling {r}");
+                    }
+                    m.values().for_each(|x| walk(x, doc));
+                }
+                Value::Array(a) => a.iter().for_each(|x| walk(x, doc)),
+                _ => {}
+            }
+        }
+        walk(&doc, &doc);
+        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(16));
+    }
+}

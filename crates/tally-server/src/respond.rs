@@ -1,0 +1,379 @@
+//! From engine answers to HTTP: every reply, outcome, denial and command error is mapped
+//! to exactly one status and problem type in [`classify`]'s single `match`. Denials are
+//! logged as one structured line and counted here too.
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tally_core::{Command, CommandError, CommandKind, Denial, Outcome, RateStatus, Receipt};
+use tally_store::{Reply, SubmitError};
+
+use crate::app::AppState;
+use crate::dto::rfc3339_ms;
+use crate::problem::{retry_after_secs, Problem};
+
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+pub const PAYMENT_REQUIRED: HeaderName = HeaderName::from_static("payment-required");
+
+/// A command the engine accepted.
+#[derive(Debug)]
+pub enum Success {
+    Applied {
+        receipt: Receipt,
+        rate: Option<RateStatus>,
+        replayed: bool,
+    },
+    WouldApprove {
+        amount_micros: u64,
+        balance_micros: u64,
+        rate: Option<RateStatus>,
+    },
+}
+
+fn route_segment(kind: &CommandKind) -> &'static str {
+    match kind {
+        CommandKind::Hold { .. } => "holds",
+        CommandKind::Check { .. } => "check",
+        _ => "debits",
+    }
+}
+
+fn problem(status: StatusCode, kind: &'static str, title: &'static str, detail: String) -> Problem {
+    Problem::new(status, kind, title, detail)
+}
+
+/// The single mapping from an engine answer to success or one problem.
+pub fn classify(
+    st: &AppState,
+    cmd: &Command,
+    result: Result<Reply, SubmitError>,
+) -> Result<Success, Problem> {
+    use StatusCode as S;
+    let m = st.metrics();
+    let answer = match result {
+        Err(SubmitError::Overloaded { retry_after_ms }) => Err(problem(
+            S::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Overloaded",
+            "the agent's shard queue is full; retry later".into(),
+        )
+        .retry_after_ms(retry_after_ms)),
+        Err(SubmitError::ShuttingDown) => Err(problem(
+            S::SERVICE_UNAVAILABLE,
+            "shutting-down",
+            "Shutting down",
+            "the server is shutting down".into(),
+        )
+        .retry_after_ms(1_000)),
+        Err(SubmitError::Failed(why)) => {
+            tracing::error!(error = %why, "engine failed");
+            Err(problem(
+                S::INTERNAL_SERVER_ERROR,
+                "internal-error",
+                "Internal error",
+                "the engine stopped after a storage failure".into(),
+            ))
+        }
+        Ok(Reply::KeyReused) => Err(problem(
+            S::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "this Idempotency-Key was used for a different request".into(),
+        )),
+        Ok(Reply::Rejected(e)) => Err(match e {
+            CommandError::UnknownAgent => Problem::not_found(format!("no agent {}", cmd.agent)),
+            CommandError::AgentExists => problem(
+                S::CONFLICT,
+                "agent-exists",
+                "Agent exists",
+                format!("agent {} already exists", cmd.agent),
+            ),
+            CommandError::UnknownPlan(p) => problem(
+                S::UNPROCESSABLE_ENTITY,
+                "unknown-plan",
+                "Unknown plan",
+                format!("no plan named {p:?}"),
+            ),
+            CommandError::ZeroAmount => problem(
+                S::UNPROCESSABLE_ENTITY,
+                "invalid-amount",
+                "Invalid amount",
+                e.to_string(),
+            ),
+            CommandError::Overflow => problem(
+                S::UNPROCESSABLE_ENTITY,
+                "amount-overflow",
+                "Amount overflow",
+                e.to_string(),
+            ),
+            CommandError::InvalidTtl { max_ms, .. } => problem(
+                S::UNPROCESSABLE_ENTITY,
+                "invalid-ttl",
+                "Invalid TTL",
+                e.to_string(),
+            )
+            .field("ttl_ms_max", max_ms),
+            CommandError::UnknownHold(_) => Problem::not_found(e.to_string()),
+            CommandError::HoldExpired { expires_at_ms, .. } => {
+                problem(S::CONFLICT, "hold-expired", "Hold expired", e.to_string())
+                    .field("expires_at", rfc3339_ms(expires_at_ms))
+            }
+            CommandError::CaptureExceedsHold { held_micros, .. } => problem(
+                S::UNPROCESSABLE_ENTITY,
+                "capture-exceeds-hold",
+                "Capture exceeds hold",
+                e.to_string(),
+            )
+            .field("held_micros", held_micros),
+            CommandError::TooManyHolds { max } => problem(
+                S::UNPROCESSABLE_ENTITY,
+                "too-many-holds",
+                "Too many holds",
+                e.to_string(),
+            )
+            .field("open_holds_max", max),
+            CommandError::UnknownDebit(_) => problem(
+                S::UNPROCESSABLE_ENTITY,
+                "unknown-debit",
+                "Unknown debit",
+                e.to_string(),
+            ),
+            CommandError::RefundExceedsDebit {
+                refundable_micros, ..
+            } => problem(
+                S::UNPROCESSABLE_ENTITY,
+                "refund-exceeds-debit",
+                "Refund exceeds debit",
+                e.to_string(),
+            )
+            .field("refundable_micros", refundable_micros),
+            CommandError::Invalid(v) => Problem::invalid(v.to_string()),
+        }),
+        Ok(Reply::Decided {
+            outcome: Outcome::Denied(denial),
+            ..
+        }) => {
+            log_denial(st, cmd, &denial);
+            Err(match denial {
+                Denial::Suspended => problem(
+                    S::FORBIDDEN,
+                    "agent-suspended",
+                    "Agent suspended",
+                    format!("agent {} is suspended", cmd.agent),
+                ),
+                Denial::RateLimited {
+                    bucket,
+                    quota,
+                    window_ms,
+                    retry_after_ms,
+                } => {
+                    let secs = retry_after_secs(retry_after_ms);
+                    problem(S::TOO_MANY_REQUESTS, "rate-limited", "Rate limited", format!("rate limit {bucket:?} ({quota} per {} s) reached; retry in {retry_after_ms} ms", window_ms / 1_000))
+                        .retry_after_ms(retry_after_ms)
+                        .field("bucket", bucket.clone())
+                        .header(RATELIMIT_POLICY, format!("\"{bucket}\";q={quota};w={}", window_ms / 1_000))
+                        .header(RATELIMIT, format!("\"{bucket}\";r=0;t={secs}"))
+                }
+                Denial::MonthlyCapReached {
+                    cap_micros,
+                    limit_micros,
+                    spent_micros,
+                    held_micros,
+                    resets_at_ms,
+                    soft,
+                } => {
+                    let wait_ms = resets_at_ms.saturating_sub(st.now_ms());
+                    let what = if soft {
+                        "soft threshold for low-priority work"
+                    } else {
+                        "monthly cap"
+                    };
+                    problem(
+                        S::TOO_MANY_REQUESTS,
+                        "monthly-cap-reached",
+                        "Monthly cap reached",
+                        format!(
+                            "the {what} of {limit_micros} micros is reached until {}",
+                            rfc3339_ms(resets_at_ms)
+                        ),
+                    )
+                    .header(
+                        axum::http::header::RETRY_AFTER,
+                        retry_after_secs(wait_ms).to_string(),
+                    )
+                    .field("cap_micros", cap_micros)
+                    .field("limit_micros", limit_micros)
+                    .field("spent_micros", spent_micros)
+                    .field("held_micros", held_micros)
+                    .field("resets_at", rfc3339_ms(resets_at_ms))
+                    .field("soft", soft)
+                }
+                Denial::InsufficientFunds {
+                    required_micros,
+                    available_micros,
+                    balance_micros,
+                    held_micros,
+                    retry_after_ms,
+                } => {
+                    let top_up = format!("/v1/agents/{}/credits", cmd.agent);
+                    let mut p = problem(
+                        S::PAYMENT_REQUIRED,
+                        "insufficient-funds",
+                        "Insufficient funds",
+                        format!("{required_micros} micros required, {available_micros} available"),
+                    )
+                    .field("required_micros", required_micros)
+                    .field("available_micros", available_micros)
+                    .field("balance_micros", balance_micros)
+                    .field("held_micros", held_micros)
+                    .field("retryable", retry_after_ms.is_some())
+                    .field("top_up", top_up);
+                    if let Some(ms) = retry_after_ms {
+                        p = p.retry_after_ms(ms);
+                    }
+                    if let Some(x) = st.x402() {
+                        let needed = required_micros.saturating_sub(available_micros);
+                        let resource = format!(
+                            "{}/v1/agents/{}/{}",
+                            st.public_url(),
+                            cmd.agent,
+                            route_segment(&cmd.kind)
+                        );
+                        let accepts = json!([{
+                            "scheme": x.scheme, "network": x.network, "amount": needed.to_string(),
+                            "asset": x.asset, "payTo": x.pay_to, "maxTimeoutSeconds": x.max_timeout_seconds,
+                            "extra": x.extra,
+                        }]);
+                        let required = json!({
+                            "x402Version": 2,
+                            "error": "insufficient funds",
+                            "resource": {"url": resource, "description": x.description, "mimeType": "application/json"},
+                            "accepts": accepts,
+                        });
+                        let encoded =
+                            base64::engine::general_purpose::STANDARD.encode(required.to_string());
+                        p = p
+                            .field("accepts", accepts)
+                            .header(PAYMENT_REQUIRED, encoded);
+                    }
+                    p
+                }
+            })
+        }
+        Ok(Reply::Decided {
+            outcome: Outcome::Approved(receipt),
+            rate,
+            replayed,
+        }) => {
+            m.decisions_total.with_label_values(&["approved"]).inc();
+            if !replayed {
+                match cmd.kind {
+                    CommandKind::Debit { .. } | CommandKind::Capture { .. } => {
+                        m.debited_micros_total.inc_by(receipt.amount_micros)
+                    }
+                    CommandKind::Credit { .. } => {
+                        m.credited_micros_total.inc_by(receipt.amount_micros)
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Success::Applied {
+                receipt,
+                rate,
+                replayed,
+            })
+        }
+        Ok(Reply::Decided {
+            outcome:
+                Outcome::WouldApprove {
+                    amount_micros,
+                    balance_micros,
+                },
+            rate,
+            ..
+        }) => {
+            m.decisions_total
+                .with_label_values(&["would_approve"])
+                .inc();
+            Ok(Success::WouldApprove {
+                amount_micros,
+                balance_micros,
+                rate,
+            })
+        }
+    };
+    if let Err(p) = &answer {
+        if p.status != S::PAYMENT_REQUIRED
+            && p.status != S::TOO_MANY_REQUESTS
+            && p.kind != "agent-suspended"
+        {
+            m.decisions_total
+                .with_label_values(&[if p.kind == "idempotency-key-reused" {
+                    "key_reused"
+                } else {
+                    "rejected"
+                }])
+                .inc();
+        }
+    }
+    answer
+}
+
+fn log_denial(st: &AppState, cmd: &Command, denial: &Denial) {
+    let amount_micros = match cmd.kind {
+        CommandKind::Debit { amount_micros }
+        | CommandKind::Hold { amount_micros, .. }
+        | CommandKind::Check { amount_micros } => amount_micros,
+        _ => 0,
+    };
+    let reason = denial.reason();
+    st.metrics()
+        .decisions_total
+        .with_label_values(&[reason])
+        .inc();
+    tracing::info!(
+        target: "tally::denial",
+        agent = %cmd.agent,
+        task_type = cmd.task_type.as_ref().map_or("", |t| t.as_str()),
+        amount_micros,
+        reason,
+        dry_run = matches!(cmd.kind, CommandKind::Check { .. }),
+        "denied"
+    );
+}
+
+/// `RateLimit-Policy` / `RateLimit` for an admitted request.
+pub fn rate_headers(resp: &mut Response, rate: Option<&RateStatus>) {
+    let Some(r) = rate else { return };
+    let policy = format!("\"{}\";q={};w={}", r.bucket, r.quota, r.window_ms / 1_000);
+    let now = format!(
+        "\"{}\";r={};t={}",
+        r.bucket,
+        r.remaining,
+        r.reset_ms.div_ceil(1_000)
+    );
+    for (name, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, now)] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+}
+
+/// A JSON success response with the rate and replay headers.
+pub fn json_response(
+    status: StatusCode,
+    body: Value,
+    rate: Option<&RateStatus>,
+    replayed: bool,
+) -> Response {
+    let mut resp = (status, axum::Json(body)).into_response();
+    rate_headers(&mut resp, rate);
+    if replayed {
+        resp.headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    resp
+}

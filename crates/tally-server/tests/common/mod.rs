@@ -1,0 +1,203 @@
+//! Shared harness for the HTTP tests: a real router and a real temporary store on port 0,
+//! with a `ManualClock` so time-dependent answers are exact.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use tally_server::auth::{Role, TokenHash};
+use tally_server::{Config, Running};
+use tally_store::ManualClock;
+
+/// 2026-11-29T13:00:00.000Z
+pub const T0_MS: u64 = 1_795_957_200_000;
+
+pub const ADMIN: &str = "admin-token";
+pub const SERVICE: &str = "service-token";
+pub const READER: &str = "reader-token";
+
+/// Plans used across the tests: `default` (open), `limited` (2 per minute), `capped`
+/// (1000 micros a month, soft threshold 80 %).
+pub const PLANS: &str = r#"
+[engine]
+shards = 2
+hold_sweep_interval_ms = 3600000
+
+[[plans]]
+name = "default"
+
+[[plans]]
+name = "limited"
+[[plans.buckets]]
+name = "default"
+quota = 2
+window_s = 60
+
+[[plans]]
+name = "capped"
+monthly_cap_micros = 1000
+soft_threshold_pct = 80
+"#;
+
+pub const X402: &str = r#"
+[x402]
+network = "eip155:84532"
+asset = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+pay_to = "0x000000000000000000000000000000000000dEaD"
+max_timeout_seconds = 60
+extra = { name = "USDC", version = "2" }
+"#;
+
+pub struct TestServer {
+    pub base: String,
+    pub clock: Arc<ManualClock>,
+    pub http: reqwest::Client,
+    pub running: Option<Running>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.header("content-type").unwrap_or("")
+    }
+
+    /// Asserts a problem answer: status, content type and `type`.
+    pub fn assert_problem(&self, status: u16, kind: &str) {
+        assert_eq!(self.status, status, "{}", self.text);
+        assert_eq!(
+            self.content_type(),
+            "application/problem+json",
+            "{}",
+            self.text
+        );
+        assert_eq!(
+            self.body["type"],
+            format!("urn:tally:problem:{kind}"),
+            "{}",
+            self.text
+        );
+        assert_eq!(self.body["status"], status);
+        assert!(self.body["title"].is_string() && self.body["detail"].is_string());
+    }
+}
+
+pub fn config(extra: &str) -> Config {
+    let mut cfg = Config::from_toml(&format!("{PLANS}\n{extra}"), "test").expect("test config");
+    cfg.listen = "127.0.0.1:0".parse().expect("addr");
+    cfg.tokens = vec![
+        TokenHash::of_token("a", Role::Admin, ADMIN),
+        TokenHash::of_token("s", Role::Service, SERVICE),
+        TokenHash::of_token("r", Role::Reader, READER),
+    ];
+    cfg
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(config("")).await
+    }
+
+    pub async fn start_with(mut cfg: Config) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        cfg.data_dir = dir.path().to_path_buf();
+        let clock = Arc::new(ManualClock::new(T0_MS));
+        let mut running = tally_server::start(cfg, clock.clone())
+            .await
+            .expect("start");
+        running.ready().await.expect("ready");
+        Self {
+            base: format!("http://{}", running.addr),
+            clock,
+            http: reqwest::Client::new(),
+            running: Some(running),
+            _dir: dir,
+        }
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Resp {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A JSON request with a token and (when `key` is set) an Idempotency-Key.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self.http.request(method, self.url(path)).bearer_auth(token);
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        self.send(req).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> Resp {
+        self.call("POST", path, ADMIN, Some(key), Some(body)).await
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.call("GET", path, READER, None, None).await
+    }
+
+    /// Creates an agent on `plan` and credits it with `credit_micros` (if non-zero).
+    pub async fn agent(&self, id: &str, plan: &str, credit_micros: u64) {
+        let r = self
+            .post(
+                "/v1/agents",
+                &format!("create-{id}"),
+                serde_json::json!({"id": id, "plan": plan}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        if credit_micros > 0 {
+            let r = self
+                .post(
+                    &format!("/v1/agents/{id}/credits"),
+                    &format!("credit-{id}"),
+                    serde_json::json!({"amount_micros": credit_micros}),
+                )
+                .await;
+            assert_eq!(r.status, 201, "{}", r.text);
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.expect("clean shutdown");
+        }
+    }
+}

@@ -1,0 +1,923 @@
+//! One test per status code of the API, against the real router and a real temporary
+//! store on port 0, asserting status, headers and body fields.
+
+mod common;
+
+use base64::Engine as _;
+use common::*;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn created_201_agent_and_idempotent_replay() {
+    let s = TestServer::start().await;
+    let r = s
+        .post("/v1/agents", "k-create", json!({"id": "agent-1"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.content_type(), "application/json");
+    assert_eq!(r.header("idempotent-replayed"), None);
+    assert_eq!(r.body["id"], "agent-1");
+    assert_eq!(r.body["plan"], "default");
+    assert_eq!(r.body["status"], "active");
+    assert_eq!(r.body["balance_micros"], 0);
+    assert_eq!(r.body["period"], "2026-11");
+    assert_eq!(r.body["version"], 1);
+    assert_eq!(r.body["created_at"], "2026-11-29T13:00:00.000Z");
+
+    let again = s
+        .post("/v1/agents", "k-create", json!({"id": "agent-1"}))
+        .await;
+    assert_eq!(again.status, 201);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, r.body);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn created_201_credit_and_debit_with_exact_replay() {
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 0).await;
+    let c = s
+        .post(
+            "/v1/agents/a1/credits",
+            "c1",
+            json!({"amount_micros": 5_000_000}),
+        )
+        .await;
+    assert_eq!(c.status, 201, "{}", c.text);
+    assert_eq!(c.body["kind"], "credit");
+    assert_eq!(c.body["seq"], 2);
+    assert_eq!(c.body["balance_micros"], 5_000_000);
+
+    let d = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("d1"),
+            Some(json!({"amount_micros": 1_500, "task_type": "llm", "metadata": {"model": "m"}})),
+        )
+        .await;
+    assert_eq!(d.status, 201, "{}", d.text);
+    assert_eq!(d.content_type(), "application/json");
+    assert_eq!(
+        d.body,
+        json!({
+            "agent_id": "a1", "seq": 3, "kind": "debit", "amount_micros": 1_500,
+            "balance_micros": 4_998_500, "held_micros": 0, "at": "2026-11-29T13:00:00.000Z",
+            "hold_id": null, "expires_at": null,
+        })
+    );
+    // The same key and body later: the stored answer, byte for byte, and nothing applied.
+    s.clock.advance(5_000);
+    let replay = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("d1"),
+            Some(json!({"amount_micros": 1_500, "task_type": "llm", "metadata": {"model": "m"}})),
+        )
+        .await;
+    assert_eq!(replay.status, 201);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.text, d.text);
+    let a = s.get("/v1/agents/a1").await;
+    assert_eq!(a.body["balance_micros"], 4_998_500);
+    assert_eq!(a.body["debited_total_micros"], 1_500);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn ok_200_reads_check_capture_void() {
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 10_000).await;
+    s.agent("a2", "default", 0).await;
+
+    let list = s.get("/v1/agents?limit=1").await;
+    assert_eq!(list.status, 200, "{}", list.text);
+    assert_eq!(list.body["agents"].as_array().map(Vec::len), Some(1));
+    assert_eq!(list.body["next_after"], "a1");
+    let rest = s.get("/v1/agents?after=a1&limit=10").await;
+    assert_eq!(rest.body["agents"][0]["id"], "a2");
+    assert_eq!(rest.body["next_after"], Value::Null);
+
+    let check = s
+        .call(
+            "POST",
+            "/v1/agents/a1/check",
+            SERVICE,
+            None,
+            Some(json!({"amount_micros": 100})),
+        )
+        .await;
+    assert_eq!(check.status, 200, "{}", check.text);
+    assert_eq!(
+        check.body,
+        json!({"allowed": true, "amount_micros": 100, "balance_micros": 10_000})
+    );
+
+    let hold = s
+        .call(
+            "POST",
+            "/v1/agents/a1/holds",
+            SERVICE,
+            Some("h1"),
+            Some(json!({"amount_micros": 3_000, "ttl_ms": 60_000})),
+        )
+        .await;
+    assert_eq!(hold.status, 201, "{}", hold.text);
+    assert_eq!(hold.body["hold_id"], "a1~3");
+    assert_eq!(hold.body["expires_at"], "2026-11-29T13:01:00.000Z");
+    assert_eq!(hold.body["held_micros"], 3_000);
+    assert_eq!(hold.body["balance_micros"], 7_000);
+
+    let cap = s
+        .call(
+            "POST",
+            "/v1/holds/a1~3/capture",
+            SERVICE,
+            Some("cap1"),
+            Some(json!({"amount_micros": 1_000})),
+        )
+        .await;
+    assert_eq!(cap.status, 200, "{}", cap.text);
+    assert_eq!(cap.body["kind"], "capture");
+    assert_eq!(cap.body["amount_micros"], 1_000);
+    assert_eq!(cap.body["balance_micros"], 9_000);
+    assert_eq!(cap.body["held_micros"], 0);
+
+    let h2 = s
+        .call(
+            "POST",
+            "/v1/agents/a1/holds",
+            SERVICE,
+            Some("h2"),
+            Some(json!({"amount_micros": 500, "ttl_ms": 1_000})),
+        )
+        .await;
+    let void = s
+        .send(
+            s.http
+                .post(s.url(&format!(
+                    "/v1/holds/{}/void",
+                    h2.body["hold_id"].as_str().unwrap_or("")
+                )))
+                .bearer_auth(SERVICE)
+                .header("Idempotency-Key", "v1"),
+        )
+        .await;
+    assert_eq!(void.status, 200, "{}", void.text);
+    assert_eq!(void.body["kind"], "void");
+    assert_eq!(void.body["balance_micros"], 9_000);
+
+    let refund = s
+        .post(
+            "/v1/agents/a1/refunds",
+            "r1",
+            json!({"debit_seq": 4, "amount_micros": 400}),
+        )
+        .await;
+    assert_eq!(refund.status, 201, "{}", refund.text);
+    assert_eq!(refund.body["balance_micros"], 9_400);
+
+    let journal = s.get("/v1/agents/a1/journal?after=0&limit=100").await;
+    assert_eq!(journal.status, 200, "{}", journal.text);
+    let kinds: Vec<&str> = journal.body["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "agent_created",
+            "credit",
+            "hold",
+            "capture",
+            "hold",
+            "void",
+            "refund"
+        ]
+    );
+    assert_eq!(journal.body["entries"][3]["hold_seq"], 3);
+    assert_eq!(journal.body["entries"][3]["period"], "2026-11");
+    assert_eq!(journal.body["entries"][1]["idempotency_key"], "credit-a1");
+    assert_eq!(journal.body["next_after"], Value::Null);
+    let page = s.get("/v1/agents/a1/journal?after=2&limit=2").await;
+    assert_eq!(page.body["entries"][0]["seq"], 3);
+    assert_eq!(page.body["next_after"], 4);
+
+    let usage = s.get("/v1/agents/a1/usage?period=2026-11").await;
+    assert_eq!(usage.status, 200, "{}", usage.text);
+    assert_eq!(usage.body["spent_micros"], 1_000);
+    assert_eq!(usage.body["refunded_micros"], 400);
+    assert_eq!(usage.body["start_at"], "2026-11-01T00:00:00.000Z");
+    assert_eq!(usage.body["end_at"], "2026-12-01T00:00:00.000Z");
+    let current = s.get("/v1/agents/a1/usage").await;
+    assert_eq!(current.body["period"], "2026-11");
+
+    let plans = s.get("/v1/plans").await;
+    assert_eq!(plans.status, 200);
+    let limited = plans.body["plans"]
+        .as_array()
+        .expect("plans")
+        .iter()
+        .find(|p| p["name"] == "limited")
+        .cloned()
+        .expect("limited");
+    assert_eq!(limited["rate_limit_policy"], "\"default\";q=2;w=60");
+
+    for path in ["/healthz", "/readyz"] {
+        let r = s.send(s.http.get(s.url(path))).await;
+        assert_eq!(r.status, 200, "{path}");
+    }
+    let metrics = s.send(s.http.get(s.url("/metrics"))).await;
+    assert!(
+        metrics
+            .text
+            .contains("tally_decisions_total{outcome=\"approved\"}"),
+        "{}",
+        metrics.text
+    );
+    assert!(metrics.text.contains("tally_credited_micros_total 10000"));
+    assert!(metrics.text.contains("tally_debited_micros_total 1000"));
+    assert!(metrics.text.contains("route=\"/v1/agents/{id}/holds\""));
+    assert!(
+        metrics.text.contains("tally_commit_seconds"),
+        "engine metrics share the registry"
+    );
+    assert!(!metrics.text.contains("a1"), "no per-agent labels");
+    let doc = s.send(s.http.get(s.url("/openapi.json"))).await;
+    assert_eq!(doc.body["openapi"], "3.0.3");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_request_400() {
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 1_000).await;
+    let missing = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            None,
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    missing.assert_problem(400, "idempotency-key-missing");
+    let bad_key = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("has space"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    bad_key.assert_problem(400, "invalid-idempotency-key");
+    let long_key = "k".repeat(256);
+    let long = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some(&long_key),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    long.assert_problem(400, "invalid-idempotency-key");
+    let max_key = "k".repeat(255);
+    let ok = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some(&max_key),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    assert_eq!(ok.status, 201, "a 255-byte key is fine: {}", ok.text);
+    let wrong_type = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k2"),
+            Some(json!({"amount_micros": "1"})),
+        )
+        .await;
+    wrong_type.assert_problem(400, "invalid-request");
+    let page = s.get("/v1/agents?limit=1001").await;
+    page.assert_problem(400, "invalid-request");
+    assert_eq!(page.body["page_limit_max"], 1_000);
+    assert_eq!(s.get("/v1/agents?limit=1000").await.status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unauthorized_401() {
+    let s = TestServer::start().await;
+    let none = s.send(s.http.get(s.url("/v1/agents"))).await;
+    none.assert_problem(401, "unauthorized");
+    assert!(none
+        .header("www-authenticate")
+        .is_some_and(|v| v.starts_with("Bearer")));
+    let bad = s.call("GET", "/v1/agents", "wrong", None, None).await;
+    bad.assert_problem(401, "unauthorized");
+    assert!(bad.header("www-authenticate").is_some());
+    // Auth comes before the body is even read.
+    let r = s
+        .send(s.http.post(s.url("/v1/agents/a1/debits")).body("not json"))
+        .await;
+    r.assert_problem(401, "unauthorized");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn forbidden_403_wrong_role_and_suspended() {
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 1_000).await;
+    let reader = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            READER,
+            Some("k"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    reader.assert_problem(403, "forbidden");
+    let service_credit = s
+        .call(
+            "POST",
+            "/v1/agents/a1/credits",
+            SERVICE,
+            Some("k"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    service_credit.assert_problem(403, "forbidden");
+
+    let p = s
+        .call(
+            "PATCH",
+            "/v1/agents/a1",
+            ADMIN,
+            Some("suspend"),
+            Some(json!({"status": "suspended"})),
+        )
+        .await;
+    assert_eq!(p.status, 200, "{}", p.text);
+    assert_eq!(p.body["status"], "suspended");
+    let d = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    d.assert_problem(403, "agent-suspended");
+    assert_eq!(d.header("retry-after"), None);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn payment_required_402_not_retryable() {
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 1_000).await;
+    let d = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("big"),
+            Some(json!({"amount_micros": 5_000})),
+        )
+        .await;
+    d.assert_problem(402, "insufficient-funds");
+    assert_eq!(d.header("retry-after"), None);
+    assert_eq!(d.header("payment-required"), None, "no x402 configured");
+    assert_eq!(d.body["required_micros"], 5_000);
+    assert_eq!(d.body["available_micros"], 1_000);
+    assert_eq!(d.body["balance_micros"], 1_000);
+    assert_eq!(d.body["held_micros"], 0);
+    assert_eq!(d.body["retryable"], false);
+    assert_eq!(d.body["top_up"], "/v1/agents/a1/credits");
+    assert!(d.body.get("accepts").is_none());
+    assert!(d.body.get("retry_after_ms").is_none());
+    // Denials are not stored: the same key succeeds after a top-up.
+    s.post(
+        "/v1/agents/a1/credits",
+        "topup",
+        json!({"amount_micros": 10_000}),
+    )
+    .await;
+    let again = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("big"),
+            Some(json!({"amount_micros": 5_000})),
+        )
+        .await;
+    assert_eq!(again.status, 201, "{}", again.text);
+    assert_eq!(again.header("idempotent-replayed"), None);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn payment_required_402_retryable_when_a_hold_expires_and_x402() {
+    let s = TestServer::start_with(config(X402)).await;
+    s.agent("a1", "default", 1_000).await;
+    let h = s
+        .call(
+            "POST",
+            "/v1/agents/a1/holds",
+            SERVICE,
+            Some("h"),
+            Some(json!({"amount_micros": 800, "ttl_ms": 4_500})),
+        )
+        .await;
+    assert_eq!(h.status, 201, "{}", h.text);
+    let d = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("d"),
+            Some(json!({"amount_micros": 500})),
+        )
+        .await;
+    d.assert_problem(402, "insufficient-funds");
+    assert_eq!(d.body["retryable"], true);
+    assert_eq!(d.body["retry_after_ms"], 4_500);
+    assert_eq!(d.header("retry-after"), Some("5"));
+    assert_eq!(d.body["available_micros"], 200);
+    assert_eq!(d.body["held_micros"], 800);
+    let accepts = &d.body["accepts"][0];
+    assert_eq!(accepts["amount"], "300");
+    assert_eq!(accepts["scheme"], "exact");
+    assert_eq!(
+        accepts["payTo"],
+        "0x000000000000000000000000000000000000dEaD"
+    );
+    assert_eq!(accepts["maxTimeoutSeconds"], 60);
+    assert_eq!(accepts["extra"]["name"], "USDC");
+    let header = d.header("payment-required").expect("PAYMENT-REQUIRED");
+    let decoded: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(header)
+            .expect("base64"),
+    )
+    .expect("json");
+    assert_eq!(decoded["x402Version"], 2);
+    assert_eq!(decoded["accepts"][0], *accepts);
+    assert!(decoded["resource"]["url"]
+        .as_str()
+        .is_some_and(|u| u.ends_with("/v1/agents/a1/debits")));
+    assert!(decoded["error"].is_string());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn not_found_404() {
+    let s = TestServer::start().await;
+    s.get("/v1/agents/nobody")
+        .await
+        .assert_problem(404, "not-found");
+    s.get("/v1/agents/nobody/journal")
+        .await
+        .assert_problem(404, "not-found");
+    s.get("/v1/agents/nobody/usage")
+        .await
+        .assert_problem(404, "not-found");
+    s.get("/v1/nothing-here")
+        .await
+        .assert_problem(404, "not-found");
+    let d = s
+        .call(
+            "POST",
+            "/v1/agents/nobody/debits",
+            SERVICE,
+            Some("k"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    d.assert_problem(404, "not-found");
+    s.agent("a1", "default", 100).await;
+    let h = s
+        .call(
+            "POST",
+            "/v1/holds/a1~99/capture",
+            SERVICE,
+            Some("k"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    h.assert_problem(404, "not-found");
+    let garbage = s
+        .call(
+            "POST",
+            "/v1/holds/not-a-hold/void",
+            SERVICE,
+            Some("k"),
+            None,
+        )
+        .await;
+    garbage.assert_problem(404, "not-found");
+    let m = s.call("DELETE", "/v1/agents/a1", ADMIN, None, None).await;
+    m.assert_problem(405, "method-not-allowed");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn conflict_409_agent_exists_and_hold_expired() {
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 1_000).await;
+    let dup = s
+        .post("/v1/agents", "another-key", json!({"id": "a1"}))
+        .await;
+    dup.assert_problem(409, "agent-exists");
+    let h = s
+        .call(
+            "POST",
+            "/v1/agents/a1/holds",
+            SERVICE,
+            Some("h"),
+            Some(json!({"amount_micros": 100, "ttl_ms": 1_000})),
+        )
+        .await;
+    assert_eq!(h.status, 201, "{}", h.text);
+    s.clock.advance(1_000);
+    let c = s
+        .call(
+            "POST",
+            &format!(
+                "/v1/holds/{}/capture",
+                h.body["hold_id"].as_str().unwrap_or("")
+            ),
+            SERVICE,
+            Some("c"),
+            Some(json!({"amount_micros": 50})),
+        )
+        .await;
+    c.assert_problem(409, "hold-expired");
+    assert_eq!(c.body["expires_at"], "2026-11-29T13:00:01.000Z");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn payload_too_large_413() {
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 1_000).await;
+    let big = format!(
+        "{{\"amount_micros\":1,\"metadata\":{{\"k\":\"{}\"}}}}",
+        "x".repeat(10 * 1024 * 1024)
+    );
+    let r = s
+        .send(
+            s.http
+                .post(s.url("/v1/agents/a1/debits"))
+                .bearer_auth(SERVICE)
+                .header("Idempotency-Key", "k")
+                .header("content-type", "application/json")
+                .body(big),
+        )
+        .await;
+    r.assert_problem(413, "body-too-large");
+    assert_eq!(r.body["body_bytes_max"], 65_536);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unsupported_media_type_415() {
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 1_000).await;
+    let r = s
+        .send(
+            s.http
+                .post(s.url("/v1/agents/a1/debits"))
+                .bearer_auth(SERVICE)
+                .header("Idempotency-Key", "k")
+                .header("content-type", "text/plain")
+                .body("{\"amount_micros\":1}"),
+        )
+        .await;
+    r.assert_problem(415, "unsupported-media-type");
+    let none = s
+        .send(
+            s.http
+                .post(s.url("/v1/agents/a1/debits"))
+                .bearer_auth(SERVICE)
+                .header("Idempotency-Key", "k")
+                .body("{\"amount_micros\":1}"),
+        )
+        .await;
+    none.assert_problem(415, "unsupported-media-type");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unprocessable_422() {
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 1_000).await;
+    let d = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k1"),
+            Some(json!({"amount_micros": 10})),
+        )
+        .await;
+    assert_eq!(d.status, 201);
+    let reused = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k1"),
+            Some(json!({"amount_micros": 11})),
+        )
+        .await;
+    reused.assert_problem(422, "idempotency-key-reused");
+    let zero = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k0"),
+            Some(json!({"amount_micros": 0})),
+        )
+        .await;
+    zero.assert_problem(422, "invalid-amount");
+    let overflow = s
+        .post(
+            "/v1/agents/a1/credits",
+            "k-of",
+            json!({"amount_micros": u64::MAX}),
+        )
+        .await;
+    overflow.assert_problem(422, "amount-overflow");
+    let refund = s
+        .post(
+            "/v1/agents/a1/refunds",
+            "k-r",
+            json!({"debit_seq": 3, "amount_micros": 11}),
+        )
+        .await;
+    refund.assert_problem(422, "refund-exceeds-debit");
+    assert_eq!(refund.body["refundable_micros"], 10);
+    let unknown = s
+        .post(
+            "/v1/agents/a1/refunds",
+            "k-u",
+            json!({"debit_seq": 2, "amount_micros": 1}),
+        )
+        .await;
+    unknown.assert_problem(422, "unknown-debit");
+    let ttl = s
+        .call(
+            "POST",
+            "/v1/agents/a1/holds",
+            SERVICE,
+            Some("k-t"),
+            Some(json!({"amount_micros": 1, "ttl_ms": 0})),
+        )
+        .await;
+    ttl.assert_problem(422, "invalid-ttl");
+    let h = s
+        .call(
+            "POST",
+            "/v1/agents/a1/holds",
+            SERVICE,
+            Some("k-h"),
+            Some(json!({"amount_micros": 5, "ttl_ms": 1_000})),
+        )
+        .await;
+    let over = s
+        .call(
+            "POST",
+            &format!(
+                "/v1/holds/{}/capture",
+                h.body["hold_id"].as_str().unwrap_or("")
+            ),
+            SERVICE,
+            Some("k-c"),
+            Some(json!({"amount_micros": 6})),
+        )
+        .await;
+    over.assert_problem(422, "capture-exceeds-hold");
+    let plan = s
+        .post("/v1/agents", "k-p", json!({"id": "a2", "plan": "gold"}))
+        .await;
+    plan.assert_problem(422, "unknown-plan");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_requests_429_rate_limit_with_headers() {
+    let s = TestServer::start().await;
+    s.agent("a1", "limited", 1_000_000).await;
+    let debit = |key: &'static str| {
+        s.call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some(key),
+            Some(json!({"amount_micros": 1, "task_type": "llm"})),
+        )
+    };
+    let first = debit("k1").await;
+    assert_eq!(first.status, 201, "{}", first.text);
+    assert_eq!(
+        first.header("ratelimit-policy"),
+        Some("\"default\";q=2;w=60")
+    );
+    assert_eq!(first.header("ratelimit"), Some("\"default\";r=1;t=30"));
+    assert_eq!(debit("k2").await.status, 201);
+    let limited = debit("k3").await;
+    limited.assert_problem(429, "rate-limited");
+    assert_eq!(limited.body["retry_after_ms"], 30_000);
+    assert_eq!(limited.body["bucket"], "default");
+    assert_eq!(limited.header("retry-after"), Some("30"));
+    assert_eq!(
+        limited.header("ratelimit-policy"),
+        Some("\"default\";q=2;w=60")
+    );
+    assert_eq!(limited.header("ratelimit"), Some("\"default\";r=0;t=30"));
+    // 1 ms before the cell frees: still limited, and Retry-After rounds up to 1, never 0.
+    s.clock.advance(29_999);
+    let almost = debit("k3").await;
+    assert_eq!(almost.body["retry_after_ms"], 1);
+    assert_eq!(almost.header("retry-after"), Some("1"));
+    s.clock.advance(1);
+    let after = debit("k3").await;
+    assert_eq!(
+        after.status, 201,
+        "the same key succeeds once the wait is over: {}",
+        after.text
+    );
+    let metrics = s.send(s.http.get(s.url("/metrics"))).await;
+    assert!(
+        metrics
+            .text
+            .contains("tally_decisions_total{outcome=\"rate_limited\"} 2"),
+        "{}",
+        metrics.text
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_requests_429_monthly_cap() {
+    let s = TestServer::start().await;
+    s.agent("a1", "capped", 1_000_000).await;
+    let d = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k1"),
+            Some(json!({"amount_micros": 700})),
+        )
+        .await;
+    assert_eq!(d.status, 201, "{}", d.text);
+    // Past the soft threshold (800) low priority pauses; normal goes on to the cap.
+    let low = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k2"),
+            Some(json!({"amount_micros": 200, "priority": "low"})),
+        )
+        .await;
+    low.assert_problem(429, "monthly-cap-reached");
+    assert_eq!(low.body["soft"], true);
+    assert_eq!(low.body["limit_micros"], 800);
+    let normal = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k2"),
+            Some(json!({"amount_micros": 200})),
+        )
+        .await;
+    assert_eq!(normal.status, 201, "{}", normal.text);
+    let cap = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k3"),
+            Some(json!({"amount_micros": 101})),
+        )
+        .await;
+    cap.assert_problem(429, "monthly-cap-reached");
+    assert_eq!(cap.body["cap_micros"], 1_000);
+    assert_eq!(cap.body["limit_micros"], 1_000);
+    assert_eq!(cap.body["spent_micros"], 900);
+    assert_eq!(cap.body["held_micros"], 0);
+    assert_eq!(cap.body["soft"], false);
+    assert_eq!(cap.body["resets_at"], "2026-12-01T00:00:00.000Z");
+    // From 2026-11-29T13:00Z to 2026-12-01T00:00Z: 35 h.
+    assert_eq!(cap.header("retry-after"), Some("126000"));
+    assert_eq!(cap.header("ratelimit"), None);
+    s.clock.set(T0_MS + 126_000_000);
+    let next_month = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("k3"),
+            Some(json!({"amount_micros": 101})),
+        )
+        .await;
+    assert_eq!(next_month.status, 201, "{}", next_month.text);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn unavailable_503_until_the_engine_is_open() {
+    // The router without an engine: what a client sees while recovery runs.
+    let cfg = config("");
+    let clock = std::sync::Arc::new(tally_store::ManualClock::new(T0_MS));
+    let state = tally_server::AppState::new(
+        &cfg,
+        clock,
+        tally_server::metrics::Metrics::new().expect("metrics"),
+        String::new(),
+    );
+    let app = tally_server::router(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::new();
+    let ready = http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.headers()["retry-after"], "1");
+    let body: Value = ready.json().await.expect("json");
+    assert_eq!(body["type"], "urn:tally:problem:not-ready");
+    let health = http
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    let debit = http
+        .post(format!("http://{addr}/v1/agents/a1/debits"))
+        .bearer_auth(SERVICE)
+        .header("Idempotency-Key", "k")
+        .json(&json!({"amount_micros": 1}))
+        .send()
+        .await
+        .expect("debit");
+    assert_eq!(debit.status(), 503);
+    assert_eq!(debit.headers()["content-type"], "application/problem+json");
+    server.abort();
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_apply_once() {
+    let s = std::sync::Arc::new(TestServer::start().await);
+    s.agent("a1", "default", 1_000_000).await;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.call(
+                "POST",
+                "/v1/agents/a1/debits",
+                SERVICE,
+                Some("same"),
+                Some(json!({"amount_micros": 1_000})),
+            )
+            .await
+        }));
+    }
+    let mut bodies = Vec::new();
+    let mut replayed = 0;
+    for t in tasks {
+        let r = t.await.expect("task");
+        assert_eq!(r.status, 201, "{}", r.text);
+        replayed += usize::from(r.header("idempotent-replayed") == Some("true"));
+        bodies.push(r.text);
+    }
+    assert_eq!(replayed, 15);
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(s.get("/v1/agents/a1").await.body["balance_micros"], 999_000);
+}

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Runs schemathesis against /openapi.json of a live `tally serve` (loopback, temp data
+# dir, known admin token) for every operation, with two checks that must have 0 failures:
+# not_a_server_error and response_schema_conformance. Exits non-zero on any failure.
+#
+#   scripts/schemathesis.sh                 # builds tally (debug) and runs
+#   MAX_EXAMPLES=50 scripts/schemathesis.sh # more examples per operation
+#   TALLY_BIN=target/release/tally scripts/schemathesis.sh
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="${SCHEMATHESIS_VENV:-$ROOT/target/schemathesis-venv}"
+SCHEMATHESIS_VERSION="${SCHEMATHESIS_VERSION:-4.32.5}"
+MAX_EXAMPLES="${MAX_EXAMPLES:-100}"
+TALLY_BIN="${TALLY_BIN:-}"
+
+if [[ ! -x "$VENV/bin/schemathesis" ]]; then
+  echo "schemathesis.sh: installing schemathesis $SCHEMATHESIS_VERSION into $VENV" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+fi
+
+if [[ -z "$TALLY_BIN" ]]; then
+  cargo build --quiet -p tally-server --bin tally --manifest-path "$ROOT/Cargo.toml"
+  TALLY_BIN="$ROOT/target/debug/tally"
+fi
+
+WORK="$(mktemp -d)"
+TOKEN="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+HASH="$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)"
+SERVER_PID=""
+cleanup() {
+  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# A config with a rate-limited and a capped plan so those answers are reachable too.
+cat > "$WORK/tally.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+data_dir = "$WORK/data"
+log = "warn"
+
+[[plans]]
+name = "default"
+
+[[plans]]
+name = "limited"
+[[plans.buckets]]
+name = "default"
+quota = 5
+window_s = 60
+
+[[plans]]
+name = "capped"
+monthly_cap_micros = 1000000
+soft_threshold_pct = 80
+
+[x402]
+network = "eip155:84532"
+asset = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
+pay_to = "0x000000000000000000000000000000000000dEaD"
+TOML
+
+TALLY_ADMIN_TOKEN_SHA256="$HASH" "$TALLY_BIN" serve --config "$WORK/tally.toml" \
+  > "$WORK/stdout" 2> "$WORK/stderr" &
+SERVER_PID=$!
+
+BASE=""
+for _ in $(seq 1 300); do
+  BASE="$(sed -n 's/^tally listening on //p' "$WORK/stdout" | head -n1)"
+  [[ -n "$BASE" ]] && break
+  kill -0 "$SERVER_PID" 2>/dev/null || { echo "tally exited:" >&2; cat "$WORK/stderr" >&2; exit 1; }
+  sleep 0.1
+done
+[[ -n "$BASE" ]] || { echo "tally did not start" >&2; exit 1; }
+echo "schemathesis.sh: tally at $BASE" >&2
+
+# A few agents so that generated ids sometimes exist and money moves.
+for id in a1 a2 limited-1 capped-1; do
+  plan=default
+  case "$id" in limited-*) plan=limited ;; capped-*) plan=capped ;; esac
+  curl -fsS -o /dev/null -X POST "$BASE/v1/agents" -H "Authorization: Bearer $TOKEN" \
+    -H "Idempotency-Key: seed-$id" -H 'Content-Type: application/json' \
+    -d "{\"id\":\"$id\",\"plan\":\"$plan\"}"
+  curl -fsS -o /dev/null -X POST "$BASE/v1/agents/$id/credits" -H "Authorization: Bearer $TOKEN" \
+    -H "Idempotency-Key: seed-credit-$id" -H 'Content-Type: application/json' \
+    -d '{"amount_micros":1000000000}'
+done
+
+set +e
+# From the temp dir, so schemathesis's own .schemathesis/ files do not land in the repo.
+cd "$WORK"
+"$VENV/bin/schemathesis" run "$BASE/openapi.json" \
+  --url "$BASE" \
+  --header "Authorization: Bearer $TOKEN" \
+  --checks not_a_server_error,response_schema_conformance \
+  --max-examples "$MAX_EXAMPLES" \
+  --workers 1 \
+  --no-color \
+  --seed "${SEED:-1}" \
+  --request-timeout 10
+STATUS=$?
+set -e
+
+if grep -q '"level":"ERROR"' "$WORK/stderr"; then
+  echo "schemathesis.sh: the server logged errors:" >&2
+  grep '"level":"ERROR"' "$WORK/stderr" | head -n 20 >&2
+  STATUS=1
+fi
+exit "$STATUS"
