@@ -25,7 +25,12 @@ for target in "${targets[@]}"; do
     echo "== $target: ${seconds}s"
     # Seeds are committed under corpus/<target>/; new inputs land there too (gitignored).
     mkdir -p "corpus/$target"
-    if ! cargo fuzz run "$target" -- -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1; then
+    dict=()
+    if [ -f "dicts/$target.dict" ]; then
+        dict=("-dict=dicts/$target.dict")
+    fi
+    if ! cargo fuzz run "$target" -- -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+        -print_final_stats=1 "${dict[@]}"; then
         failed+=("$target")
     fi
 done
