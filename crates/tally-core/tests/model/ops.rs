@@ -1,6 +1,15 @@
-//! Random operations for the model test, and the strategies that generate them.
+//! Random operations for the model tests, and the strategies that generate them.
+//!
+//! Shared, like `reference.rs`, by the core's model test and the store's
+//! `engine_vs_model` test; each includes this file as `mod ops`.
 
-use super::*;
+use proptest::prelude::*;
+use tally_core::Priority;
+
+use crate::reference::{HOLD_TTL_MAX_MS, MS_PER_DAY, PLANS};
+
+/// How many agents the operations name.
+pub(crate) const AGENTS: usize = 4;
 
 // ---- random operations ----------------------------------------------------------------------
 

@@ -1,7 +1,19 @@
 //! The reference model: plans, a civil-date calendar of its own, and a ledger of
 //! plain wide integers that follows DESIGN.md without calling into the core.
+//!
+//! Self-contained (it uses tally-core only to name answers and to build the plans, never
+//! to compute an expected value), so that the core's model test and the store's
+//! `engine_vs_model` test compile this same file.
 
-use super::*;
+use std::collections::BTreeMap;
+
+use tally_core::{
+    CommandError, CommandKind, Denial, Plan, PlanBook, PlanName, Priority, RateBucket, Status,
+};
+
+pub(crate) const MS_PER_DAY: u64 = 86_400_000;
+pub(crate) const NANOS_PER_MS: u64 = 1_000_000;
+pub(crate) const HOLD_TTL_MAX_MS: u64 = 3_600_000;
 
 // ---- the model's plans ---------------------------------------------------------------
 
