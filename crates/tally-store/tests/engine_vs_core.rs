@@ -354,7 +354,10 @@ fn run(ops: Vec<Op>) {
                             engine.agent(&a(i)).await.expect("reads");
                         }
                         copy_dir(&dir_of(generation - 1), &dir_of(generation));
-                        std::mem::forget(engine);
+                        // The old engine's directory is never opened again; stop it so
+                        // its threads do not pile up over many cases.
+                        engine.shutdown().await.expect("shuts down");
+                        drop(engine);
                     } else {
                         engine.shutdown().await.expect("shuts down");
                         drop(engine);
