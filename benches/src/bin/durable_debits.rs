@@ -15,6 +15,9 @@ use tally_core::{
 };
 use tally_store::{Engine, EngineConfig, Reply, SystemClock};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 struct Args {
     #[arg(long, default_value_t = 60)]
@@ -23,11 +26,12 @@ struct Args {
     agents: usize,
     #[arg(long, default_value_t = 256)]
     submitters: usize,
-    /// Shards (0 = one per core).
+    /// Shards (0 = the engine's default: one per two cores).
     #[arg(long, default_value_t = 0)]
     shards: usize,
     #[arg(long, default_value_t = 512)]
     batch_size_max: usize,
+
     /// Data directory (default: a fresh temporary one).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
@@ -130,9 +134,9 @@ async fn main() -> anyhow::Result<()> {
         args.agents,
         args.submitters,
         if args.shards == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            "default (one per two cores)".to_string()
         } else {
-            args.shards
+            args.shards.to_string()
         },
         args.batch_size_max
     );
