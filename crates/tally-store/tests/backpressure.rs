@@ -76,12 +76,7 @@ async fn a_full_shard_queue_is_overloaded_at_once() {
     let clock = Arc::new(ManualClock::new(T0_MS));
     let engine = Engine::open_with(storage.clone(), c, plans(), clock, None).expect("opens");
     let a = agent("a");
-    approved(
-        engine
-            .submit(cmd(&a, create(&a, "default"), "c"))
-            .await
-            .expect("submits"),
-    );
+    approve(&engine, cmd(&a, create("default"), "c")).await;
     let (entered_tx, entered_rx) = bounded(1);
     let (release_tx, release_rx) = bounded(16);
     *storage.gate.lock().expect("lock") = Some((entered_tx, release_rx));
@@ -159,12 +154,7 @@ async fn a_failed_fsync_stops_the_engine() {
     )
     .expect("opens");
     let a = agent("a");
-    approved(
-        engine
-            .submit(cmd(&a, create(&a, "default"), "c"))
-            .await
-            .expect("submits"),
-    );
+    approve(&engine, cmd(&a, create("default"), "c")).await;
     storage.fail_sync.store(true, Ordering::SeqCst);
     let failed = engine
         .submit(cmd(&a, CommandKind::Credit { amount_micros: 5 }, "t"))

@@ -14,26 +14,20 @@ async fn debit_replay_conflict_and_restart() {
     let clock = Arc::new(ManualClock::new(T0_MS));
     let a = agent("agent-1");
     let engine = open(dir.path(), &clock);
-    approved(
-        engine
-            .submit(cmd(&a, create(&a, "default"), "c1"))
-            .await
-            .expect("submits"),
-    );
-    approved(
-        engine
-            .submit(cmd(
-                &a,
-                CommandKind::Credit {
-                    amount_micros: 1_000,
-                },
-                "t1",
-            ))
-            .await
-            .expect("submits"),
-    );
+    approve(&engine, cmd(&a, create("default"), "c1")).await;
+    approve(
+        &engine,
+        cmd(
+            &a,
+            CommandKind::Credit {
+                amount_micros: 1_000,
+            },
+            "t1",
+        ),
+    )
+    .await;
     let debit = cmd(&a, CommandKind::Debit { amount_micros: 300 }, "d1");
-    let first = approved(engine.submit(debit.clone()).await.expect("submits"));
+    let first = approve(&engine, debit.clone()).await;
     assert_eq!(first.balance_after_micros, 700);
     assert_eq!(first.first_seq, 3);
 
@@ -73,19 +67,18 @@ async fn debit_replay_conflict_and_restart() {
         } => {}
         other => panic!("expected 402, got {other:?}"),
     }
-    approved(
-        engine
-            .submit(cmd(
-                &a,
-                CommandKind::Credit {
-                    amount_micros: 10_000,
-                },
-                "t2",
-            ))
-            .await
-            .expect("submits"),
-    );
-    let later = approved(engine.submit(big.clone()).await.expect("submits"));
+    approve(
+        &engine,
+        cmd(
+            &a,
+            CommandKind::Credit {
+                amount_micros: 10_000,
+            },
+            "t2",
+        ),
+    )
+    .await;
+    let later = approve(&engine, big.clone()).await;
     assert_eq!(later.balance_after_micros, 10_700 - 5_000);
     // Malformed for the state: rejected, not stored.
     assert_eq!(
@@ -144,43 +137,30 @@ async fn recovery_without_clean_shutdown_replays_the_journal_tail() {
     let clock = Arc::new(ManualClock::new(T0_MS));
     let a = agent("a");
     let engine = open(dir.path(), &clock);
-    approved(
-        engine
-            .submit(cmd(&a, create(&a, "default"), "c"))
-            .await
-            .expect("submits"),
-    );
-    approved(
-        engine
-            .submit(cmd(&a, CommandKind::Credit { amount_micros: 100 }, "t"))
-            .await
-            .expect("submits"),
-    );
+    create_funded(&engine, &a, "default", 100).await;
     for i in 0..50 {
-        approved(
-            engine
-                .submit(cmd(
-                    &a,
-                    CommandKind::Debit { amount_micros: 1 },
-                    &format!("d{i}"),
-                ))
-                .await
-                .expect("submits"),
-        );
-    }
-    let hold = approved(
-        engine
-            .submit(cmd(
+        approve(
+            &engine,
+            cmd(
                 &a,
-                CommandKind::Hold {
-                    amount_micros: 10,
-                    ttl_ms: 60_000,
-                },
-                "h",
-            ))
-            .await
-            .expect("submits"),
-    );
+                CommandKind::Debit { amount_micros: 1 },
+                &format!("d{i}"),
+            ),
+        )
+        .await;
+    }
+    let hold = approve(
+        &engine,
+        cmd(
+            &a,
+            CommandKind::Hold {
+                amount_micros: 10,
+                ttl_ms: 60_000,
+            },
+            "h",
+        ),
+    )
+    .await;
     assert_eq!(hold.hold_expires_at_ms, Some(T0_MS + 60_000));
     let before = engine.agent(&a).await.expect("reads").expect("exists");
     // No shutdown: the checkpoint is the one from creation; everything after is journal.
@@ -235,35 +215,17 @@ async fn idempotency_index_stays_within_its_key_bound() {
     c.idempotency_keys_max = 10;
     let engine = tally_store::Engine::open(c, plans(), clock.clone(), None).expect("opens");
     let a = agent("a");
-    approved(
-        engine
-            .submit(cmd(&a, create(&a, "default"), "c"))
-            .await
-            .expect("submits"),
-    );
-    approved(
-        engine
-            .submit(cmd(
-                &a,
-                CommandKind::Credit {
-                    amount_micros: 1_000_000,
-                },
-                "t",
-            ))
-            .await
-            .expect("submits"),
-    );
+    create_funded(&engine, &a, "default", 1_000_000).await;
     for i in 0..100 {
-        approved(
-            engine
-                .submit(cmd(
-                    &a,
-                    CommandKind::Debit { amount_micros: 1 },
-                    &format!("d{i}"),
-                ))
-                .await
-                .expect("submits"),
-        );
+        approve(
+            &engine,
+            cmd(
+                &a,
+                CommandKind::Debit { amount_micros: 1 },
+                &format!("d{i}"),
+            ),
+        )
+        .await;
     }
     // The shard reports its index size when it commits; a read goes through the same path.
     engine.agent(&a).await.expect("reads");
@@ -297,20 +259,9 @@ async fn keys_expire_with_the_retention_window_and_the_window_survives_restart()
     let clock = Arc::new(ManualClock::new(T0_MS));
     let a = agent("a");
     let engine = open(dir.path(), &clock);
-    approved(
-        engine
-            .submit(cmd(&a, create(&a, "default"), "c"))
-            .await
-            .expect("submits"),
-    );
-    approved(
-        engine
-            .submit(cmd(&a, CommandKind::Credit { amount_micros: 100 }, "t"))
-            .await
-            .expect("submits"),
-    );
+    create_funded(&engine, &a, "default", 100).await;
     let d = cmd(&a, CommandKind::Debit { amount_micros: 1 }, "d");
-    approved(engine.submit(d.clone()).await.expect("submits"));
+    approve(&engine, d.clone()).await;
     engine.shutdown().await.expect("shuts down");
     drop(engine);
     // Just inside the 24 h window after a restart: still a replay.
@@ -325,7 +276,7 @@ async fn keys_expire_with_the_retention_window_and_the_window_survives_restart()
     // At the end of the window the key is forgotten and the same request is new.
     clock.set(T0_MS + 24 * 3_600_000);
     let engine = open(dir.path(), &clock);
-    let again = approved(engine.submit(d).await.expect("submits"));
+    let again = approve(&engine, d).await;
     assert_eq!(again.balance_after_micros, 98);
     engine.shutdown().await.expect("shuts down");
 }

@@ -260,9 +260,7 @@ fn run(ops: Vec<Op>) {
             let key = format!("k{n}");
             let a = |i: usize| agent(&format!("p{i}"));
             let command = match op {
-                Op::Create { agent, plan } => {
-                    Some(cmd(&a(agent), create(&a(agent), PLAN_NAMES[plan]), &key))
-                }
+                Op::Create { agent, plan } => Some(cmd(&a(agent), create(PLAN_NAMES[plan]), &key)),
                 Op::Credit { agent, amount } => Some(cmd(
                     &a(agent),
                     CommandKind::Credit {

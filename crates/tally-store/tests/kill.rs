@@ -66,7 +66,7 @@ fn kill_child() {
             let a = agent(&agent_name(i));
             // Keyed, so every round after the first just replays these.
             let _ = engine
-                .submit(cmd(&a, create(&a, "default"), "create"))
+                .submit(cmd(&a, create("default"), "create"))
                 .await
                 .expect("submits");
             let _ = engine

@@ -19,24 +19,7 @@ async fn sixty_four_tasks_never_overdraw() {
     let clock = Arc::new(ManualClock::new(T0_MS));
     let engine = open(dir.path(), &clock);
     let a = agent("target");
-    approved(
-        engine
-            .submit(cmd(&a, create(&a, "default"), "c"))
-            .await
-            .expect("submits"),
-    );
-    approved(
-        engine
-            .submit(cmd(
-                &a,
-                CommandKind::Credit {
-                    amount_micros: CREDIT_MICROS,
-                },
-                "t",
-            ))
-            .await
-            .expect("submits"),
-    );
+    create_funded(&engine, &a, "default", CREDIT_MICROS).await;
     let mut tasks = Vec::new();
     for t in 0..TASKS {
         let engine = engine.clone();

@@ -44,12 +44,25 @@ pub fn cmd(a: &AgentId, kind: CommandKind, k: &str) -> Command {
     Command::new(a.clone(), kind).with_key(key(k))
 }
 
-pub fn create(a: &AgentId, plan: &str) -> CommandKind {
-    let _ = a;
+pub fn create(plan: &str) -> CommandKind {
     CommandKind::CreateAgent {
         plan: PlanName::new(plan).expect("valid"),
         status: Status::Active,
     }
+}
+
+/// Submits `c`, which must be approved fresh; its receipt.
+pub async fn approve(engine: &Engine, c: Command) -> Receipt {
+    approved(engine.submit(c).await.expect("submits"))
+}
+
+/// Creates `a` on `plan` (key "c") and credits it `credit_micros` (key "t").
+pub async fn create_funded(engine: &Engine, a: &AgentId, plan: &str, credit_micros: u64) {
+    approve(engine, cmd(a, create(plan), "c")).await;
+    let credit = CommandKind::Credit {
+        amount_micros: credit_micros,
+    };
+    approve(engine, cmd(a, credit, "t")).await;
 }
 
 /// The receipt of an approved, fresh (not replayed) change.
