@@ -10,8 +10,13 @@ use serde::Serialize;
 use tally_core::{AgentState, Event};
 use thiserror::Error;
 
-/// The format version written by this build.
+use crate::storage::AgentWrite;
+
+/// The format version written by this build for agent records, WAL batches and numbers.
 pub const RECORD_VERSION: u8 = 1;
+/// The format of a journal chunk (several events of one agent under one key). Version 1
+/// journal values, written before chunks existed, hold a single event and still decode.
+pub const CHUNK_VERSION: u8 = 2;
 /// Largest record body decoded. Far above the largest agent record (1,024 holds and
 /// 1,024 refundable debits, ~60 KB); a corrupted length prefix claiming more is a decode
 /// error instead of an allocation of whatever the prefix says.
@@ -22,7 +27,7 @@ pub const RECORD_BYTES_MAX: usize = 1 << 20;
 pub enum CodecError {
     #[error("record is empty")]
     Empty,
-    #[error("record has format version {found}; this build reads version {RECORD_VERSION} (written by a newer tally?)")]
+    #[error("record has format version {found}; this build reads versions up to {CHUNK_VERSION} (written by a newer tally?)")]
     UnknownVersion { found: u8 },
     #[error("record does not decode: {0}")]
     Decode(String),
@@ -43,7 +48,11 @@ fn config() -> Config {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = vec![RECORD_VERSION];
+    encode_as(RECORD_VERSION, value)
+}
+
+fn encode_as<T: Serialize>(version: u8, value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = vec![version];
     bincode::serde::encode_into_std_write(value, &mut out, config())
         .map_err(|e| CodecError::Encode(e.to_string()))?;
     Ok(out)
@@ -54,6 +63,10 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if version != RECORD_VERSION {
         return Err(CodecError::UnknownVersion { found: version });
     }
+    decode_body(body)
+}
+
+fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     let (value, read) = bincode::serde::decode_from_slice(body, config())
         .map_err(|e| CodecError::Decode(e.to_string()))?;
     if read != body.len() {
@@ -68,6 +81,62 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
 
 pub fn decode_event(bytes: &[u8]) -> Result<Event, CodecError> {
     decode(bytes)
+}
+
+/// Encodes consecutive events of one agent as one journal chunk.
+pub fn encode_chunk(events: &[Event]) -> Result<Vec<u8>, CodecError> {
+    encode_as(CHUNK_VERSION, &events)
+}
+
+/// Decodes a journal value: a chunk, or a single event written by an older build.
+pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>, CodecError> {
+    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    match version {
+        RECORD_VERSION => Ok(vec![decode_body(body)?]),
+        CHUNK_VERSION => decode_body(body),
+        found => Err(CodecError::UnknownVersion { found }),
+    }
+}
+
+/// Encodes one agent's writes of a `Storage::apply` as the payload of one WAL record.
+pub fn encode_write(write: &AgentWrite) -> Result<Vec<u8>, CodecError> {
+    let bytes = encode(write)?;
+    // Checked here so that a record too large to read back is never written.
+    if bytes.len() > RECORD_BYTES_MAX {
+        return Err(CodecError::Encode(format!(
+            "{} bytes, above the {RECORD_BYTES_MAX}-byte record limit",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Decodes a WAL record's payload; its checkpoint, if any, is checked again.
+pub fn decode_write(bytes: &[u8]) -> Result<AgentWrite, CodecError> {
+    let write: AgentWrite = decode(bytes)?;
+    if let Some(record) = &write.checkpoint {
+        record
+            .check_invariants()
+            .map_err(|e| CodecError::Decode(e.to_string()))?;
+    }
+    Ok(write)
+}
+
+pub fn encode_u64(value: u64) -> Vec<u8> {
+    let mut out = vec![RECORD_VERSION];
+    out.extend_from_slice(&value.to_be_bytes());
+    out
+}
+
+pub fn decode_u64(bytes: &[u8]) -> Result<u64, CodecError> {
+    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    if version != RECORD_VERSION {
+        return Err(CodecError::UnknownVersion { found: version });
+    }
+    let array: [u8; 8] = body
+        .try_into()
+        .map_err(|_| CodecError::Decode("expected 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(array))
 }
 
 pub fn encode_agent(agent: &AgentState) -> Result<Vec<u8>, CodecError> {
@@ -156,15 +225,48 @@ mod tests {
             );
         }
         assert_eq!(decode_u32(&encode_u32(7)).expect("decodes"), 7);
+        assert_eq!(
+            decode_u64(&encode_u64(u64::MAX)).expect("decodes"),
+            u64::MAX
+        );
+    }
+
+    #[test]
+    fn chunks_round_trip_and_old_single_events_still_decode() {
+        let (agent, events) = sample();
+        let chunk = encode_chunk(&events).expect("encodes");
+        assert_eq!(chunk[0], CHUNK_VERSION);
+        assert_eq!(decode_chunk(&chunk).expect("decodes"), events);
+        let old = encode_event(&events[0]).expect("encodes");
+        assert_eq!(
+            decode_chunk(&old).expect("decodes"),
+            vec![events[0].clone()]
+        );
+        let mut newer = chunk.clone();
+        newer[0] = CHUNK_VERSION + 1;
+        assert!(matches!(
+            decode_chunk(&newer),
+            Err(CodecError::UnknownVersion { .. })
+        ));
+
+        let write = AgentWrite {
+            agent: agent.id.clone(),
+            expected_seq: 0,
+            events: events.clone(),
+            checkpoint: Some(agent.clone()),
+        };
+        let back = decode_write(&encode_write(&write).expect("encodes")).expect("decodes");
+        assert_eq!(back.events, events);
+        assert_eq!(back.checkpoint.as_ref(), Some(&agent));
     }
 
     #[test]
     fn unknown_version_is_a_clear_error() {
         let (agent, _) = sample();
         let mut bytes = encode_agent(&agent).expect("encodes");
-        bytes[0] = 2;
+        bytes[0] = 3;
         let err = decode_agent(&bytes).expect_err("newer version");
-        assert!(matches!(err, CodecError::UnknownVersion { found: 2 }));
+        assert!(matches!(err, CodecError::UnknownVersion { found: 3 }));
         assert!(err.to_string().contains("newer"));
     }
 

@@ -18,6 +18,7 @@ mod recovery;
 mod shard;
 mod sled_store;
 mod storage;
+mod wal;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::CodecError;

@@ -2,13 +2,14 @@
 //! how it is done. sled implements it today; a Redis Cluster backend (one hash tag per
 //! agent, a Lua compare-and-set on the agent's version) fits the same shape.
 
+use serde::{Deserialize, Serialize};
 use tally_core::{AgentId, AgentState, Event};
 
 use crate::error::StoreError;
 
 /// The writes of one agent in one batch: journal entries to append, and optionally a
 /// checkpoint of its record.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentWrite {
     pub agent: AgentId,
     /// The agent's version (`last_seq`) before these events; a backend shared between
