@@ -100,12 +100,11 @@ fn main() -> anyhow::Result<()> {
                 checkpoint: Some(record),
             });
             if pending >= 50_000 {
-                storage.apply(&writes)?;
-                writes.clear();
+                storage.apply(std::mem::take(&mut writes))?;
                 pending = 0;
             }
         }
-        storage.apply(&writes)?;
+        storage.apply(writes)?;
         storage.sync()?;
         println!(
             "built {} agents x {per_agent} entries = {} entries in {:.1} s ({:.0} MiB on disk)",

@@ -496,13 +496,13 @@ impl Shard {
     }
 
     /// Applies the run's writes in one batch and queues its answers for the group commit.
-    fn commit(&mut self, run: Run) {
+    fn commit(&mut self, mut run: Run) {
         self.report_index_len();
         if run.writes.is_empty() && run.replies.is_empty() {
             return;
         }
         if !run.writes.is_empty() {
-            if let Err(e) = self.shared.storage.apply(&run.writes) {
+            if let Err(e) = self.shared.storage.apply(std::mem::take(&mut run.writes)) {
                 let failure = self.shared.fail(e.to_string());
                 for p in run.replies {
                     p.send(Some(&failure));

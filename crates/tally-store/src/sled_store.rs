@@ -388,7 +388,7 @@ impl Drop for SledStorage {
 }
 
 impl Storage for SledStorage {
-    fn apply(&self, writes: &[AgentWrite]) -> Result<(), StoreError> {
+    fn apply(&self, writes: Vec<AgentWrite>) -> Result<(), StoreError> {
         self.shared.check()?;
         let payloads = writes
             .iter()
@@ -402,11 +402,11 @@ impl Storage for SledStorage {
                 .changed
                 .wait_for(&mut staged, Duration::from_millis(100));
         }
-        for (write, payload) in writes.iter().zip(&payloads) {
+        for (write, payload) in writes.into_iter().zip(&payloads) {
             let lsn = staged.next_lsn;
             staged.next_lsn += 1;
             wal::frame(&mut staged.bytes, lsn, payload);
-            staged.pending.add(write.clone(), lsn);
+            staged.pending.add(write, lsn);
         }
         if staged.pending.events >= INDEX_EVENTS_TRIGGER {
             self.shared.changed.notify_all();
@@ -583,7 +583,7 @@ mod tests {
     fn write(store: &SledStorage, agent: &AgentId, events: &[Event]) {
         for part in events.chunks(7) {
             store
-                .apply(&[AgentWrite {
+                .apply(vec![AgentWrite {
                     agent: agent.clone(),
                     expected_seq: part[0].seq - 1,
                     events: part.to_vec(),
@@ -655,7 +655,7 @@ mod tests {
         assert_reads(&store, &id, &events[..100]);
         write(&store, &id, &events[100..]);
         store
-            .apply(&[AgentWrite {
+            .apply(vec![AgentWrite {
                 agent: id.clone(),
                 expected_seq: state.last_seq,
                 events: Vec::new(),

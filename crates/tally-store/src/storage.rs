@@ -26,7 +26,8 @@ pub struct AgentWrite {
 /// change only after a `sync` that started after its `apply`.
 pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// Applies the writes atomically. Visible to reads at once; durable after `sync`.
-    fn apply(&self, writes: &[AgentWrite]) -> Result<(), StoreError>;
+    /// Takes them by value: a backend keeps them in memory until they are indexed.
+    fn apply(&self, writes: Vec<AgentWrite>) -> Result<(), StoreError>;
 
     /// Makes every applied write durable (one fsync for many requests).
     fn sync(&self) -> Result<(), StoreError>;

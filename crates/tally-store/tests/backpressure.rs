@@ -20,7 +20,7 @@ struct Gated {
 }
 
 impl Storage for Gated {
-    fn apply(&self, writes: &[AgentWrite]) -> Result<(), StoreError> {
+    fn apply(&self, writes: Vec<AgentWrite>) -> Result<(), StoreError> {
         let gate = self.gate.lock().expect("lock").clone();
         if let Some((entered, release)) = gate {
             entered.send(()).expect("test listens");
