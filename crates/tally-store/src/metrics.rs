@@ -15,6 +15,7 @@ pub struct EngineMetrics {
     pub agents: IntGauge,
     pub overloaded_total: IntCounter,
     pub checkpoints_total: IntCounter,
+    pub index_backlog_events: IntGauge,
 }
 
 impl EngineMetrics {
@@ -50,6 +51,10 @@ impl EngineMetrics {
                 "tally_checkpoints_total",
                 "Agent records written as checkpoints.",
             ))?,
+            index_backlog_events: IntGauge::with_opts(Opts::new(
+                "tally_index_backlog_events",
+                "Journal entries applied (in the write-ahead log) but not yet moved into sled; new commits wait while it is at its bound (262,144).",
+            ))?,
         };
         if let Some(r) = registry {
             r.register(Box::new(m.commit_batch_events.clone()))?;
@@ -61,6 +66,7 @@ impl EngineMetrics {
             r.register(Box::new(m.agents.clone()))?;
             r.register(Box::new(m.overloaded_total.clone()))?;
             r.register(Box::new(m.checkpoints_total.clone()))?;
+            r.register(Box::new(m.index_backlog_events.clone()))?;
         }
         Ok(m)
     }

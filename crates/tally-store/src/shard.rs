@@ -553,6 +553,10 @@ pub(crate) fn run_committer(rx: Receiver<CommitBatch>, shared: Arc<Shared>) {
                 .observe(started.elapsed().as_secs_f64());
             shared.metrics.commit_batch_events.observe(events as f64);
             shared.metrics.commits_total.inc();
+            shared
+                .metrics
+                .index_backlog_events
+                .set(i64::try_from(shared.storage.backlog_events()).unwrap_or(i64::MAX));
             result.err().map(|e| shared.fail(e.to_string()))
         } else {
             shared.failure()

@@ -538,6 +538,12 @@ impl Storage for SledStorage {
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.shared.db.size_on_disk()? + wal::size_on_disk(&self.shared.data_dir)?)
     }
+
+    fn backlog_events(&self) -> u64 {
+        let staged = self.shared.staged.lock();
+        let in_flight = staged.in_flight.as_ref().map_or(0, |p| p.events);
+        (staged.pending.events + in_flight) as u64
+    }
 }
 
 #[cfg(test)]
@@ -653,6 +659,7 @@ mod tests {
         assert_eq!(wal::size_on_disk(tmp.path()).expect("lists"), 0);
         let store = SledStorage::open(tmp.path(), 8 << 20).expect("reopens");
         assert_reads(&store, &id, &events[..100]);
+        assert_eq!(store.backlog_events(), 0);
         write(&store, &id, &events[100..]);
         store
             .apply(vec![AgentWrite {
@@ -665,6 +672,7 @@ mod tests {
         assert_reads(&store, &id, &events);
         assert_eq!(store.load_agents().expect("loads"), vec![state.clone()]);
         wait_indexed(&store);
+        assert_eq!(store.backlog_events(), 0);
         assert_reads(&store, &id, &events);
         assert_eq!(store.load_agents().expect("loads"), vec![state]);
     }

@@ -53,4 +53,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
 
     /// Bytes on disk, for the operator.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
+
+    /// Journal entries applied but not yet where reads find them without help (for a
+    /// backend that indexes behind its log); a gauge for the operator.
+    fn backlog_events(&self) -> u64 {
+        0
+    }
 }
