@@ -123,20 +123,11 @@ pub fn decode_write(bytes: &[u8]) -> Result<AgentWrite, CodecError> {
 }
 
 pub fn encode_u64(value: u64) -> Vec<u8> {
-    let mut out = vec![RECORD_VERSION];
-    out.extend_from_slice(&value.to_be_bytes());
-    out
+    encode_fixed(value.to_be_bytes())
 }
 
 pub fn decode_u64(bytes: &[u8]) -> Result<u64, CodecError> {
-    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if version != RECORD_VERSION {
-        return Err(CodecError::UnknownVersion { found: version });
-    }
-    let array: [u8; 8] = body
-        .try_into()
-        .map_err(|_| CodecError::Decode("expected 8 bytes".into()))?;
-    Ok(u64::from_be_bytes(array))
+    decode_fixed(bytes).map(u64::from_be_bytes)
 }
 
 pub fn encode_agent(agent: &AgentState) -> Result<Vec<u8>, CodecError> {
@@ -154,39 +145,39 @@ pub fn decode_agent(bytes: &[u8]) -> Result<AgentState, CodecError> {
 }
 
 pub fn encode_u32(value: u32) -> Vec<u8> {
-    let mut out = vec![RECORD_VERSION];
-    out.extend_from_slice(&value.to_be_bytes());
-    out
+    encode_fixed(value.to_be_bytes())
 }
 
 pub fn decode_u32(bytes: &[u8]) -> Result<u32, CodecError> {
+    decode_fixed(bytes).map(u32::from_be_bytes)
+}
+
+/// A number's fixed-width form: the version byte, then its big-endian bytes.
+fn encode_fixed<const N: usize>(bytes: [u8; N]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + N);
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&bytes);
+    out
+}
+
+fn decode_fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N], CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     if version != RECORD_VERSION {
         return Err(CodecError::UnknownVersion { found: version });
     }
-    let array: [u8; 4] = body
-        .try_into()
-        .map_err(|_| CodecError::Decode("expected 4 bytes".into()))?;
-    Ok(u32::from_be_bytes(array))
+    body.try_into()
+        .map_err(|_| CodecError::Decode(format!("expected {N} bytes")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_core::{
-        AgentId, Command, CommandKind, IdempotencyKey, PlanBook, PlanName, RateState, Status,
-    };
+    use tally_core::{CommandKind, Status};
 
     fn sample() -> (AgentState, Vec<Event>) {
-        let id = AgentId::new("agent-1").expect("valid");
-        let plan = tally_core::Plan::unlimited(PlanName::new("default").expect("valid"));
-        let plans = PlanBook::new([plan]);
-        let mut rate = RateState::default();
-        let mut state = None;
-        let mut events = Vec::new();
-        let cmds = [
+        crate::testing::decided([
             CommandKind::CreateAgent {
-                plan: PlanName::new("default").expect("valid"),
+                plan: crate::testing::default_plan(),
                 status: Status::Active,
             },
             CommandKind::Credit {
@@ -197,18 +188,7 @@ mod tests {
                 ttl_ms: 1_000,
             },
             CommandKind::Debit { amount_micros: 7 },
-        ];
-        for (i, kind) in cmds.into_iter().enumerate() {
-            let cmd = Command::new(id.clone(), kind)
-                .with_key(IdempotencyKey::new(format!("k{i}")).expect("valid"));
-            let d =
-                tally_core::decide(state.as_ref(), &mut rate, &cmd, &plans, 1_000).expect("valid");
-            for e in &d.events {
-                state = Some(tally_core::evolve(state, &id, e).expect("evolves"));
-            }
-            events.extend(d.events);
-        }
-        (state.expect("created"), events)
+        ])
     }
 
     #[test]

@@ -80,7 +80,7 @@ type SlotMap = HashMap<u128, Entry, BuildHasherDefault<SlotHasher>>;
 pub struct Index {
     parts: Vec<SlotMap>,
     len: usize,
-    order: VecDeque<(TimestampMs, u128)>,
+    order: BlockQueue<(TimestampMs, u128)>,
     retention_ms: u64,
     keys_max: usize,
 }
@@ -90,7 +90,7 @@ impl Index {
         Self {
             parts: (0..PARTS).map(|_| SlotMap::default()).collect(),
             len: 0,
-            order: VecDeque::new(),
+            order: BlockQueue::default(),
             retention_ms,
             keys_max: keys_max.max(1),
         }
@@ -159,9 +159,94 @@ impl Index {
     }
 }
 
+/// A FIFO queue in fixed blocks. A `VecDeque` of ten million positions doubles by copying
+/// all of them at once (a stall of its shard for ~100 ms); this one only ever moves
+/// pointers to blocks.
+#[derive(Debug)]
+struct BlockQueue<T> {
+    blocks: VecDeque<VecDeque<T>>,
+    len: usize,
+}
+
+const BLOCK_LEN: usize = 4_096;
+
+impl<T> Default for BlockQueue<T> {
+    fn default() -> Self {
+        Self {
+            blocks: VecDeque::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> BlockQueue<T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push_back(&mut self, item: T) {
+        match self.blocks.back_mut() {
+            Some(block) if block.len() < BLOCK_LEN => block.push_back(item),
+            _ => {
+                let mut block = VecDeque::with_capacity(BLOCK_LEN);
+                block.push_back(item);
+                self.blocks.push_back(block);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn front(&self) -> Option<&T> {
+        self.blocks.front().and_then(VecDeque::front)
+    }
+
+    fn pop_front(&mut self) -> Option<T> {
+        let block = self.blocks.front_mut()?;
+        let item = block.pop_front();
+        if block.is_empty() {
+            self.blocks.pop_front();
+        }
+        if item.is_some() {
+            self.len -= 1;
+        }
+        item
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        for block in &mut self.blocks {
+            block.retain(&mut keep);
+        }
+        self.blocks.retain(|b| !b.is_empty());
+        self.len = self.blocks.iter().map(VecDeque::len).sum();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_block_queue_is_a_fifo_queue() {
+        let mut q = BlockQueue::default();
+        let mut model = VecDeque::new();
+        for i in 0..(3 * BLOCK_LEN + 5) {
+            q.push_back(i);
+            model.push_back(i);
+            if i % 3 == 0 {
+                assert_eq!(q.pop_front(), model.pop_front());
+            }
+            assert_eq!(q.len(), model.len());
+            assert_eq!(q.front(), model.front());
+        }
+        q.retain(|i| i % 2 == 0);
+        model.retain(|i| i % 2 == 0);
+        assert_eq!(q.len(), model.len());
+        while let Some(i) = model.pop_front() {
+            assert_eq!(q.pop_front(), Some(i));
+        }
+        assert_eq!(q.pop_front(), None);
+        assert_eq!(q.len(), 0);
+    }
 
     #[test]
     fn every_slot_has_a_part() {

@@ -18,6 +18,8 @@ mod recovery;
 mod shard;
 mod sled_store;
 mod storage;
+#[cfg(test)]
+mod testing;
 mod wal;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -549,41 +549,21 @@ impl Storage for SledStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tally_core::{Command, CommandKind, PlanBook, PlanName, RateState, Status};
+    use tally_core::{CommandKind, Status};
 
     /// An agent's first `n` journal entries (a create, a credit, then debits) and its state.
     fn journal_of(n: usize) -> (AgentId, Vec<Event>, AgentState) {
-        let id = AgentId::new("agent-1").expect("valid");
-        let plan = tally_core::Plan::unlimited(PlanName::new("default").expect("valid"));
-        let plans = PlanBook::new([plan]);
-        let mut rate = RateState::default();
-        let mut state = None;
-        let mut events = Vec::new();
-        for i in 0..n {
-            let kind = match i {
-                0 => CommandKind::CreateAgent {
-                    plan: PlanName::new("default").expect("valid"),
-                    status: Status::Active,
-                },
-                1 => CommandKind::Credit {
-                    amount_micros: 1_000_000,
-                },
-                _ => CommandKind::Debit { amount_micros: 1 },
-            };
-            let d = tally_core::decide(
-                state.as_ref(),
-                &mut rate,
-                &Command::new(id.clone(), kind),
-                &plans,
-                1_000,
-            )
-            .expect("valid");
-            for e in &d.events {
-                state = Some(tally_core::evolve(state, &id, e).expect("evolves"));
-            }
-            events.extend(d.events);
-        }
-        (id, events, state.expect("created"))
+        let (state, events) = crate::testing::decided((0..n).map(|i| match i {
+            0 => CommandKind::CreateAgent {
+                plan: crate::testing::default_plan(),
+                status: Status::Active,
+            },
+            1 => CommandKind::Credit {
+                amount_micros: 1_000_000,
+            },
+            _ => CommandKind::Debit { amount_micros: 1 },
+        }));
+        (state.id.clone(), events, state)
     }
 
     fn write(store: &SledStorage, agent: &AgentId, events: &[Event]) {

@@ -302,19 +302,28 @@ mod tests {
         (out, r)
     }
 
+    /// Frames and appends `records` in one write.
+    fn append(w: &mut WalWriter, records: &[(u64, &[u8])]) {
+        let mut buf = Vec::new();
+        for (lsn, payload) in records {
+            frame(&mut buf, *lsn, payload);
+        }
+        w.append(&buf).expect("appends");
+    }
+
+    /// Closes the current segment as if it were full; the next begins at `next_lsn`.
+    fn rotate(w: &mut WalWriter, next_lsn: u64) {
+        w.len = SEGMENT_BYTES_MAX;
+        w.rotate_if_full(next_lsn).expect("rotates");
+    }
+
     #[test]
     fn appends_replay_in_order_across_segments() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut w = WalWriter::create(tmp.path(), 1).expect("creates");
-        let mut buf = Vec::new();
-        frame(&mut buf, 1, b"one");
-        frame(&mut buf, 2, b"two");
-        w.append(&buf).expect("appends");
-        w.len = SEGMENT_BYTES_MAX;
-        w.rotate_if_full(3).expect("rotates");
-        buf.clear();
-        frame(&mut buf, 3, b"three");
-        w.append(&buf).expect("appends");
+        append(&mut w, &[(1, b"one"), (2, b"two")]);
+        rotate(&mut w, 3);
+        append(&mut w, &[(3, b"three")]);
         let (got, r) = records(tmp.path());
         assert_eq!(
             got,
@@ -350,18 +359,11 @@ mod tests {
     fn zeros_after_the_records_end_a_segment_in_any_position() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut w = WalWriter::create(tmp.path(), 1).expect("creates");
-        let mut buf = Vec::new();
-        frame(&mut buf, 1, b"one");
-        w.append(&buf).expect("appends");
+        append(&mut w, &[(1, b"one")]);
         assert!(w.allocated >= PREALLOC_BYTES_MIN, "zero-filled ahead");
-        buf.clear();
-        frame(&mut buf, 2, b"two");
-        w.append(&buf).expect("appends");
-        w.len = SEGMENT_BYTES_MAX;
-        w.rotate_if_full(3).expect("rotates");
-        buf.clear();
-        frame(&mut buf, 3, b"three");
-        w.append(&buf).expect("appends");
+        append(&mut w, &[(2, b"two")]);
+        rotate(&mut w, 3);
+        append(&mut w, &[(3, b"three")]);
         let first = fs::metadata(&w.segments[0].1).expect("exists").len();
         assert!(first > 64, "the older segment has a zero tail: {first}");
         let (got, r) = records(tmp.path());
@@ -387,11 +389,8 @@ mod tests {
     fn corruption_in_an_older_segment_is_an_error() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut w = WalWriter::create(tmp.path(), 1).expect("creates");
-        let mut buf = Vec::new();
-        frame(&mut buf, 1, b"one");
-        w.append(&buf).expect("appends");
-        w.len = SEGMENT_BYTES_MAX;
-        w.rotate_if_full(2).expect("rotates");
+        append(&mut w, &[(1, b"one")]);
+        rotate(&mut w, 2);
         let first = w.segments[0].1.clone();
         let mut bytes = fs::read(&first).expect("reads");
         bytes[HEADER_LEN] ^= 1;
