@@ -18,6 +18,22 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 /// Mean of a Prometheus histogram: sum / count.
+/// The upper bound of the histogram's highest non-empty bucket: "the slowest one took at
+/// most this long" (infinite when it landed past the last bound).
+pub fn histogram_max_bound(h: &prometheus::Histogram) -> f64 {
+    use prometheus::core::Collector;
+    let families = h.collect();
+    let Some(metric) = families.first().and_then(|f| f.get_metric().first()) else {
+        return 0.0;
+    };
+    let hist = metric.get_histogram();
+    let total = hist.get_sample_count();
+    hist.get_bucket()
+        .iter()
+        .find(|b| b.cumulative_count() == total)
+        .map_or(f64::INFINITY, |b| b.upper_bound())
+}
+
 pub fn histogram_mean(h: &prometheus::Histogram) -> f64 {
     let count = h.get_sample_count();
     if count == 0 {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use tally_benches::{histogram_mean, percentile};
+use tally_benches::{histogram_max_bound, histogram_mean, percentile};
 use tally_core::{
     AgentId, Command, CommandKind, IdempotencyKey, Outcome, Plan, PlanBook, PlanName, Status,
 };
@@ -141,14 +141,16 @@ async fn main() -> anyhow::Result<()> {
         args.batch_size_max
     );
     println!(
-        "group commits (fsyncs): {commits}, mean entries per fsync {:.1}, mean fsync {:.2} ms",
+        "group commits (fsyncs): {commits}, mean entries per fsync {:.1}, mean fsync {:.2} ms, slowest fsync <= {:.1} ms",
         histogram_mean(&m.commit_batch_events),
-        histogram_mean(&m.commit_seconds) * 1e3
+        histogram_mean(&m.commit_seconds) * 1e3,
+        histogram_max_bound(&m.commit_seconds) * 1e3
     );
     println!(
-        "commit latency seen by a caller (submit to durable ack): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "commit latency seen by a caller (submit to durable ack): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
         percentile(&latencies, 50.0) as f64 / 1e3,
         percentile(&latencies, 99.0) as f64 / 1e3,
+        percentile(&latencies, 99.9) as f64 / 1e3,
         latencies.last().copied().unwrap_or(0) as f64 / 1e3
     );
     println!("overloaded (queue full) answers: {overloaded}");

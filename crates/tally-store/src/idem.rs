@@ -159,9 +159,9 @@ impl Index {
     }
 }
 
-/// A FIFO queue in fixed blocks. A `VecDeque` of ten million positions doubles by copying
-/// all of them at once (a stall of its shard for ~100 ms); this one only ever moves
-/// pointers to blocks.
+/// A FIFO queue in fixed blocks. A `VecDeque` grows by copying every position at once (at
+/// the default bound of ten million keys, 240 MB in one go on the shard's thread); this
+/// one only ever moves pointers to blocks.
 #[derive(Debug)]
 struct BlockQueue<T> {
     blocks: VecDeque<VecDeque<T>>,
