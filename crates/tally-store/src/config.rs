@@ -25,6 +25,9 @@ pub struct EngineConfig {
     pub idempotency_keys_max: usize,
     /// Sweep for expired holds this often.
     pub hold_sweep_interval_ms: u64,
+    /// Journal entries in the write-ahead log not yet moved into sled, at most; past it new
+    /// runs wait for the indexer. Bounds the memory that holds them (~200 bytes each).
+    pub index_backlog_events_max: usize,
 }
 
 impl EngineConfig {
@@ -39,6 +42,7 @@ impl EngineConfig {
             idempotency_retention_ms: tally_core::idempotency::RETENTION_MS_DEFAULT,
             idempotency_keys_max: tally_core::idempotency::KEYS_MAX_DEFAULT,
             hold_sweep_interval_ms: 1_000,
+            index_backlog_events_max: crate::sled_store::INDEX_BACKLOG_EVENTS_MAX_DEFAULT,
         }
     }
 

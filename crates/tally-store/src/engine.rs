@@ -129,7 +129,11 @@ impl Engine {
     ) -> Result<Engine, StoreError> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", config.data_dir.display())))?;
-        let storage = SledStorage::open(&config.data_dir, config.sled_cache_bytes)?;
+        let storage = SledStorage::open_with_backlog(
+            &config.data_dir,
+            config.sled_cache_bytes,
+            config.index_backlog_events_max,
+        )?;
         Self::open_with(Arc::new(storage), config, plans, clock, registry)
     }
 

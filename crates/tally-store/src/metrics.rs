@@ -53,7 +53,7 @@ impl EngineMetrics {
             ))?,
             index_backlog_events: IntGauge::with_opts(Opts::new(
                 "tally_index_backlog_events",
-                "Journal entries applied (in the write-ahead log) but not yet moved into sled; new commits wait while it is at its bound (262,144).",
+                "Journal entries applied (in the write-ahead log) but not yet moved into sled; new commits wait while it is at engine.index_backlog_events_max.",
             ))?,
         };
         if let Some(r) = registry {

@@ -45,11 +45,12 @@ const WAL_KEY: &[u8] = b"m/wal";
 const LOCK_WAIT_MS_MAX: u64 = 5_000;
 /// The indexer moves the WAL's writes into sled at least this often.
 pub const INDEX_INTERVAL_MS: u64 = 200;
-/// ...and at once when this many events wait.
+/// ...and at once when this many events wait (or a quarter of the backlog bound, if less).
 const INDEX_EVENTS_TRIGGER: usize = 16_384;
-/// Events applied but not yet in sled, at most; past it `apply` waits for the indexer
-/// (and the shard queues, then HTTP, push back). Bounds the memory the reads' overlay uses.
-pub const PENDING_EVENTS_MAX: usize = 262_144;
+/// Events applied but not yet in sled, at most, unless configured; past it `apply` waits
+/// for the indexer (and the shard queues, then HTTP, push back). Bounds the memory the
+/// reads' overlay uses.
+pub const INDEX_BACKLOG_EVENTS_MAX_DEFAULT: usize = 262_144;
 /// A journal chunk holds at most this many events...
 const CHUNK_EVENTS_MAX: usize = 32;
 /// ...and about this many bytes: sled writes a whole leaf (up to 16 keys) when it
@@ -73,6 +74,10 @@ struct Shared {
     /// Wakes the indexer (work waiting, or stop) and appliers waiting for room.
     changed: Condvar,
     failure: OnceLock<String>,
+    /// `apply` waits while this many events are not yet in sled.
+    backlog_max: usize,
+    /// The indexer starts early once this many wait.
+    trigger: usize,
 }
 
 #[derive(Debug)]
@@ -92,6 +97,13 @@ struct Staged {
     /// Writes the indexer is putting into sled; still read from here until it is done.
     in_flight: Option<Arc<Pending>>,
     stopping: bool,
+}
+
+impl Staged {
+    /// Events applied but not yet in sled: pending and in flight.
+    fn backlog(&self) -> usize {
+        self.pending.events + self.in_flight.as_ref().map_or(0, |p| p.events)
+    }
 }
 
 /// Writes applied but not yet in sled, by agent.
@@ -221,7 +233,7 @@ impl Shared {
             let taken = {
                 let mut staged = self.staged.lock();
                 let deadline = Instant::now() + Duration::from_millis(INDEX_INTERVAL_MS);
-                while !staged.stopping && staged.pending.events < INDEX_EVENTS_TRIGGER {
+                while !staged.stopping && staged.pending.events < self.trigger {
                     if self.changed.wait_until(&mut staged, deadline).timed_out() {
                         break;
                     }
@@ -243,6 +255,8 @@ impl Shared {
                 return;
             }
             self.staged.lock().in_flight = None;
+            // Appliers waiting at the backlog bound count what was in flight.
+            self.changed.notify_all();
             let obsolete = self.wal.lock().writer.take_obsolete(taken.last_lsn);
             if let Err(e) = wal::remove(&obsolete) {
                 tracing::warn!(error = %e, "deleting write-ahead log segments sled already holds");
@@ -256,6 +270,17 @@ impl SledStorage {
     /// (or writes) the schema version, replays the WAL records sled lacks, and starts the
     /// indexer.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with_backlog(path, cache_bytes, INDEX_BACKLOG_EVENTS_MAX_DEFAULT)
+    }
+
+    /// Like [`SledStorage::open`], with `backlog_events_max` events at most applied but not
+    /// yet moved into sled (at least 1).
+    pub fn open_with_backlog(
+        path: &Path,
+        cache_bytes: u64,
+        backlog_events_max: usize,
+    ) -> Result<Self, StoreError> {
+        let backlog_max = backlog_events_max.max(1);
         let db = open_sled(path, cache_bytes)?;
         if let Some(bytes) = db.get(SCHEMA_KEY)? {
             let found = codec::decode_u32(&bytes)?;
@@ -283,7 +308,7 @@ impl SledStorage {
             }
             pending.add(codec::decode_write(payload)?, lsn);
             records += 1;
-            if pending.events >= PENDING_EVENTS_MAX {
+            if pending.events >= backlog_max {
                 index(&db, &std::mem::take(&mut pending))?;
             }
             Ok(())
@@ -318,6 +343,8 @@ impl SledStorage {
             }),
             changed: Condvar::new(),
             failure: OnceLock::new(),
+            backlog_max,
+            trigger: INDEX_EVENTS_TRIGGER.min(backlog_max / 4).max(1),
         });
         let indexer = {
             let shared = Arc::clone(&shared);
@@ -395,7 +422,7 @@ impl Storage for SledStorage {
             .map(codec::encode_write)
             .collect::<Result<Vec<_>, _>>()?;
         let mut staged = self.shared.staged.lock();
-        while staged.pending.events >= PENDING_EVENTS_MAX {
+        while staged.backlog() >= self.shared.backlog_max {
             self.shared.check()?;
             self.shared.changed.notify_all();
             self.shared
@@ -408,7 +435,7 @@ impl Storage for SledStorage {
             wal::frame(&mut staged.bytes, lsn, payload);
             staged.pending.add(write, lsn);
         }
-        if staged.pending.events >= INDEX_EVENTS_TRIGGER {
+        if staged.pending.events >= self.shared.trigger {
             self.shared.changed.notify_all();
         }
         Ok(())
@@ -540,9 +567,7 @@ impl Storage for SledStorage {
     }
 
     fn backlog_events(&self) -> u64 {
-        let staged = self.shared.staged.lock();
-        let in_flight = staged.in_flight.as_ref().map_or(0, |p| p.events);
-        (staged.pending.events + in_flight) as u64
+        self.shared.staged.lock().backlog() as u64
     }
 }
 
@@ -655,6 +680,31 @@ mod tests {
         assert_eq!(store.backlog_events(), 0);
         assert_reads(&store, &id, &events);
         assert_eq!(store.load_agents().expect("loads"), vec![state]);
+    }
+
+    #[test]
+    fn writes_wait_for_the_indexer_at_the_backlog_bound() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (id, events, _) = journal_of(300);
+        let store = SledStorage::open_with_backlog(tmp.path(), 8 << 20, 16).expect("opens");
+        for part in events.chunks(7) {
+            store
+                .apply(vec![AgentWrite {
+                    agent: id.clone(),
+                    expected_seq: part[0].seq - 1,
+                    events: part.to_vec(),
+                    checkpoint: None,
+                }])
+                .expect("applies");
+            // The check comes before a run is added, so one run may pass the bound.
+            assert!(
+                store.backlog_events() < 16 + 7,
+                "{}",
+                store.backlog_events()
+            );
+            store.sync().expect("syncs");
+        }
+        assert_reads(&store, &id, &events);
     }
 
     #[test]

@@ -368,6 +368,15 @@ impl Config {
                     10,
                     3_600_000,
                 )?,
+                index_backlog_events_max: in_range(
+                    &lines,
+                    "engine.index_backlog_events_max",
+                    &span,
+                    e.index_backlog_events_max,
+                    d.index_backlog_events_max,
+                    1_024,
+                    1 << 26,
+                )?,
             };
         }
 

@@ -51,6 +51,7 @@ pub(super) struct RawEngine {
     pub(super) idempotency_retention_ms: Option<u64>,
     pub(super) idempotency_keys_max: Option<usize>,
     pub(super) hold_sweep_interval_ms: Option<u64>,
+    pub(super) index_backlog_events_max: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
