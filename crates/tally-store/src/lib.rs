@@ -2,8 +2,11 @@
 //! commands with `tally-core`, writes the resulting journal entries in one atomic batch and
 //! answers only after a shared group commit (one fsync for many requests) made them durable.
 //!
+//! The group commit is a write-ahead log append (`wal.rs`); an indexer thread moves the log
+//! into sled behind it (`sled_store.rs`).
+//!
 //! **Never decides**: every rule is in `tally-core`. Only `codec.rs` knows the byte format;
-//! only `sled_store.rs` knows sled.
+//! only `sled_store.rs` knows sled; only `wal.rs` knows the log's files.
 
 #![forbid(unsafe_code)]
 
