@@ -292,7 +292,7 @@ fn open_segment(path: &Path) -> Result<File, StoreError> {
 mod tests {
     use super::*;
 
-    fn records(dir: &Path) -> (Vec<(u64, Vec<u8>)>, Replayed) {
+    fn records_of(dir: &Path) -> (Vec<(u64, Vec<u8>)>, Replayed) {
         let mut out = Vec::new();
         let r = replay(dir, |lsn, p| {
             out.push((lsn, p.to_vec()));
@@ -324,7 +324,7 @@ mod tests {
         append(&mut w, &[(1, b"one"), (2, b"two")]);
         rotate(&mut w, 3);
         append(&mut w, &[(3, b"three")]);
-        let (got, r) = records(tmp.path());
+        let (got, r) = records_of(tmp.path());
         assert_eq!(
             got,
             vec![
@@ -349,7 +349,7 @@ mod tests {
         frame(&mut buf, 6, b"torn record");
         buf.truncate(buf.len() - 3);
         w.append(&buf).expect("appends");
-        let (got, r) = records(tmp.path());
+        let (got, r) = records_of(tmp.path());
         assert_eq!(got, vec![(5, b"kept".to_vec())]);
         assert!(r.torn_tail);
         assert_eq!(r.last_lsn, 5);
@@ -366,7 +366,7 @@ mod tests {
         append(&mut w, &[(3, b"three")]);
         let first = fs::metadata(&w.segments[0].1).expect("exists").len();
         assert!(first > 64, "the older segment has a zero tail: {first}");
-        let (got, r) = records(tmp.path());
+        let (got, r) = records_of(tmp.path());
         assert_eq!(got.len(), 3);
         assert_eq!(r.last_lsn, 3);
         assert!(!r.torn_tail);
@@ -399,11 +399,49 @@ mod tests {
         assert!(err.to_string().contains("corrupt"), "{err}");
     }
 
+    proptest::proptest! {
+        /// Whatever a crash or a bad disk does to the newest segment (cut it anywhere, flip
+        /// any bit), replay neither panics nor fails, and gives back a prefix of what was
+        /// written.
+        #[test]
+        fn a_damaged_newest_segment_replays_a_prefix(
+            payloads in proptest::collection::vec(
+                proptest::collection::vec(proptest::num::u8::ANY, 1..64), 1..12),
+            cut in proptest::option::of(0usize..2_000),
+            flip in proptest::option::of((0usize..2_000, 0u8..8)),
+        ) {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let mut w = WalWriter::create(tmp.path(), 1).expect("creates");
+            let records: Vec<(u64, &[u8])> = payloads
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u64 + 1, p.as_slice()))
+                .collect();
+            append(&mut w, &records);
+            let path = w.segments[0].1.clone();
+            let mut bytes = fs::read(&path).expect("reads");
+            if let Some((at, bit)) = flip {
+                let at = at % bytes.len();
+                bytes[at] ^= 1 << bit;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.min(bytes.len()));
+            }
+            fs::write(&path, &bytes).expect("writes");
+            let (got, _) = records_of(tmp.path());
+            proptest::prop_assert!(got.len() <= records.len());
+            for (g, (lsn, p)) in got.iter().zip(&records) {
+                proptest::prop_assert_eq!(g.0, *lsn);
+                proptest::prop_assert_eq!(g.1.as_slice(), *p);
+            }
+        }
+    }
+
     #[test]
     fn an_empty_log_resumes_numbering() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        assert_eq!(records(tmp.path()).1.last_lsn, 0);
+        assert_eq!(records_of(tmp.path()).1.last_lsn, 0);
         WalWriter::create(tmp.path(), 42).expect("creates");
-        assert_eq!(records(tmp.path()).1.last_lsn, 41);
+        assert_eq!(records_of(tmp.path()).1.last_lsn, 41);
     }
 }
