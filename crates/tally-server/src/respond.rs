@@ -5,7 +5,7 @@
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use serde_json::{json, Value};
+use serde_json::json;
 use tally_core::{
     Command, CommandError, CommandKind, Denial, Outcome, PlanBook, RateStatus, Receipt,
 };
@@ -381,7 +381,7 @@ pub fn rate_headers(resp: &mut Response, plans: &PlanBook, rate: Option<&RateSta
 /// A JSON success response with the rate and replay headers.
 pub fn json_response(
     status: StatusCode,
-    body: Value,
+    body: impl serde::Serialize,
     rate: Option<(&PlanBook, &RateStatus)>,
     replayed: bool,
 ) -> Response {
