@@ -710,6 +710,59 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_1_directory_still_reads_and_is_upgraded() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (id, events, state) = journal_of(40);
+        {
+            // As the build before the write-ahead log left it: one entry per key, no WAL.
+            let db = open_sled(tmp.path(), 8 << 20).expect("opens");
+            db.insert(SCHEMA_KEY, codec::encode_u32(1)).expect("writes");
+            for e in &events {
+                db.insert(
+                    journal_key(&id, e.seq),
+                    codec::encode_event(e).expect("encodes"),
+                )
+                .expect("writes");
+            }
+            db.insert(
+                agent_key(&id),
+                codec::encode_agent(&state).expect("encodes"),
+            )
+            .expect("writes");
+            db.flush().expect("flushes");
+        }
+        let (_, all, more_state) = journal_of(60);
+        let more = all[40..].to_vec();
+        {
+            let store = SledStorage::open(tmp.path(), 8 << 20).expect("opens schema 1");
+            assert_reads(&store, &id, &events);
+            assert_eq!(store.load_agents().expect("loads"), vec![state]);
+            write(&store, &id, &more);
+        }
+        let db = open_sled(tmp.path(), 8 << 20).expect("opens");
+        let schema = db.get(SCHEMA_KEY).expect("reads").expect("present");
+        assert_eq!(codec::decode_u32(&schema).expect("decodes"), SCHEMA_VERSION);
+        drop(db);
+        let store = SledStorage::open(tmp.path(), 8 << 20).expect("reopens");
+        let all: Vec<Event> = events.iter().chain(&more).cloned().collect();
+        assert_reads(&store, &id, &all);
+        assert_eq!(more_state.last_seq, all.len() as u64);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        {
+            let db = open_sled(tmp.path(), 8 << 20).expect("opens");
+            db.insert(SCHEMA_KEY, codec::encode_u32(SCHEMA_VERSION + 1))
+                .expect("writes");
+            db.flush().expect("flushes");
+        }
+        let err = SledStorage::open(tmp.path(), 8 << 20).expect_err("newer schema");
+        assert!(matches!(err, StoreError::SchemaVersion { .. }), "{err}");
+    }
+
+    #[test]
     fn the_wal_is_replayed_into_sled_after_a_crash() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let crashed = tempfile::tempdir().expect("tempdir");
