@@ -42,14 +42,19 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| io_err("syncing directory", dir, e))
 }
 
-/// Appends one framed record to `buf`.
-pub fn frame(buf: &mut Vec<u8>, lsn: u64, payload: &[u8]) {
-    let len = u32::try_from(payload.len()).expect("payloads are bounded by RECORD_BYTES_MAX");
+/// The CRC a record carries: over its lsn and its payload.
+fn checksum(lsn: u64, payload: &[u8]) -> u32 {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&lsn.to_le_bytes());
     crc.update(payload);
+    crc.finalize()
+}
+
+/// Appends one framed record to `buf`.
+pub fn frame(buf: &mut Vec<u8>, lsn: u64, payload: &[u8]) {
+    let len = u32::try_from(payload.len()).expect("payloads are bounded by RECORD_BYTES_MAX");
     buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&crc.finalize().to_le_bytes());
+    buf.extend_from_slice(&checksum(lsn, payload).to_le_bytes());
     buf.extend_from_slice(&lsn.to_le_bytes());
     buf.extend_from_slice(payload);
 }
@@ -161,10 +166,7 @@ fn read_record(bytes: &[u8]) -> Option<(u64, &[u8])> {
         return None;
     }
     let payload = bytes.get(HEADER_LEN..HEADER_LEN + len)?;
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&lsn.to_le_bytes());
-    hasher.update(payload);
-    (hasher.finalize() == crc).then_some((lsn, payload))
+    (checksum(lsn, payload) == crc).then_some((lsn, payload))
 }
 
 /// Deletes segment files (after their records are durable elsewhere).
