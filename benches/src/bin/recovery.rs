@@ -23,9 +23,9 @@ struct Args {
     /// Journal entries in all (spread evenly over the agents).
     #[arg(long, default_value_t = 2_000_000)]
     entries: u64,
-    /// Idempotency keys remembered at most.
+    /// Idempotency keys kept on disk at most (the memory bound is the default).
     #[arg(long, default_value_t = 1_000_000)]
-    keys_max: usize,
+    keys_max: u64,
     /// Checkpoint every agent after building (the usual case); without it recovery
     /// replays every journal entry (the worst case).
     #[arg(long)]

@@ -212,6 +212,12 @@ fn build() -> Value {
         ),
         "PlanList": object(&["plans", "default_plan"], json!({"plans": {"type": "array", "items": r("Plan")}, "default_plan": {"type": "string"}})),
         "Status": object(&["status"], json!({"status": {"type": "string"}})),
+        "Ready": object(&["status", "idempotency"], json!({
+            "status": {"type": "string"},
+            "idempotency": object(&["keys_on_disk", "keys_max", "retention_s", "window_s", "window_cut", "filter_bytes"], json!({
+                "keys_on_disk": u64_schema(), "keys_max": u64_schema(), "retention_s": u64_schema(),
+                "window_s": u64_schema(), "window_cut": {"type": "boolean"}, "filter_bytes": u64_schema()})),
+        })),
         "CreateAgent": object(&["id"], json!({"id": name(128), "plan": name(64), "status": status})),
         "PatchAgent": object(&[], json!({"plan": name(64), "status": status})),
         "Credit": object(&["amount_micros"], json!({"amount_micros": amount_schema(), "metadata": metadata})),
@@ -231,7 +237,7 @@ fn build() -> Value {
         "Conflict": problem_resp("`agent-exists`, `hold-expired`.", r("Problem"), Value::Null),
         "TooLarge": problem_resp("Body larger than `limits.body_bytes_max` (`body-too-large`).", r("Problem"), Value::Null),
         "UnsupportedMediaType": problem_resp("Body not sent as application/json (`unsupported-media-type`).", r("Problem"), Value::Null),
-        "Unprocessable": problem_resp("`idempotency-key-reused`, `unknown-plan`, `invalid-amount`, `amount-overflow`, `invalid-ttl`, `too-many-holds`, `capture-exceeds-hold`, `refund-exceeds-debit`, `unknown-debit`.", r("Problem"), Value::Null),
+        "Unprocessable": problem_resp("`idempotency-key-reused`, `unknown-plan`, `invalid-amount`, `amount-overflow`, `invalid-ttl`, `too-many-holds`, `capture-exceeds-hold`, `refund-exceeds-debit`, `unknown-debit`, `scan-too-large` (usage of a period more than `engine.usage_scan_entries_max` journal entries back).", r("Problem"), Value::Null),
         "PaymentRequired": problem_resp("Insufficient funds (`insufficient-funds`). `Retry-After` only when an expiring hold frees enough; x402 `accepts` and `PAYMENT-REQUIRED` when configured.", r("InsufficientFunds"), json!({"Retry-After": retry_after, "PAYMENT-REQUIRED": {"description": "base64 of the x402 v2 PaymentRequired JSON", "schema": {"type": "string"}}})),
         "TooManyRequests": problem_resp("Rate limit (`rate-limited`) or monthly cap (`monthly-cap-reached`).", r("Limited"), ratelimit_headers),
         "Unavailable": problem_resp("`overloaded`, `shutting-down`, `not-ready`, `timeout`.", r("Problem"), json!({"Retry-After": retry_after})),
@@ -299,7 +305,7 @@ fn build() -> Value {
         "/v1/agents/{id}/usage": {"get": operation("usage", "Spend and counts by task type in a period", vec![
                 param("AgentId"),
                 json!({"name": "period", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$"}}),
-            ], None, with(json!({"200": ok_json("Usage.", r("Usage"), Value::Null)}), &[("404", "NotFound")]))},
+            ], None, with(json!({"200": ok_json("Usage.", r("Usage"), Value::Null)}), &[("404", "NotFound"), ("422", "Unprocessable")]))},
         "/v1/holds/{hold_id}/capture": {"post": operation("capture", "Settle a hold (the rest is released)", keyed(vec![param("HoldId")]), Some(body("Capture", true)),
             with(receipt_ok("200", "Captured."), &[("404", "NotFound"), ("409", "Conflict"), ("422", "Unprocessable")]))},
         "/v1/holds/{hold_id}/void": {"post": operation("void", "Release a hold", keyed(vec![param("HoldId")]), Some(body("Void", false)),
@@ -307,7 +313,7 @@ fn build() -> Value {
         "/v1/plans": {"get": operation("plans", "Plans in force", vec![], None, json!({"200": ok_json("Plans.", r("PlanList"), Value::Null)}))},
         "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness", "security": [], "responses": {"200": ok_json("Alive.", r("Status"), Value::Null)}}},
         "/readyz": {"get": {"operationId": "readyz", "summary": "Readiness (recovery done)", "security": [], "responses": {
-            "200": ok_json("Ready.", r("Status"), Value::Null), "503": resp("Unavailable")}}},
+            "200": ok_json("Ready; `idempotency.window_cut` is true when the disk bound on keys shortened the retention window.", r("Ready"), Value::Null), "503": resp("Unavailable")}}},
         "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics", "security": [], "responses": {
             "200": {"description": "Text exposition format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "security": [], "responses": {

@@ -65,6 +65,15 @@ pub fn submit_error(e: SubmitError) -> Problem {
             "the server is shutting down".into(),
         )
         .retry_after_ms(1_000),
+        SubmitError::ScanTooLarge { entries_max } => problem(
+            S::UNPROCESSABLE_ENTITY,
+            "scan-too-large",
+            "Too much to read",
+            format!(
+                "the answer needs more than {entries_max} journal entries read; ask for a more recent period, or page through GET .../journal"
+            ),
+        )
+        .field("entries_max", entries_max),
         SubmitError::Failed(why) => {
             tracing::error!(error = %why, "engine failed");
             problem(

@@ -363,9 +363,20 @@ pub async fn healthz() -> Response {
 
 pub async fn readyz(State(st): State<AppState>) -> Answer {
     if st.is_ready() {
+        let k = st.engine()?.key_index_status();
+        // Ready either way; the details say when the disk bound on keys has cut the
+        // idempotency window short, so a retry that old would be charged again.
+        let idempotency = json!({
+            "keys_on_disk": k.keys_on_disk,
+            "keys_max": k.keys_max,
+            "retention_s": k.retention_ms / 1_000,
+            "window_s": k.window_ms / 1_000,
+            "window_cut": k.window_ms < k.retention_ms,
+            "filter_bytes": k.filter_bytes,
+        });
         Ok(json_response(
             StatusCode::OK,
-            json!({"status": "ready"}),
+            json!({"status": "ready", "idempotency": idempotency}),
             None,
             false,
         ))

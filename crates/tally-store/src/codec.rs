@@ -10,7 +10,7 @@ use serde::Serialize;
 use tally_core::{AgentState, Event};
 use thiserror::Error;
 
-use crate::storage::AgentWrite;
+use crate::storage::{AgentWrite, KeyEntry};
 
 /// The format version written by this build for agent records, WAL batches and numbers.
 pub const RECORD_VERSION: u8 = 1;
@@ -169,10 +169,142 @@ fn decode_fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N], CodecError> {
         .map_err(|_| CodecError::Decode(format!("expected {N} bytes")))
 }
 
+/// A key-index record: fixed width, so a sorted run file can be searched by offset.
+/// `[slot u128 BE][fingerprint u128 LE][first_seq u64 LE][events u32 LE][at_ms u64 LE]`.
+pub const KEY_RECORD_BYTES: usize = 52;
+/// The end of a key-index run file: `[magic 8][count u64][hour u64][min_at_ms u64]
+/// [max_at_ms u64][crc32 of the records u32][crc32 of the footer before it u32]`, LE.
+pub const KEY_RUN_FOOTER_BYTES: usize = 48;
+const KEY_RUN_MAGIC: &[u8; 8] = b"tallyKR1";
+
+pub fn encode_key_record(slot: u128, entry: &KeyEntry) -> [u8; KEY_RECORD_BYTES] {
+    let mut out = [0u8; KEY_RECORD_BYTES];
+    out[0..16].copy_from_slice(&slot.to_be_bytes());
+    out[16..32].copy_from_slice(&entry.fingerprint.to_le_bytes());
+    out[32..40].copy_from_slice(&entry.first_seq.to_le_bytes());
+    out[40..44].copy_from_slice(&entry.events.to_le_bytes());
+    out[44..52].copy_from_slice(&entry.at_ms.to_le_bytes());
+    out
+}
+
+/// Decodes one key record; `bytes` is exactly [`KEY_RECORD_BYTES`] long.
+pub fn decode_key_record(bytes: &[u8]) -> Result<(u128, KeyEntry), CodecError> {
+    if bytes.len() != KEY_RECORD_BYTES {
+        return Err(CodecError::Decode(format!(
+            "a key record is {KEY_RECORD_BYTES} bytes, not {}",
+            bytes.len()
+        )));
+    }
+    let slot = u128::from_be_bytes(fixed(&bytes[0..16]));
+    let entry = KeyEntry {
+        fingerprint: u128::from_le_bytes(fixed(&bytes[16..32])),
+        first_seq: u64::from_le_bytes(fixed(&bytes[32..40])),
+        events: u32::from_le_bytes(fixed(&bytes[40..44])),
+        at_ms: u64::from_le_bytes(fixed(&bytes[44..52])),
+    };
+    if entry.first_seq == 0 || entry.events == 0 {
+        return Err(CodecError::Decode(
+            "a key record points at no journal entry".into(),
+        ));
+    }
+    Ok((slot, entry))
+}
+
+/// A slice whose length the caller checked, as an array.
+fn fixed<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    bytes
+        .try_into()
+        .expect("callers pass slices of the array's length")
+}
+
+/// What a key-index run file says about itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRunFooter {
+    pub count: u64,
+    pub hour: u64,
+    pub min_at_ms: u64,
+    pub max_at_ms: u64,
+    pub records_crc: u32,
+}
+
+pub fn encode_key_run_footer(f: &KeyRunFooter) -> [u8; KEY_RUN_FOOTER_BYTES] {
+    let mut out = [0u8; KEY_RUN_FOOTER_BYTES];
+    out[0..8].copy_from_slice(KEY_RUN_MAGIC);
+    out[8..16].copy_from_slice(&f.count.to_le_bytes());
+    out[16..24].copy_from_slice(&f.hour.to_le_bytes());
+    out[24..32].copy_from_slice(&f.min_at_ms.to_le_bytes());
+    out[32..40].copy_from_slice(&f.max_at_ms.to_le_bytes());
+    out[40..44].copy_from_slice(&f.records_crc.to_le_bytes());
+    let crc = crc32fast::hash(&out[0..44]);
+    out[44..48].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+pub fn decode_key_run_footer(bytes: &[u8]) -> Result<KeyRunFooter, CodecError> {
+    if bytes.len() != KEY_RUN_FOOTER_BYTES {
+        return Err(CodecError::Decode("short key run footer".into()));
+    }
+    if &bytes[0..8] != KEY_RUN_MAGIC {
+        return Err(CodecError::Decode(
+            "not a key run (or one written by a newer tally)".into(),
+        ));
+    }
+    let crc = u32::from_le_bytes(fixed(&bytes[44..48]));
+    if crc32fast::hash(&bytes[0..44]) != crc {
+        return Err(CodecError::Decode(
+            "key run footer checksum mismatch".into(),
+        ));
+    }
+    Ok(KeyRunFooter {
+        count: u64::from_le_bytes(fixed(&bytes[8..16])),
+        hour: u64::from_le_bytes(fixed(&bytes[16..24])),
+        min_at_ms: u64::from_le_bytes(fixed(&bytes[24..32])),
+        max_at_ms: u64::from_le_bytes(fixed(&bytes[32..40])),
+        records_crc: u32::from_le_bytes(fixed(&bytes[40..44])),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tally_core::{CommandKind, Status};
+
+    #[test]
+    fn key_records_and_run_footers_round_trip() {
+        let entry = KeyEntry {
+            fingerprint: u128::MAX - 3,
+            first_seq: 42,
+            events: 2,
+            at_ms: 1_790_000_000_123,
+        };
+        let bytes = encode_key_record(u128::MAX / 7, &entry);
+        assert_eq!(
+            decode_key_record(&bytes).expect("decodes"),
+            (u128::MAX / 7, entry)
+        );
+        // Slots are big-endian, so byte order is numeric order.
+        assert!(encode_key_record(1, &entry) < encode_key_record(256, &entry));
+        assert!(decode_key_record(&bytes[1..]).is_err());
+        assert!(
+            decode_key_record(&[0u8; KEY_RECORD_BYTES]).is_err(),
+            "zeros are no record"
+        );
+
+        let footer = KeyRunFooter {
+            count: 7,
+            hour: 497_222,
+            min_at_ms: 1,
+            max_at_ms: 2,
+            records_crc: 0xdead_beef,
+        };
+        let bytes = encode_key_run_footer(&footer);
+        assert_eq!(decode_key_run_footer(&bytes).expect("decodes"), footer);
+        for i in 0..KEY_RUN_FOOTER_BYTES {
+            let mut bad = bytes;
+            bad[i] ^= 0x10;
+            assert!(decode_key_run_footer(&bad).is_err(), "flipped byte {i}");
+        }
+    }
 
     fn sample() -> (AgentState, Vec<Event>) {
         crate::testing::decided([

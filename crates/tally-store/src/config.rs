@@ -18,17 +18,29 @@ pub struct EngineConfig {
     pub sled_cache_bytes: u64,
     /// A dirty agent record is checkpointed when older than this.
     pub checkpoint_interval_ms: u64,
-    /// How long an idempotency key is honoured.
+    /// How long an idempotency key is honoured, at any request rate.
     pub idempotency_retention_ms: u64,
-    /// Most idempotency keys remembered at once (across shards); past it the oldest go
-    /// first and the effective window shortens (a metric and a log line say so).
-    pub idempotency_keys_max: usize,
+    /// Most idempotency keys kept on disk (52 bytes each); past it the oldest hours go
+    /// first and the effective window shortens (a metric, a log line and `/readyz` say so).
+    pub idempotency_keys_max: u64,
+    /// Keys held exactly in memory: the shards' caches of recent keys share this bound,
+    /// and the key index's write buffer has it too (~100 bytes a key each). Older keys
+    /// are found on disk through filters of ~2 bytes a key.
+    pub idempotency_memory_keys_max: usize,
     /// Sweep for expired holds this often.
     pub hold_sweep_interval_ms: u64,
     /// Journal entries in the write-ahead log not yet moved into sled, at most; past it new
     /// runs wait for the indexer. Bounds the memory that holds them (~200 bytes each).
     pub index_backlog_events_max: usize,
+    /// The same bound in bytes of WAL payload.
+    pub index_backlog_bytes_max: usize,
+    /// Journal entries one usage request reads at most: usage of a period far back in a
+    /// busy agent's journal is refused (`SubmitError::ScanTooLarge`) rather than read whole.
+    pub usage_scan_entries_max: u64,
 }
+
+/// Default of [`EngineConfig::usage_scan_entries_max`]: about a second of reading.
+pub const USAGE_SCAN_ENTRIES_MAX_DEFAULT: u64 = 2_000_000;
 
 impl EngineConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
@@ -40,9 +52,12 @@ impl EngineConfig {
             sled_cache_bytes: 64 * 1024 * 1024,
             checkpoint_interval_ms: 5_000,
             idempotency_retention_ms: tally_core::idempotency::RETENTION_MS_DEFAULT,
-            idempotency_keys_max: tally_core::idempotency::KEYS_MAX_DEFAULT,
+            idempotency_keys_max: crate::sled_store::IDEMPOTENCY_KEYS_MAX_DEFAULT,
+            idempotency_memory_keys_max: crate::sled_store::IDEMPOTENCY_MEMORY_KEYS_MAX_DEFAULT,
             hold_sweep_interval_ms: 1_000,
             index_backlog_events_max: crate::sled_store::INDEX_BACKLOG_EVENTS_MAX_DEFAULT,
+            index_backlog_bytes_max: crate::sled_store::INDEX_BACKLOG_BYTES_MAX_DEFAULT,
+            usage_scan_entries_max: USAGE_SCAN_ENTRIES_MAX_DEFAULT,
         }
     }
 

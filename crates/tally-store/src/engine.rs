@@ -21,11 +21,12 @@ use crate::idem::Index;
 use crate::metrics::EngineMetrics;
 use crate::recovery::recover;
 use crate::shard::{run_committer, Job, Shard, Shared, Slot};
-use crate::sled_store::SledStorage;
+use crate::sled_store::{SledStorage, StoreOptions};
 use crate::storage::Storage;
 
 /// Journal entries read per page during scans.
 const SCAN_PAGE_LEN: usize = 4_096;
+
 /// Runs queued for the committer; a full queue slows the shards (backpressure).
 const COMMIT_QUEUE_LEN_MAX: usize = 1_024;
 /// What an overloaded caller is told to wait.
@@ -106,15 +107,12 @@ fn shard_of(agent: &AgentId, shards: usize) -> usize {
     (h % shards as u64) as usize
 }
 
-fn shared_metrics_early(metrics: &EngineMetrics, forgotten_early: u64) {
-    if forgotten_early > 0 {
-        metrics
-            .idempotency_evicted_early_total
-            .inc_by(forgotten_early);
-        tracing::warn!(
-            forgotten_early,
-            "idempotency key count bound reached during recovery: the oldest keys inside the window were forgotten"
-        );
+/// Sets when dropped: tells a blocking scan that nobody waits for its answer any more.
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -129,10 +127,16 @@ impl Engine {
     ) -> Result<Engine, StoreError> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| StoreError::Io(format!("creating {}: {e}", config.data_dir.display())))?;
-        let storage = SledStorage::open_with_backlog(
+        let storage = SledStorage::open_with(
             &config.data_dir,
-            config.sled_cache_bytes,
-            config.index_backlog_events_max,
+            &StoreOptions {
+                cache_bytes: config.sled_cache_bytes,
+                backlog_events_max: config.index_backlog_events_max,
+                backlog_bytes_max: config.index_backlog_bytes_max,
+                idempotency_retention_ms: config.idempotency_retention_ms,
+                idempotency_keys_max: config.idempotency_keys_max,
+                idempotency_memory_keys_max: config.idempotency_memory_keys_max,
+            },
         )?;
         Self::open_with(Arc::new(storage), config, plans, clock, registry)
     }
@@ -148,9 +152,10 @@ impl Engine {
         if config.batch_size_max == 0
             || config.shard_queue_len_max == 0
             || config.idempotency_keys_max == 0
+            || config.idempotency_memory_keys_max == 0
         {
             return Err(StoreError::Config(
-                "batch_size_max, shard_queue_len_max and idempotency_keys_max must be at least 1"
+                "batch_size_max, shard_queue_len_max, idempotency_keys_max and idempotency_memory_keys_max must be at least 1"
                     .into(),
             ));
         }
@@ -159,8 +164,18 @@ impl Engine {
             .map_err(|e| StoreError::Config(format!("metrics: {e}")))?;
         let n = config.shard_count();
         let now_ms = clock.now_ms();
-        let recovered = recover(storage.as_ref(), &config, now_ms)?;
-        shared_metrics_early(&metrics, recovered.forgotten_early);
+        let backfill = storage.needs_key_backfill();
+        let recovered = recover(storage.as_ref(), &config, now_ms, backfill)?;
+        if backfill {
+            if recovered.forgotten_early > 0 {
+                tracing::warn!(
+                    forgotten_early = recovered.forgotten_early,
+                    "more keys inside the retention window than idempotency_keys_max: the oldest were left out of the rebuilt key index"
+                );
+            }
+            let keys = recovered.keys.iter().map(|k| (k.slot, k.entry)).collect();
+            storage.backfill_keys(keys)?;
+        }
         let shared = Arc::new(Shared {
             storage,
             plans: Arc::new(plans),
@@ -175,23 +190,17 @@ impl Engine {
             .metrics
             .open_holds
             .set(recovered.agents.iter().map(|a| a.holds.len() as i64).sum());
-        let keys_max_per_shard = config.idempotency_keys_max.div_ceil(n);
+        let cache_keys_max = config.idempotency_memory_keys_max.div_ceil(n);
         let mut slots: Vec<HashMap<AgentId, Slot>> = (0..n).map(|_| HashMap::new()).collect();
-        let mut indexes: Vec<Index> = (0..n)
-            .map(|_| Index::new(config.idempotency_retention_ms, keys_max_per_shard))
+        let indexes: Vec<Index> = (0..n)
+            .map(|_| Index::new(config.idempotency_retention_ms, cache_keys_max))
             .collect();
         let agent_count = recovered.agents.len();
         for agent in recovered.agents {
             slots[shard_of(&agent.id, n)].insert(agent.id.clone(), Slot::new(agent));
         }
-        let key_count = recovered.keys.len();
-        for key in recovered.keys {
-            let evicted = indexes[shard_of(&key.agent, n)].insert(key.slot, key.entry, now_ms);
-            shared
-                .metrics
-                .idempotency_evicted_early_total
-                .inc_by(evicted.early);
-        }
+        let key_status = shared.storage.key_index_status();
+        shared.report_storage();
         let (commit_tx, commit_rx) = bounded(COMMIT_QUEUE_LEN_MAX);
         let mut threads = Vec::with_capacity(n + 1);
         let mut senders = Vec::with_capacity(n);
@@ -216,7 +225,7 @@ impl Engine {
         tracing::info!(
             agents = agent_count,
             journal_entries_replayed = recovered.replayed,
-            idempotency_keys = key_count,
+            idempotency_keys_on_disk = key_status.keys_on_disk,
             shards = n,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "engine recovered"
@@ -234,6 +243,8 @@ impl Engine {
 
     fn refuse(&self) -> Option<SubmitError> {
         if let Some(e) = self.inner.shared.failure() {
+            // A background thread of the store may have failed with no command to notice.
+            let _ = self.inner.shared.failed.set(e.to_string());
             return Some(e);
         }
         (self.inner.state.load(Ordering::Acquire) != RUNNING).then_some(SubmitError::ShuttingDown)
@@ -356,6 +367,11 @@ impl Engine {
             .map_or(1, |p| p.anchor_day);
         let (start_ms, end_ms) = (period.start_ms(anchor_day), period.end_ms(anchor_day));
         let id = id.clone();
+        // Nothing of the agent's happened before it was created: no scan at all.
+        let before_agent = end_ms <= agent.created_at_ms;
+        let entries_max = self.inner.shared.config.usage_scan_entries_max;
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _cancel = CancelOnDrop(cancelled.clone());
         let usage = self
             .blocking(move |s| {
                 let mut usage = Usage {
@@ -369,25 +385,42 @@ impl Engine {
                     by_task_type: BTreeMap::new(),
                 };
                 let mut before = u64::MAX;
+                let mut scanned = 0u64;
                 'pages: loop {
-                    let page = s.journal_rev(&id, before, SCAN_PAGE_LEN)?;
+                    if before_agent {
+                        break;
+                    }
+                    if cancelled.load(Ordering::Relaxed) {
+                        return Ok(None);
+                    }
+                    // One past the bound at most, so exactly the bound still answers.
+                    let want = (entries_max + 1 - scanned).min(SCAN_PAGE_LEN as u64) as usize;
+                    let page = s.journal_rev(&id, before, want)?;
                     for e in &page {
                         // Refunds of this period's spend may come later, so the scan
                         // starts at the newest entry and stops at the period's start.
                         if e.at_ms < start_ms {
                             break 'pages;
                         }
+                        scanned += 1;
+                        if scanned > entries_max {
+                            return Ok(Some(Err(SubmitError::ScanTooLarge { entries_max })));
+                        }
                         usage.add(e);
                     }
                     match page.last() {
-                        Some(last) if page.len() == SCAN_PAGE_LEN => before = last.seq,
+                        Some(last) if page.len() == want => before = last.seq,
                         _ => break,
                     }
                 }
-                Ok(usage)
+                Ok(Some(Ok(usage)))
             })
             .await?;
-        Ok(Some(usage))
+        match usage {
+            Some(result) => result.map(Some),
+            // Cancelled: the caller is gone, so this answer is never read.
+            None => Err(SubmitError::ShuttingDown),
+        }
     }
 
     /// Commands waiting in the shard queues right now.
@@ -408,6 +441,13 @@ impl Engine {
     /// False after a storage failure or once shutdown began.
     pub fn is_ready(&self) -> bool {
         self.refuse().is_none()
+    }
+
+    /// The idempotency key index's size and effective window (for `/readyz`); refreshes
+    /// the engine's metrics of it too.
+    pub fn key_index_status(&self) -> crate::storage::KeyIndexStatus {
+        self.inner.shared.report_storage();
+        self.inner.shared.storage.key_index_status()
     }
 
     /// Stops accepting commands, answers those queued, checkpoints every dirty agent and

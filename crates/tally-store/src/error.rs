@@ -35,4 +35,6 @@ pub enum SubmitError {
     ShuttingDown,
     #[error("the engine stopped after a storage failure: {0}")]
     Failed(String),
+    #[error("the answer needs more than {entries_max} journal entries read")]
+    ScanTooLarge { entries_max: u64 },
 }

@@ -1,7 +1,8 @@
-//! The idempotency index of one shard: which keys were used, by which request, for which
-//! journal entries. In memory, bounded by a retention window and a key count; rebuilt at
-//! start from the journal entries inside the window. The keys and fingerprints themselves
-//! are durable inside the journal entries, so this is only a cache of the journal.
+//! The idempotency cache of one shard: the keys used most recently, by which request, for
+//! which journal entries. In memory, bounded by a key count; a key that falls out of it is
+//! still found in the store's key index on disk (`keyindex.rs`) for the whole retention
+//! window. The keys and fingerprints themselves are durable inside the journal entries, so
+//! this is a cache of a cache.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -11,13 +12,7 @@ use tally_core::idempotency::{judge, Seen, Verdict};
 use tally_core::{AgentId, IdempotencyKey, TimestampMs};
 
 /// A remembered key: the request's fingerprint and the journal entries it wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
-    pub fingerprint: u128,
-    pub first_seq: u64,
-    pub events: u32,
-    pub at_ms: TimestampMs,
-}
+pub use crate::storage::KeyEntry as Entry;
 
 /// The key of the map: 128 bits of SHA-256 over (agent, key), so an entry costs a fixed
 /// ~80 bytes however long the agent id and key are.
@@ -32,13 +27,13 @@ pub fn slot(agent: &AgentId, key: &IdempotencyKey) -> u128 {
     u128::from_be_bytes(first)
 }
 
-/// What the index did when it made room.
+/// What the cache did when it made room.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Evicted {
     /// Entries dropped because their window passed.
     pub expired: u64,
-    /// Entries dropped while still inside the window because the count bound was hit:
-    /// the effective window is shorter than configured.
+    /// Entries dropped while still inside the window because the count bound was hit;
+    /// they are still on disk.
     pub early: u64,
 }
 

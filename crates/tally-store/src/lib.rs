@@ -3,7 +3,8 @@
 //! answers only after a shared group commit (one fsync for many requests) made them durable.
 //!
 //! The group commit is a write-ahead log append (`wal.rs`); an indexer thread moves the log
-//! into sled behind it (`sled_store.rs`).
+//! into sled behind it (`sled_store.rs`) and the idempotency keys into the key index on
+//! disk (`keyindex.rs`).
 //!
 //! **Never decides**: every rule is in `tally-core`. Only `codec.rs` knows the byte format;
 //! only `sled_store.rs` knows sled; only `wal.rs` knows the log's files.
@@ -16,6 +17,7 @@ mod config;
 mod engine;
 mod error;
 mod idem;
+mod keyindex;
 mod metrics;
 mod recovery;
 mod shard;
@@ -30,7 +32,8 @@ pub use codec::CodecError;
 pub use config::EngineConfig;
 pub use engine::{AgentPage, Engine, Reply, Usage, UsageByTask};
 pub use error::{StoreError, SubmitError};
+#[doc(hidden)]
+pub use keyindex::preload_for_bench;
 pub use metrics::EngineMetrics;
-pub use sled_store::SledStorage;
-pub use sled_store::SCHEMA_VERSION;
-pub use storage::{AgentWrite, Storage};
+pub use sled_store::{SledStorage, StoreOptions, SCHEMA_VERSION};
+pub use storage::{AgentWrite, KeyEntry, KeyIndexStatus, Storage};

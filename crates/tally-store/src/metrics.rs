@@ -11,6 +11,9 @@ pub struct EngineMetrics {
     pub commits_total: IntCounter,
     pub idempotency_records: IntGauge,
     pub idempotency_evicted_early_total: IntCounter,
+    pub idempotency_keys_on_disk: IntGauge,
+    pub idempotency_window_seconds: IntGauge,
+    pub idempotency_disk_lookups_total: IntCounter,
     pub open_holds: IntGauge,
     pub agents: IntGauge,
     pub overloaded_total: IntCounter,
@@ -35,11 +38,23 @@ impl EngineMetrics {
             commits_total: IntCounter::with_opts(Opts::new("tally_commits_total", "Group commits (fsyncs)."))?,
             idempotency_records: IntGauge::with_opts(Opts::new(
                 "tally_idempotency_records",
-                "Idempotency keys remembered in memory.",
+                "Idempotency keys in the shards' in-memory caches of recent keys (older ones are found on disk).",
             ))?,
             idempotency_evicted_early_total: IntCounter::with_opts(Opts::new(
                 "tally_idempotency_evicted_early_total",
-                "Idempotency keys forgotten inside their retention window because the key count bound was reached.",
+                "Idempotency keys dropped from disk inside their retention window because engine.idempotency_keys_max was reached.",
+            ))?,
+            idempotency_keys_on_disk: IntGauge::with_opts(Opts::new(
+                "tally_idempotency_keys_on_disk",
+                "Idempotency keys in the key index on disk.",
+            ))?,
+            idempotency_window_seconds: IntGauge::with_opts(Opts::new(
+                "tally_idempotency_window_seconds",
+                "How far back idempotency keys are honoured: the retention window, or less when the disk bound cut it.",
+            ))?,
+            idempotency_disk_lookups_total: IntCounter::with_opts(Opts::new(
+                "tally_idempotency_disk_lookups_total",
+                "Idempotency lookups that a key filter admitted and that therefore read the key index on disk.",
             ))?,
             open_holds: IntGauge::with_opts(Opts::new("tally_open_holds", "Open holds across all agents."))?,
             agents: IntGauge::with_opts(Opts::new("tally_agents", "Agents known to the engine."))?,
@@ -62,6 +77,9 @@ impl EngineMetrics {
             r.register(Box::new(m.commits_total.clone()))?;
             r.register(Box::new(m.idempotency_records.clone()))?;
             r.register(Box::new(m.idempotency_evicted_early_total.clone()))?;
+            r.register(Box::new(m.idempotency_keys_on_disk.clone()))?;
+            r.register(Box::new(m.idempotency_window_seconds.clone()))?;
+            r.register(Box::new(m.idempotency_disk_lookups_total.clone()))?;
             r.register(Box::new(m.open_holds.clone()))?;
             r.register(Box::new(m.agents.clone()))?;
             r.register(Box::new(m.overloaded_total.clone()))?;

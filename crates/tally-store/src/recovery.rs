@@ -1,15 +1,17 @@
-//! Recovery: load every agent checkpoint, evolve the journal entries after it with the
-//! core's `evolve`, and collect the idempotency keys written inside the retention window.
-//! Each journal entry is read and decoded once; agents are recovered on all cores.
+//! Recovery: load every agent checkpoint and evolve the journal entries after it with the
+//! core's `evolve`, on all cores. The idempotency keys are in the store's key index; only
+//! when that index must be rebuilt (a data directory from a build without one) are the
+//! keys of the retention window collected from the journal too.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use tally_core::{evolve, AgentId, AgentState, Event};
+use tally_core::{evolve, AgentState, Event};
 
 use crate::config::EngineConfig;
 use crate::error::StoreError;
 use crate::idem;
+use crate::keyindex;
 use crate::storage::Storage;
 
 /// Journal entries read per page.
@@ -18,7 +20,6 @@ const PAGE_LEN: usize = 4_096;
 /// A remembered key found in the journal.
 #[derive(Debug)]
 pub(crate) struct RecoveredKey {
-    pub agent: AgentId,
     pub slot: u128,
     pub entry: idem::Entry,
 }
@@ -86,59 +87,13 @@ impl NewestKeys {
     }
 }
 
-/// Keyed journal entries of one agent, grouped into commands: one command's events are
-/// consecutive and share key and fingerprint.
-#[derive(Default)]
-struct Grouper {
-    group: Option<(u128, idem::Entry)>,
-}
-
-impl Grouper {
-    /// Feeds entries in ascending sequence order.
-    fn feed(&mut self, agent: &AgentId, e: &Event, out: &mut NewestKeys) {
-        let Some(key) = &e.idempotency_key else {
-            self.flush(agent, out);
-            return;
-        };
-        let slot = idem::slot(agent, key);
-        if let Some((s, entry)) = &mut self.group {
-            if *s == slot
-                && entry.fingerprint == e.fingerprint
-                && entry.first_seq + u64::from(entry.events) == e.seq
-            {
-                entry.events += 1;
-                return;
-            }
-        }
-        self.flush(agent, out);
-        self.group = Some((
-            slot,
-            idem::Entry {
-                fingerprint: e.fingerprint,
-                first_seq: e.seq,
-                events: 1,
-                at_ms: e.at_ms,
-            },
-        ));
-    }
-
-    fn flush(&mut self, agent: &AgentId, out: &mut NewestKeys) {
-        if let Some((slot, entry)) = self.group.take() {
-            out.push(RecoveredKey {
-                agent: agent.clone(),
-                slot,
-                entry,
-            });
-        }
-    }
-}
-
-/// Recovers one agent: evolves its journal tail, collects its keys inside the window.
+/// Recovers one agent: evolves its journal tail; with `keys`, collects its keys inside the
+/// window.
 fn recover_agent(
     storage: &dyn Storage,
     mut agent: AgentState,
     window_start_ms: u64,
-    keys: &mut NewestKeys,
+    keys: Option<&mut NewestKeys>,
 ) -> Result<(AgentState, u64), StoreError> {
     let id = agent.id.clone();
     let checkpoint_seq = agent.last_seq;
@@ -146,7 +101,7 @@ fn recover_agent(
     // to the window's start, then put them in sequence order.
     let mut before_checkpoint = Vec::new();
     let mut before = checkpoint_seq + 1;
-    loop {
+    while keys.is_some() {
         let page = storage.journal_rev(&id, before, PAGE_LEN)?;
         let full = page.len() == PAGE_LEN;
         let reached_window_start = page.iter().any(|e| e.at_ms < window_start_ms);
@@ -159,11 +114,7 @@ fn recover_agent(
             break;
         }
     }
-    let mut grouper = Grouper::default();
-    for e in before_checkpoint.iter().rev() {
-        grouper.feed(&id, e, keys);
-    }
-    drop(before_checkpoint);
+    let mut keyed: Vec<Event> = before_checkpoint.into_iter().rev().collect();
     let mut replayed = 0;
     loop {
         let tail = storage.journal(&id, agent.last_seq, PAGE_LEN)?;
@@ -172,13 +123,22 @@ fn recover_agent(
         }
         for e in &tail {
             agent = evolve(Some(agent), &id, e)?;
-            if e.at_ms >= window_start_ms {
-                grouper.feed(&id, e, keys);
-            }
             replayed += 1;
         }
+        if keys.is_some() {
+            keyed.extend(
+                tail.into_iter()
+                    .filter(|e| e.at_ms >= window_start_ms && e.idempotency_key.is_some()),
+            );
+        }
     }
-    grouper.flush(&id, keys);
+    if let Some(keys) = keys {
+        let mut found = Vec::new();
+        keyindex::keys_of(&id, &keyed, &mut found);
+        for (slot, entry) in found {
+            keys.push(RecoveredKey { slot, entry });
+        }
+    }
     agent.check_invariants()?;
     Ok((agent, replayed))
 }
@@ -186,11 +146,13 @@ fn recover_agent(
 /// One thread's share: its agents, its newest keys, entries replayed.
 type ChunkRecovered = (Vec<AgentState>, NewestKeys, u64);
 
-/// Loads and evolves every agent, on up to one thread per core.
+/// Loads and evolves every agent, on up to one thread per core; with `collect_keys`, also
+/// gathers the keys inside the window (the newest `idempotency_keys_max`).
 pub(crate) fn recover(
     storage: &dyn Storage,
     config: &EngineConfig,
     now_ms: u64,
+    collect_keys: bool,
 ) -> Result<Recovered, StoreError> {
     let checkpoints = storage.load_agents()?;
     let window_start_ms = now_ms.saturating_sub(config.idempotency_retention_ms);
@@ -206,7 +168,7 @@ pub(crate) fn recover(
         rest = tail;
     }
     chunks.push(rest);
-    let keys_max = config.idempotency_keys_max;
+    let keys_max = usize::try_from(config.idempotency_keys_max).unwrap_or(usize::MAX);
     let results: Vec<Result<ChunkRecovered, StoreError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = chunks
             .into_iter()
@@ -216,7 +178,12 @@ pub(crate) fn recover(
                     let mut agents = Vec::with_capacity(chunk.len());
                     let mut replayed = 0;
                     for agent in chunk {
-                        let (agent, n) = recover_agent(storage, agent, window_start_ms, &mut keys)?;
+                        let (agent, n) = recover_agent(
+                            storage,
+                            agent,
+                            window_start_ms,
+                            collect_keys.then_some(&mut keys),
+                        )?;
                         agents.push(agent);
                         replayed += n;
                     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::RwLock;
-use tally_core::idempotency::Verdict;
+use tally_core::idempotency::{judge, Seen, Verdict};
 use tally_core::{
     decide, evolve, AgentId, AgentState, Command, CommandKind, Event, EventKind, Outcome, PlanBook,
     RateState, Receipt,
@@ -86,7 +86,33 @@ impl Shared {
     }
 
     pub fn failure(&self) -> Option<SubmitError> {
-        self.failed.get().map(|r| SubmitError::Failed(r.clone()))
+        self.failed
+            .get()
+            .cloned()
+            .or_else(|| self.storage.failure())
+            .map(SubmitError::Failed)
+    }
+
+    /// Copies the store's gauges and counters into the metrics.
+    pub fn report_storage(&self) {
+        let m = &self.metrics;
+        m.index_backlog_events
+            .set(i64::try_from(self.storage.backlog_events()).unwrap_or(i64::MAX));
+        let k = self.storage.key_index_status();
+        m.idempotency_keys_on_disk
+            .set(i64::try_from(k.keys_on_disk).unwrap_or(i64::MAX));
+        m.idempotency_window_seconds
+            .set(i64::try_from(k.window_ms / 1_000).unwrap_or(i64::MAX));
+        // Counters move by what the store counted since the last report; only the
+        // committer and readiness checks report, and a lost race only delays a step.
+        let early = k
+            .evicted_early
+            .saturating_sub(m.idempotency_evicted_early_total.get());
+        m.idempotency_evicted_early_total.inc_by(early);
+        let lookups = k
+            .disk_lookups
+            .saturating_sub(m.idempotency_disk_lookups_total.get());
+        m.idempotency_disk_lookups_total.inc_by(lookups);
     }
 }
 
@@ -165,7 +191,6 @@ pub(crate) struct Shard {
     now_ms: u64,
     last_sweep_ms: u64,
     last_checkpoint_scan_ms: u64,
-    last_early_eviction_log: Option<Instant>,
     reported_index_len: i64,
 }
 
@@ -186,7 +211,6 @@ impl Shard {
             now_ms: 0,
             last_sweep_ms: 0,
             last_checkpoint_scan_ms: 0,
-            last_early_eviction_log: None,
             reported_index_len: 0,
         }
         .with_index_reported()
@@ -241,9 +265,30 @@ impl Shard {
         let keyed = cmd
             .idempotency_key
             .as_ref()
-            .map(|k| (idem::slot(&cmd.agent, k), cmd.fingerprint()));
-        if let Some((slot, fingerprint)) = keyed {
-            match self.index.judge(slot, fingerprint, now_ms) {
+            .map(|k| (k, idem::slot(&cmd.agent, k), cmd.fingerprint()));
+        if let Some((key, slot, fingerprint)) = keyed {
+            let judged = match self.index.judge(slot, fingerprint, now_ms) {
+                // Not in memory: the cache holds the newest use of every key it has, so
+                // only a key it does not have is looked for in the store.
+                (Verdict::New, None) => {
+                    match self.shared.storage.find_key(&cmd.agent, key, slot, now_ms) {
+                        Ok(found) => {
+                            let seen = found.map(|e| Seen {
+                                fingerprint: e.fingerprint,
+                                at_ms: e.at_ms,
+                            });
+                            let retention_ms = self.shared.config.idempotency_retention_ms;
+                            (judge(seen, fingerprint, now_ms, retention_ms), found)
+                        }
+                        Err(e) => {
+                            drop(reply.send(Err(self.shared.fail(e.to_string()))));
+                            return;
+                        }
+                    }
+                }
+                in_memory => in_memory,
+            };
+            match judged {
                 (Verdict::New, _) => {}
                 (Verdict::Conflict, _) => {
                     drop(reply.send(Ok(Reply::KeyReused)));
@@ -297,34 +342,18 @@ impl Shard {
             drop(reply.send(Err(e)));
             return;
         }
-        if let Some((slot, fingerprint)) = keyed {
+        if let Some((_, slot, fingerprint)) = keyed {
             let entry = idem::Entry {
                 fingerprint,
                 first_seq,
                 events: n as u32,
                 at_ms: now_ms,
             };
-            let evicted = self.index.insert(slot, entry, now_ms);
-            self.note_evictions(evicted);
+            // A key that leaves the cache is still on disk (or staged) for its window.
+            self.index.insert(slot, entry, now_ms);
+            self.shared.storage.note_key(slot, now_ms);
         }
         run.replies.push(Pending::Submit(reply, answer));
-    }
-
-    fn note_evictions(&mut self, evicted: idem::Evicted) {
-        let m = &self.shared.metrics;
-        if evicted.early > 0 {
-            m.idempotency_evicted_early_total.inc_by(evicted.early);
-            let quiet = self
-                .last_early_eviction_log
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(60));
-            if !quiet {
-                self.last_early_eviction_log = Some(Instant::now());
-                tracing::warn!(
-                    keys_max = self.shared.config.idempotency_keys_max,
-                    "idempotency key count bound reached: keys are forgotten before their retention window ends"
-                );
-            }
-        }
     }
 
     /// Evolves the agent with decided events and adds them to the run's writes.
@@ -419,10 +448,11 @@ impl Shard {
         let n = u64::from(entry.events);
         let mut events = run.events(agent, entry.first_seq, n);
         if events.is_empty() {
+            // The entries may not be durable yet: this answer waits for the group commit.
             events = self
                 .shared
                 .storage
-                .journal(agent, entry.first_seq - 1, n as usize)
+                .journal_staged(agent, entry.first_seq - 1, n as usize)
                 .map_err(|e| self.shared.fail(e.to_string()))?;
         }
         if events.len() as u64 != n {
@@ -466,8 +496,7 @@ impl Shard {
             for id in due {
                 self.expire_holds(&id, run);
             }
-            let evicted = self.index.evict(now_ms);
-            self.note_evictions(evicted);
+            self.index.evict(now_ms);
         }
         let interval = self.shared.config.checkpoint_interval_ms;
         let scan = stopping
@@ -553,10 +582,7 @@ pub(crate) fn run_committer(rx: Receiver<CommitBatch>, shared: Arc<Shared>) {
                 .observe(started.elapsed().as_secs_f64());
             shared.metrics.commit_batch_events.observe(events as f64);
             shared.metrics.commits_total.inc();
-            shared
-                .metrics
-                .index_backlog_events
-                .set(i64::try_from(shared.storage.backlog_events()).unwrap_or(i64::MAX));
+            shared.report_storage();
             result.err().map(|e| shared.fail(e.to_string()))
         } else {
             shared.failure()

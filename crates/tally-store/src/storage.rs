@@ -3,7 +3,7 @@
 //! agent, a Lua compare-and-set on the agent's version) fits the same shape.
 
 use serde::{Deserialize, Serialize};
-use tally_core::{AgentId, AgentState, Event};
+use tally_core::{AgentId, AgentState, Event, IdempotencyKey, TimestampMs};
 
 use crate::error::StoreError;
 
@@ -19,6 +19,36 @@ pub struct AgentWrite {
     pub events: Vec<Event>,
     /// A checkpoint of the agent record as of its newest event (in this write or before).
     pub checkpoint: Option<AgentState>,
+}
+
+/// What an idempotency key did: the fingerprint of the request that used it and the
+/// journal entries that request wrote (`first_seq`, `events` of them), at `at_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub fingerprint: u128,
+    pub first_seq: u64,
+    pub events: u32,
+    pub at_ms: TimestampMs,
+}
+
+/// The state of a backend's idempotency key index, for metrics and `/readyz`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyIndexStatus {
+    /// Keys held on disk (a key written twice by a crash and a replay counts twice).
+    pub keys_on_disk: u64,
+    /// The disk bound on keys.
+    pub keys_max: u64,
+    /// The configured retention window.
+    pub retention_ms: u64,
+    /// How far back keys are still known: `retention_ms`, unless the disk bound dropped
+    /// keys younger than that (then the window is cut to this).
+    pub window_ms: u64,
+    /// Keys dropped from disk inside their window because of the disk bound, ever (this run).
+    pub evicted_early: u64,
+    /// Lookups that a filter admitted and that therefore read the disk.
+    pub disk_lookups: u64,
+    /// Memory held by the key filters, in bytes (about 2 a key in the window).
+    pub filter_bytes: u64,
 }
 
 /// A durable backend. Writes are grouped: `apply` makes a batch visible and atomic (at
@@ -54,9 +84,57 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// Bytes on disk, for the operator.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 
+    /// Like [`Storage::journal`], but including entries applied and not yet durable: for
+    /// the engine's own idempotent replays, whose answers wait for the group commit anyway.
+    /// Client reads use `journal`, which shows durable entries only.
+    fn journal_staged(
+        &self,
+        agent: &AgentId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.journal(agent, after_seq, limit)
+    }
+
+    /// The newest use of `key` by `agent` (whose slot is `slot`) written at or after
+    /// `now_ms - retention`, in applied writes or in the key index; `None` when unknown.
+    fn find_key(
+        &self,
+        agent: &AgentId,
+        key: &IdempotencyKey,
+        slot: u128,
+        now_ms: TimestampMs,
+    ) -> Result<Option<KeyEntry>, StoreError>;
+
+    /// A key used at `at_ms` whose entries are about to be applied: lets the index find it
+    /// before it reaches the disk.
+    fn note_key(&self, slot: u128, at_ms: TimestampMs);
+
+    /// True when the key index must be rebuilt from the journal (a data directory from a
+    /// build without one, or whose index was deleted), before anything is served.
+    fn needs_key_backfill(&self) -> bool {
+        false
+    }
+
+    /// Writes the keys found in the journal into the key index and marks it complete.
+    fn backfill_keys(&self, _keys: Vec<(u128, KeyEntry)>) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The key index's size and effective window.
+    fn key_index_status(&self) -> KeyIndexStatus {
+        KeyIndexStatus::default()
+    }
+
     /// Journal entries applied but not yet where reads find them without help (for a
     /// backend that indexes behind its log); a gauge for the operator.
     fn backlog_events(&self) -> u64 {
         0
+    }
+
+    /// Why the backend stopped taking writes, if it did (a failed write or fsync, a panic
+    /// in a background thread): the engine is then not ready.
+    fn failure(&self) -> Option<String> {
+        None
     }
 }

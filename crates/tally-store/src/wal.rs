@@ -95,9 +95,12 @@ pub struct Replayed {
 }
 
 /// Reads every record of the log under `data_dir` in lsn order and hands each payload to
-/// `apply`.
+/// `apply`. Records after `applied_lsn` (the newest one the caller already holds
+/// elsewhere) must follow it without a gap; a gap below it is only a segment whose
+/// deletion failed or was interrupted, and is harmless.
 pub fn replay(
     data_dir: &Path,
+    applied_lsn: u64,
     mut apply: impl FnMut(u64, &[u8]) -> Result<(), StoreError>,
 ) -> Result<Replayed, StoreError> {
     let dir = data_dir.join(DIR_NAME);
@@ -106,9 +109,10 @@ pub fn replay(
     let mut torn_tail = false;
     for (i, (first_lsn, path)) in segments.iter().enumerate() {
         let bytes = fs::read(path).map_err(|e| io_err("reading", path, e))?;
-        if last_lsn != 0 && *first_lsn != last_lsn + 1 {
+        let follows = last_lsn.max(applied_lsn) + 1;
+        if *first_lsn > follows {
             return Err(StoreError::Io(format!(
-                "write-ahead log {} starts at lsn {first_lsn}, but the previous segment ends at {last_lsn}",
+                "write-ahead log {} starts at lsn {first_lsn}, but records from lsn {follows} on are missing",
                 path.display()
             )));
         }
@@ -195,6 +199,8 @@ pub struct WalWriter {
     allocated: u64,
     /// Every live segment, oldest first, by first lsn; the last one is `file`.
     segments: Vec<(u64, PathBuf)>,
+    /// `SEGMENT_BYTES_MAX`, smaller in tests that need many segments.
+    segment_bytes_max: u64,
 }
 
 impl WalWriter {
@@ -211,6 +217,7 @@ impl WalWriter {
             len: 0,
             allocated: 0,
             segments: vec![(first_lsn, path)],
+            segment_bytes_max: SEGMENT_BYTES_MAX,
         })
     }
 
@@ -239,7 +246,7 @@ impl WalWriter {
 
     /// Begins a new segment at `next_lsn` if the current one is full.
     pub fn rotate_if_full(&mut self, next_lsn: u64) -> Result<(), StoreError> {
-        if self.len < SEGMENT_BYTES_MAX {
+        if self.len < self.segment_bytes_max {
             return Ok(());
         }
         let path = segment_path(&self.dir, next_lsn);
@@ -251,6 +258,14 @@ impl WalWriter {
         Ok(())
     }
 
+    /// How many closed segments hold only records with an lsn at most `durable_lsn`.
+    pub fn obsolete_count(&self, durable_lsn: u64) -> usize {
+        self.segments
+            .windows(2)
+            .take_while(|w| w[1].0 <= durable_lsn.saturating_add(1))
+            .count()
+    }
+
     /// Removes from the live list, and returns, the closed segments whose every record has
     /// an lsn at most `durable_lsn`.
     pub fn take_obsolete(&mut self, durable_lsn: u64) -> Vec<PathBuf> {
@@ -259,6 +274,30 @@ impl WalWriter {
             obsolete.push(self.segments.remove(0).1);
         }
         obsolete
+    }
+
+    /// Puts back segments `take_obsolete` returned whose deletion failed, to be tried again.
+    pub fn restore_obsolete(&mut self, paths: Vec<PathBuf>) {
+        let mut restored: Vec<(u64, PathBuf)> = paths
+            .into_iter()
+            .filter(|p| p.exists())
+            .filter_map(|p| {
+                let lsn = p
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(SUFFIX)?
+                    .parse::<u64>()
+                    .ok()?;
+                Some((lsn, p))
+            })
+            .collect();
+        restored.append(&mut self.segments);
+        self.segments = restored;
+    }
+
+    #[cfg(test)]
+    pub fn set_segment_bytes_max(&mut self, bytes: u64) {
+        self.segment_bytes_max = bytes;
     }
 
     /// Removes from the live list, and returns, every segment including the current one;
@@ -294,9 +333,14 @@ fn open_segment(path: &Path) -> Result<File, StoreError> {
 mod tests {
     use super::*;
 
+    /// Every record, as if everything before the oldest segment were applied elsewhere.
     fn records_of(dir: &Path) -> (Vec<(u64, Vec<u8>)>, Replayed) {
+        let applied = list_segments(&dir.join(DIR_NAME))
+            .expect("lists")
+            .first()
+            .map_or(0, |(lsn, _)| lsn - 1);
         let mut out = Vec::new();
-        let r = replay(dir, |lsn, p| {
+        let r = replay(dir, applied, |lsn, p| {
             out.push((lsn, p.to_vec()));
             Ok(())
         })
@@ -397,7 +441,7 @@ mod tests {
         let mut bytes = fs::read(&first).expect("reads");
         bytes[HEADER_LEN] ^= 1;
         fs::write(&first, bytes).expect("writes");
-        let err = replay(tmp.path(), |_, _| Ok(())).expect_err("corrupt");
+        let err = replay(tmp.path(), 0, |_, _| Ok(())).expect_err("corrupt");
         assert!(err.to_string().contains("corrupt"), "{err}");
     }
 
@@ -437,6 +481,53 @@ mod tests {
                 proptest::prop_assert_eq!(g.1.as_slice(), *p);
             }
         }
+    }
+
+    #[test]
+    fn a_gap_below_the_applied_lsn_is_harmless_and_an_error_above_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut w = WalWriter::create(tmp.path(), 1).expect("creates");
+        append(&mut w, &[(1, b"one"), (2, b"two")]);
+        rotate(&mut w, 3);
+        append(&mut w, &[(3, b"three")]);
+        rotate(&mut w, 4);
+        append(&mut w, &[(4, b"four")]);
+        // The middle segment was deleted, the oldest not (its deletion failed).
+        fs::remove_file(&w.segments[1].1).expect("deletes");
+        let mut got = Vec::new();
+        let r = replay(tmp.path(), 3, |lsn, _| {
+            got.push(lsn);
+            Ok(())
+        })
+        .expect("a gap below what is applied elsewhere is harmless");
+        assert_eq!(got, vec![1, 2, 4]);
+        assert_eq!(r.last_lsn, 4);
+        let err = replay(tmp.path(), 2, |_, _| Ok(())).expect_err("lsn 3 is needed and missing");
+        assert!(err.to_string().contains("missing"), "{err}");
+        // The oldest segment gone too: the log must still begin right after what is applied.
+        fs::remove_file(&w.segments[0].1).expect("deletes");
+        assert!(replay(tmp.path(), 3, |_, _| Ok(())).is_ok());
+        assert!(replay(tmp.path(), 1, |_, _| Ok(())).is_err());
+    }
+
+    #[test]
+    fn segments_whose_deletion_failed_are_kept_for_the_next_try() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut w = WalWriter::create(tmp.path(), 1).expect("creates");
+        append(&mut w, &[(1, b"one")]);
+        rotate(&mut w, 2);
+        append(&mut w, &[(2, b"two")]);
+        rotate(&mut w, 3);
+        let obsolete = w.take_obsolete(2);
+        assert_eq!(obsolete.len(), 2);
+        w.restore_obsolete(obsolete.clone());
+        assert_eq!(w.take_obsolete(2), obsolete, "offered again, oldest first");
+        remove(&obsolete).expect("removes");
+        w.restore_obsolete(obsolete);
+        assert!(
+            w.take_obsolete(2).is_empty(),
+            "deleted ones are not offered again"
+        );
     }
 
     #[test]

@@ -3,20 +3,27 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::*;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use tally_core::{AgentId, AgentState, CommandKind, Event};
-use tally_store::{AgentWrite, Engine, ManualClock, SledStorage, Storage, StoreError, SubmitError};
+use tally_core::{AgentId, AgentState, CommandKind, Event, IdempotencyKey};
+use tally_store::{
+    AgentWrite, Engine, KeyEntry, ManualClock, SledStorage, Storage, StoreError, SubmitError,
+};
 
-/// Sled, with a gate in `apply` and a switch that makes `sync` fail.
+/// Sled, with gates in `apply` and `journal_rev`, a count of `journal_rev` calls and a
+/// switch that makes `sync` fail.
 #[derive(Debug)]
 struct Gated {
     inner: SledStorage,
     gate: Mutex<Option<(Sender<()>, Receiver<()>)>>,
+    rev_gate: Mutex<Option<(Sender<()>, Receiver<()>)>>,
+    rev_calls: AtomicU64,
     fail_sync: AtomicBool,
+    /// What a background thread of the store reported, if anything.
+    background_failure: Mutex<Option<String>>,
 }
 
 impl Storage for Gated {
@@ -51,10 +58,40 @@ impl Storage for Gated {
         before_seq: u64,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
+        self.rev_calls.fetch_add(1, Ordering::SeqCst);
+        let gate = self.rev_gate.lock().expect("lock").clone();
+        if let Some((entered, release)) = gate {
+            entered.send(()).expect("test listens");
+            release.recv().expect("test releases");
+        }
         self.inner.journal_rev(agent, before_seq, limit)
     }
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.inner.size_on_disk()
+    }
+    fn journal_staged(
+        &self,
+        agent: &AgentId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.inner.journal_staged(agent, after_seq, limit)
+    }
+    fn find_key(
+        &self,
+        agent: &AgentId,
+        key: &IdempotencyKey,
+        slot: u128,
+        now_ms: u64,
+    ) -> Result<Option<KeyEntry>, StoreError> {
+        self.inner.find_key(agent, key, slot, now_ms)
+    }
+    fn note_key(&self, slot: u128, at_ms: u64) {
+        self.inner.note_key(slot, at_ms)
+    }
+    fn failure(&self) -> Option<String> {
+        let injected = self.background_failure.lock().expect("lock").clone();
+        injected.or_else(|| self.inner.failure())
     }
 }
 
@@ -62,7 +99,10 @@ fn gated(dir: &std::path::Path) -> Arc<Gated> {
     Arc::new(Gated {
         inner: SledStorage::open(dir, 8 << 20).expect("opens"),
         gate: Mutex::new(None),
+        rev_gate: Mutex::new(None),
+        rev_calls: AtomicU64::new(0),
         fail_sync: AtomicBool::new(false),
+        background_failure: Mutex::new(None),
     })
 }
 
@@ -175,6 +215,153 @@ async fn a_failed_fsync_stops_the_engine() {
             .await,
         Err(SubmitError::Failed(_))
     ));
+    assert!(
+        engine.shutdown().await.is_err(),
+        "shutdown reports the failure"
+    );
+}
+
+/// Usage of a period scans the journal back from its newest entry; the scan is bounded,
+/// stops when nobody waits for it, and does not happen at all for a period before the
+/// agent existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_scans_are_bounded_at_their_edge_and_skip_periods_before_the_agent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = gated(dir.path());
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let mut c = config(dir.path());
+    // Exactly the agent's 22 entries.
+    c.usage_scan_entries_max = 22;
+    let engine =
+        Engine::open_with(storage.clone(), c.clone(), plans(), clock.clone(), None).expect("opens");
+    let a = agent("a");
+    create_funded(&engine, &a, "default", 1_000).await;
+    for i in 0..20 {
+        approve(
+            &engine,
+            cmd(
+                &a,
+                CommandKind::Debit { amount_micros: 1 },
+                &format!("d{i}"),
+            ),
+        )
+        .await;
+    }
+    let period = tally_core::period::period_of(T0_MS, 1);
+    let usage = engine
+        .usage(&a, period)
+        .await
+        .expect("answers")
+        .expect("exists");
+    assert_eq!((usage.debits, usage.spent_micros), (20, 20));
+    // One entry more than the bound: refused, not read whole.
+    approve(
+        &engine,
+        cmd(&a, CommandKind::Debit { amount_micros: 1 }, "d20"),
+    )
+    .await;
+    assert_eq!(
+        engine.usage(&a, period).await,
+        Err(SubmitError::ScanTooLarge { entries_max: 22 })
+    );
+    // A period that ended before the agent was created reads nothing.
+    let calls = storage.rev_calls.load(Ordering::SeqCst);
+    let long_ago = tally_core::PeriodKey::new(1970, 1).expect("valid");
+    let usage = engine
+        .usage(&a, long_ago)
+        .await
+        .expect("answers")
+        .expect("exists");
+    assert_eq!(usage.debits, 0);
+    assert_eq!(
+        storage.rev_calls.load(Ordering::SeqCst),
+        calls,
+        "no journal read"
+    );
+    engine.shutdown().await.expect("shuts down");
+}
+
+/// A caller that goes away (a timed-out request) stops a usage scan after the page it is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_scan_stops_when_its_caller_goes_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = gated(dir.path());
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let engine = Engine::open_with(storage.clone(), config(dir.path()), plans(), clock, None)
+        .expect("opens");
+    let a = agent("a");
+    create_funded(&engine, &a, "default", 1_000_000).await;
+    // More than one page (4,096 entries) to scan.
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let engine = engine.clone();
+        let a = a.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..520 {
+                let k = format!("d{t}-{i}");
+                approve(
+                    &engine,
+                    cmd(&a, CommandKind::Debit { amount_micros: 1 }, &k),
+                )
+                .await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("joins");
+    }
+    let period = tally_core::period::period_of(T0_MS, 1);
+    let (entered_tx, entered_rx) = bounded(4);
+    let (release_tx, release_rx) = bounded(4);
+    *storage.rev_gate.lock().expect("lock") = Some((entered_tx, release_rx));
+    let scan = tokio::spawn({
+        let engine = engine.clone();
+        let a = a.clone();
+        async move { engine.usage(&a, period).await }
+    });
+    let entered_rx = tokio::task::spawn_blocking(move || {
+        entered_rx.recv().expect("the scan read a page");
+        entered_rx
+    })
+    .await
+    .expect("joins");
+    scan.abort();
+    assert!(scan.await.expect_err("aborted").is_cancelled());
+    let calls = storage.rev_calls.load(Ordering::SeqCst);
+    release_tx.send(()).expect("releases");
+    let more = tokio::task::spawn_blocking(move || {
+        entered_rx.recv_timeout(std::time::Duration::from_millis(500))
+    })
+    .await
+    .expect("joins");
+    assert!(more.is_err(), "the scan went on after its caller left");
+    assert_eq!(storage.rev_calls.load(Ordering::SeqCst), calls);
+    *storage.rev_gate.lock().expect("lock") = None;
+    engine.shutdown().await.expect("shuts down");
+}
+
+/// A store whose background thread failed (the indexer panicked inside sled, say) makes
+/// the engine unready at once, with no command needed to notice, and refuses writes
+/// instead of queueing them forever.
+#[tokio::test]
+async fn a_failed_storage_thread_makes_the_engine_unready() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = gated(dir.path());
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let engine = Engine::open_with(storage.clone(), config(dir.path()), plans(), clock, None)
+        .expect("opens");
+    let a = agent("a");
+    approve(&engine, cmd(&a, create("default"), "c")).await;
+    assert!(engine.is_ready());
+    *storage.background_failure.lock().expect("lock") = Some("the indexer panicked".into());
+    assert!(!engine.is_ready());
+    let refused = engine
+        .submit(cmd(&a, CommandKind::Credit { amount_micros: 5 }, "t"))
+        .await;
+    assert!(
+        matches!(refused, Err(SubmitError::Failed(ref why)) if why.contains("indexer")),
+        "{refused:?}"
+    );
     assert!(
         engine.shutdown().await.is_err(),
         "shutdown reports the failure"

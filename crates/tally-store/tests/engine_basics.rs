@@ -5,8 +5,8 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use tally_core::{CommandError, CommandKind, Denial, Outcome, PeriodKey};
-use tally_store::{ManualClock, Reply};
+use tally_core::{AgentId, CommandError, CommandKind, Denial, Outcome, PeriodKey};
+use tally_store::{Engine, ManualClock, Reply};
 
 #[tokio::test]
 async fn debit_replay_conflict_and_restart() {
@@ -206,17 +206,118 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// The 24 h window is time, not memory: with only 1,000 keys held in memory, keys a
+/// hundred thousand requests old still replay after a restart, from the index on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_outlive_the_memory_bound_and_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let mut c = config(dir.path());
+    c.idempotency_memory_keys_max = 1_000;
+    let agents: Vec<AgentId> = (0..8).map(|i| agent(&format!("a{i}"))).collect();
+    let debit = |i: u64| CommandKind::Debit {
+        amount_micros: 1 + i % 7,
+    };
+    let total: u64 = (0..100_000).map(|i| 1 + i % 7).sum();
+    let engine = Engine::open(c.clone(), plans(), clock.clone(), None).expect("opens");
+    for a in &agents {
+        create_funded(&engine, a, "default", total).await;
+    }
+    let mut tasks = Vec::new();
+    for t in 0..16u64 {
+        let engine = engine.clone();
+        let agents = agents.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (t..100_000).step_by(16) {
+                let a = &agents[(i % 8) as usize];
+                approve(&engine, cmd(a, debit(i), &format!("d{i}"))).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("joins");
+    }
+    // Time moves on (an hour), so the keys are in finished hours of the index.
+    clock.set(T0_MS + 3_600_000);
+    engine.shutdown().await.expect("shuts down");
+    drop(engine);
+    let engine = Engine::open(c, plans(), clock.clone(), None).expect("reopens");
+    let balances_before: Vec<u64> = {
+        let mut b = Vec::new();
+        for a in &agents {
+            b.push(
+                engine
+                    .agent(a)
+                    .await
+                    .expect("reads")
+                    .expect("exists")
+                    .balance_micros,
+            );
+        }
+        b
+    };
+    for i in 0..1_000u64 {
+        let a = &agents[(i % 8) as usize];
+        let reply = engine
+            .submit(cmd(a, debit(i), &format!("d{i}")))
+            .await
+            .expect("submits");
+        match reply {
+            Reply::Decided {
+                outcome: Outcome::Approved(r),
+                replayed: true,
+                ..
+            } => assert_eq!(
+                r.amount_micros,
+                1 + i % 7,
+                "key d{i} replays its own receipt"
+            ),
+            other => panic!("key d{i} was not replayed: {other:?}"),
+        }
+    }
+    let other_body = engine
+        .submit(cmd(
+            &agents[0],
+            CommandKind::Debit { amount_micros: 99 },
+            "d0",
+        ))
+        .await
+        .expect("submits");
+    assert_eq!(other_body, Reply::KeyReused);
+    for (a, before) in agents.iter().zip(balances_before) {
+        let after = engine
+            .agent(a)
+            .await
+            .expect("reads")
+            .expect("exists")
+            .balance_micros;
+        assert_eq!(after, before, "retries charged nothing to {a}");
+    }
+    let status = engine.key_index_status();
+    assert!(status.keys_on_disk >= 100_000, "{status:?}");
+    assert_eq!(status.window_ms, status.retention_ms, "nothing was cut");
+    assert!(
+        engine.metrics().idempotency_records.get() <= 1_000,
+        "memory holds at most the bound"
+    );
+    engine.shutdown().await.expect("shuts down");
+}
+
+/// The disk bound on keys: past it the oldest hours go, and the shorter window is said.
 #[tokio::test]
-async fn idempotency_index_stays_within_its_key_bound() {
+async fn the_key_disk_bound_cuts_the_window_and_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new(T0_MS));
     let mut c = config(dir.path());
     c.shards = 1;
-    c.idempotency_keys_max = 10;
-    let engine = tally_store::Engine::open(c, plans(), clock.clone(), None).expect("opens");
+    c.idempotency_memory_keys_max = 10;
+    c.idempotency_keys_max = 30;
+    let engine = Engine::open(c, plans(), clock.clone(), None).expect("opens");
     let a = agent("a");
     create_funded(&engine, &a, "default", 1_000_000).await;
-    for i in 0..100 {
+    // Ten keyed debits in each of four hours: 42 keys with the create and the credit.
+    for i in 0..40u64 {
+        clock.set(T0_MS + (i / 10) * 3_600_000 + i);
         approve(
             &engine,
             cmd(
@@ -227,18 +328,26 @@ async fn idempotency_index_stays_within_its_key_bound() {
         )
         .await;
     }
-    // The shard reports its index size when it commits; a read goes through the same path.
-    engine.agent(&a).await.expect("reads");
-    let m = engine.metrics();
-    assert_eq!(m.idempotency_records.get(), 10);
-    assert_eq!(m.idempotency_evicted_early_total.get(), 102 - 10);
-    // The newest keys still replay...
+    let started = std::time::Instant::now();
+    let status = loop {
+        let status = engine.key_index_status();
+        if status.window_ms < status.retention_ms && status.keys_on_disk <= 30 {
+            break status;
+        }
+        assert!(started.elapsed().as_secs() < 20, "no cut: {status:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.evicted_early >= 12, "{status:?}");
+    assert_eq!(
+        engine.metrics().idempotency_evicted_early_total.get(),
+        status.evicted_early
+    );
+    // A key of the newest hour still replays; one of the hour that was dropped does not.
     let replay = engine
-        .submit(cmd(&a, CommandKind::Debit { amount_micros: 1 }, "d99"))
+        .submit(cmd(&a, CommandKind::Debit { amount_micros: 1 }, "d39"))
         .await
         .expect("submits");
     assert!(matches!(replay, Reply::Decided { replayed: true, .. }));
-    // ...the oldest were forgotten early: that is the documented cost of the bound.
     let forgotten = engine
         .submit(cmd(&a, CommandKind::Debit { amount_micros: 1 }, "d0"))
         .await

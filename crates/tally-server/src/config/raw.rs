@@ -49,9 +49,12 @@ pub(super) struct RawEngine {
     pub(super) sled_cache_bytes: Option<u64>,
     pub(super) checkpoint_interval_ms: Option<u64>,
     pub(super) idempotency_retention_ms: Option<u64>,
-    pub(super) idempotency_keys_max: Option<usize>,
+    pub(super) idempotency_keys_max: Option<u64>,
+    pub(super) idempotency_memory_keys_max: Option<usize>,
     pub(super) hold_sweep_interval_ms: Option<u64>,
     pub(super) index_backlog_events_max: Option<usize>,
+    pub(super) index_backlog_bytes_max: Option<usize>,
+    pub(super) usage_scan_entries_max: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
