@@ -146,7 +146,7 @@ fn build() -> Value {
             "top_up": {"type": "string"},
             "accepts": {"type": "array", "items": {"type": "object", "required": ["scheme", "network", "amount", "asset", "payTo", "maxTimeoutSeconds"], "properties": {
                 "scheme": {"type": "string"}, "network": {"type": "string"}, "amount": {"type": "string", "pattern": "^[0-9]+$"},
-                "asset": {"type": "string"}, "payTo": {"type": "string"}, "maxTimeoutSeconds": {"type": "integer"}, "extra": {"nullable": true}}}},
+                "asset": {"type": "string"}, "payTo": {"type": "string"}, "maxTimeoutSeconds": {"type": "integer"}, "extra": {"type": "object"}}}},
         })),
         "Limited": problem_fields(json!({
             "retry_after_ms": u64_schema(), "bucket": {"type": "string"},

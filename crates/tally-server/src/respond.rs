@@ -258,11 +258,15 @@ pub fn classify(
                             cmd.agent,
                             route_segment(&cmd.kind)
                         );
-                        let accepts = json!([{
+                        let mut offer = json!({
                             "scheme": x.scheme, "network": x.network, "amount": needed.to_string(),
                             "asset": x.asset, "payTo": x.pay_to, "maxTimeoutSeconds": x.max_timeout_seconds,
-                            "extra": x.extra,
-                        }]);
+                        });
+                        // x402 v2: `extra` is an optional object; absent, never null.
+                        if let (Some(extra), Some(o)) = (&x.extra, offer.as_object_mut()) {
+                            o.insert("extra".into(), extra.clone().into());
+                        }
+                        let accepts = json!([offer]);
                         let required = json!({
                             "x402Version": 2,
                             "error": "insufficient funds",

@@ -1055,3 +1055,35 @@ async fn unavailable_503_overloaded_when_a_shard_queue_is_full() {
         .count() as u64;
     assert_eq!(a.body["debited_total_micros"], debits);
 }
+
+#[tokio::test]
+async fn payment_required_402_omits_x402_extra_when_none_is_configured() {
+    let no_extra = X402.replace("extra = { name = \"USDC\", version = \"2\" }\n", "");
+    assert_ne!(no_extra, X402);
+    let s = TestServer::start_with(config(&no_extra)).await;
+    s.agent("a1", "default", 100).await;
+    let d = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("d"),
+            Some(json!({"amount_micros": 500})),
+        )
+        .await;
+    d.assert_problem(402, "insufficient-funds");
+    // x402 v2: `extra` is an optional object, absent when unset (never null).
+    let accepts = &d.body["accepts"][0];
+    assert_eq!(accepts["amount"], "400");
+    assert!(accepts.get("extra").is_none(), "{accepts}");
+    let header = d.header("payment-required").expect("PAYMENT-REQUIRED");
+    let decoded: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(header)
+            .expect("base64"),
+    )
+    .expect("json");
+    assert!(decoded["accepts"][0].get("extra").is_none(), "{decoded}");
+    assert_eq!(decoded["accepts"][0], *accepts);
+    s.stop().await;
+}
