@@ -1087,3 +1087,30 @@ async fn payment_required_402_omits_x402_extra_when_none_is_configured() {
     assert_eq!(decoded["accepts"][0], *accepts);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn ratelimit_t_is_the_wait_for_the_next_request_on_a_201_and_on_the_429_after_it() {
+    let s = TestServer::start().await;
+    // `limited`: 2 per 60 s, so one more request every 30 s.
+    s.agent("a1", "limited", 1_000_000).await;
+    let debit = |key: &'static str| {
+        s.call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some(key),
+            Some(json!({"amount_micros": 1})),
+        )
+    };
+    let first = debit("k1").await;
+    assert_eq!(first.header("ratelimit"), Some("\"default\";r=1;t=30"));
+    let emptied = debit("k2").await;
+    assert_eq!(emptied.status, 201, "{}", emptied.text);
+    let limited = debit("k3").await;
+    limited.assert_problem(429, "rate-limited");
+    // The same bucket at the same instant: the same answer, and t is when the next
+    // request will be admitted (not when the bucket is full again, 60 s away).
+    assert_eq!(limited.header("ratelimit"), Some("\"default\";r=0;t=30"));
+    assert_eq!(emptied.header("ratelimit"), limited.header("ratelimit"));
+    s.stop().await;
+}
