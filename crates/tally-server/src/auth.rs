@@ -116,7 +116,10 @@ impl Authenticator {
         }
     }
 
-    /// The role of the request's token, or 401/400 as a problem.
+    /// The role of the request's token, or 401/400 as a problem. No `Authorization`
+    /// header, another scheme or an empty bearer token is a request without a token (a
+    /// plain challenge); a bearer token that is too long or matches no configured hash is
+    /// an invalid one (`error="invalid_token"`).
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Role, Problem> {
         let mut values = headers.get_all(header::AUTHORIZATION).iter();
         let value = values
@@ -126,7 +129,7 @@ impl Authenticator {
             return Err(Problem::invalid("more than one Authorization header"));
         }
         if value.len() > self.header_bytes_max {
-            return Err(Problem::unauthorized(
+            return Err(Problem::invalid_token(
                 "the Authorization header is too long",
             ));
         }
@@ -149,7 +152,7 @@ impl Authenticator {
                 found = Some(t.role);
             }
         }
-        found.ok_or_else(|| Problem::unauthorized("unknown token"))
+        found.ok_or_else(|| Problem::invalid_token("unknown token"))
     }
 
     /// Authenticates and checks the role against what the route needs (401 / 403).
@@ -375,6 +378,32 @@ mod tests {
             auth.authorize(&headers(&long), Need::Read)
                 .map_err(|p| p.status.as_u16()),
             Err(401)
+        );
+    }
+
+    #[test]
+    fn only_a_presented_token_that_is_not_ours_is_an_invalid_token() {
+        let auth = Authenticator::new(vec![TokenHash::of_token("a", Role::Admin, "adm")], 64);
+        let challenge = |h: &HeaderMap| {
+            let p = auth.authorize(h, Need::Read).expect_err("401");
+            assert_eq!(p.status.as_u16(), 401);
+            let (_, v) = p
+                .headers
+                .iter()
+                .find(|(n, _)| *n == header::WWW_AUTHENTICATE)
+                .expect("a challenge")
+                .clone();
+            v.to_str().expect("ascii").to_owned()
+        };
+        let plain = "Bearer realm=\"tally\"";
+        let invalid = "Bearer realm=\"tally\", error=\"invalid_token\"";
+        assert_eq!(challenge(&HeaderMap::new()), plain);
+        assert_eq!(challenge(&headers("Basic adm")), plain);
+        assert_eq!(challenge(&headers("Bearer ")), plain);
+        assert_eq!(challenge(&headers("Bearer nope")), invalid);
+        assert_eq!(
+            challenge(&headers(&format!("Bearer {}", "x".repeat(64)))),
+            invalid
         );
     }
 

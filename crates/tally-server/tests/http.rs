@@ -320,14 +320,20 @@ async fn bad_request_400() {
 #[tokio::test]
 async fn unauthorized_401() {
     let s = TestServer::start().await;
+    // No credentials: a plain challenge, no error code (RFC 6750 §3.1).
     let none = s.send(s.http.get(s.url("/v1/agents"))).await;
     none.assert_problem(401, "unauthorized");
-    assert!(none
-        .header("www-authenticate")
-        .is_some_and(|v| v.starts_with("Bearer")));
+    assert_eq!(
+        none.header("www-authenticate"),
+        Some("Bearer realm=\"tally\"")
+    );
+    // A bearer token that is not one of ours: error="invalid_token" (RFC 6750 §3).
     let bad = s.call("GET", "/v1/agents", "wrong", None, None).await;
     bad.assert_problem(401, "unauthorized");
-    assert!(bad.header("www-authenticate").is_some());
+    assert_eq!(
+        bad.header("www-authenticate"),
+        Some("Bearer realm=\"tally\", error=\"invalid_token\"")
+    );
     // Auth comes before the body is even read.
     let r = s
         .send(s.http.post(s.url("/v1/agents/a1/debits")).body("not json"))
