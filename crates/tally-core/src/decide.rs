@@ -13,7 +13,6 @@ use crate::error::CommandError;
 use crate::event::{Event, EventKind};
 use crate::money::{add, sub};
 use crate::outcome::{Denial, Outcome, Receipt};
-use crate::period::period_of;
 use crate::plan::{Plan, PlanBook};
 use crate::rate::{RateState, RateStatus};
 use crate::state::{AgentState, Status};
@@ -116,7 +115,7 @@ pub fn decide(
                 return Ok(Decision::denied(denial));
             }
             // Overflows are rejected before the cell is taken: a rejection changes nothing.
-            let period = period_of(now_ms, plan.anchor_day);
+            let period = s.period_at(now_ms, plan.anchor_day);
             add(s.debited_total_micros, amount)?;
             add(s.spent_in(period), amount)?;
             let balance = sub(s.balance_micros, amount)?;
@@ -194,7 +193,7 @@ pub fn decide(
                     held_micros: hold.amount_micros,
                 });
             }
-            let period = period_of(now_ms, plan.anchor_day);
+            let period = s.period_at(now_ms, plan.anchor_day);
             let released = hold.amount_micros - amount_micros;
             add(s.debited_total_micros, *amount_micros)?;
             add(s.spent_in(period), *amount_micros)?;
@@ -359,7 +358,7 @@ fn cap_or_funds(
     now_ms: TimestampMs,
 ) -> Option<Denial> {
     if let Some(cap_micros) = plan.monthly_cap_micros {
-        let period = period_of(now_ms, plan.anchor_day);
+        let period = s.period_at(now_ms, plan.anchor_day);
         let spent = s.spent_in(period);
         // Open holds are money already promised, so they count against the cap.
         let committed = u128::from(spent) + u128::from(s.held_micros) + u128::from(amount);

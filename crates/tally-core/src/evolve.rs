@@ -179,6 +179,8 @@ fn spend(
     amount_micros: u64,
     period: crate::PeriodKey,
 ) -> Result<(), &'static str> {
+    // `decide` never spends in a period older than the agent's (`AgentState::period_at`);
+    // journals written before that rule may, and replay as they were acknowledged.
     if period > s.period {
         s.period = period;
         s.period_spent_micros = 0;

@@ -30,8 +30,16 @@ pub struct RateStatus {
     pub window_ms: u64,
     /// Requests that would still be admitted right now.
     pub remaining: u64,
-    /// Milliseconds until `remaining` is back to the full burst.
-    pub reset_ms: u64,
+    /// Milliseconds until one more request is available than `remaining` says (the
+    /// bucket gains a cell every `window / quota`): when it is empty, the wait before the
+    /// next request is admitted, the same as a denial's `retry_after_ms`; 0 when full.
+    ///
+    /// This is the `t` of the `RateLimit` header in draft-ietf-httpapi-ratelimit-headers
+    /// (-10: "the number of seconds until additional quota ... is made available"; -11
+    /// words it as the window within which no more than `r` can be used, which for GCRA
+    /// is the same time). Not the time until the bucket is full again: a 201 that empties
+    /// the bucket and the 429 right after it must say the same.
+    pub next_refill_ms: u64,
 }
 
 /// A denial by the limiter.
@@ -64,16 +72,31 @@ fn remaining(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> u64 {
     remaining.min(u64::from(bucket.burst))
 }
 
-fn status_of(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> RateStatus {
+/// Nanoseconds until a bucket admits one request more than it would at `now_ns`.
+fn next_refill_ns(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> u64 {
+    if remaining(bucket, tat_ns, now_ns) >= u64::from(bucket.burst) {
+        return 0;
+    }
     let t = bucket.emission_interval_ns();
     let floor = now_ns.saturating_add(t);
     let tat = tat_ns.unwrap_or(floor).max(floor);
+    let horizon = now_ns.saturating_add(bucket.tolerance_ns());
+    if tat > horizon {
+        // Empty: the first cell comes when the horizon reaches the TAT.
+        tat - horizon
+    } else {
+        // A cell more each time the horizon gains another T on the TAT.
+        t - (horizon - tat) % t
+    }
+}
+
+fn status_of(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> RateStatus {
     RateStatus {
         bucket: bucket.name.clone(),
         quota: bucket.quota,
         window_ms: bucket.window_ms,
         remaining: remaining(bucket, tat_ns, now_ns),
-        reset_ms: (tat - floor).div_ceil(NANOS_PER_MS),
+        next_refill_ms: next_refill_ns(bucket, tat_ns, now_ns).div_ceil(NANOS_PER_MS),
     }
 }
 
@@ -207,6 +230,37 @@ mod tests {
                 50
             );
         }
+    }
+
+    #[test]
+    fn next_refill_is_the_wait_for_one_more_request_and_agrees_with_a_denial() {
+        // Three per 3 s, burst 3: a cell every second.
+        let plan = plan_with(vec![RateBucket::new("default", 3, 3_000, 3).expect("valid")]);
+        let mut rs = RateState::default();
+        let t0 = 1_700_000_000_000;
+        let full = rs.peek(&plan, t0).expect("admits").expect("one bucket");
+        assert_eq!((full.remaining, full.next_refill_ms), (3, 0));
+        let mut statuses = Vec::new();
+        for at in [t0, t0, t0 + 400] {
+            let st = rs.acquire(&plan, at).expect("admits").expect("one bucket");
+            statuses.push((st.remaining, st.next_refill_ms));
+        }
+        // One cell comes back every second whatever is left: 1 s after t0, then 0.6 s
+        // after t0 + 0.4 s, never the 3 s (or 2.6 s) until the bucket is full.
+        assert_eq!(statuses, [(2, 1_000), (1, 1_000), (0, 600)]);
+        let denied = rs.acquire(&plan, t0 + 400).expect_err("empty");
+        assert_eq!(denied.retry_after_ms, 600);
+        assert_eq!(
+            (denied.status.remaining, denied.status.next_refill_ms),
+            (0, 600),
+            "the denial and the last admission agree"
+        );
+        // Mid-way between two cells, the next one is the rest of the second.
+        let later = rs
+            .peek(&plan, t0 + 1_250)
+            .expect("admits")
+            .expect("one bucket");
+        assert_eq!((later.remaining, later.next_refill_ms), (1, 750));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::InvariantError;
 use crate::id::{AgentId, PlanName};
-use crate::period::PeriodKey;
+use crate::period::{period_of, PeriodKey};
 use crate::TimestampMs;
 
 /// Whether an agent may spend.
@@ -61,6 +61,22 @@ pub struct AgentState {
 }
 
 impl AgentState {
+    /// The period a spend at `now_ms` counts in, for a plan whose periods start on
+    /// `anchor_day`: the period of `now_ms`, unless the agent already spends in a later one.
+    ///
+    /// A period is named by the month it starts in, and the period an agent spends in
+    /// never moves backwards. When the anchor day moves later (the agent moves to another
+    /// plan, or its plan's `anchor_day` changes in the config), `now_ms` can fall in a
+    /// period older than the one the agent already spends in: the spend keeps counting in
+    /// that current period, which now ends where the period of its name ends under the new
+    /// anchor day (spent on Jan 10 under anchor 1, then moved to anchor 28: January's
+    /// period runs Jan 1 – Feb 28, and its cap is not reopened on Jan 28). When the anchor
+    /// day moves earlier, `now_ms` can fall in a newer period, which starts at once.
+    /// Either way each named period holds at most the cap, and `resets_at` is when it ends.
+    pub fn period_at(&self, now_ms: TimestampMs, anchor_day: u8) -> PeriodKey {
+        period_of(now_ms, anchor_day).max(self.period)
+    }
+
     /// Spend in `period`: the recorded spend if it is the agent's current period, else 0.
     pub fn spent_in(&self, period: PeriodKey) -> u64 {
         if self.period == period {

@@ -21,6 +21,7 @@ use crate::config::{Config, Limits, X402};
 use crate::metrics::Metrics;
 use crate::problem::Problem;
 use crate::routes;
+use crate::serve;
 
 /// Everything handlers share. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -222,6 +223,7 @@ pub fn router(st: AppState) -> Router {
         .route("/openapi.json", get(routes::openapi))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(middleware::from_fn(serve::limit_header_bytes))
         .layer(middleware::from_fn_with_state(st.clone(), observe))
         .layer(DefaultBodyLimit::max(st.limits().body_bytes_max))
         .with_state(st)
@@ -301,10 +303,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             Engine::open(engine_config, plans, clock, Some(&registry))
         });
         let mut serve_rx = rx.clone();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let server = serve::serve(listener, app, async move {
             let _ = serve_rx.wait_for(|stop| *stop).await;
         });
-        let serving = tokio::spawn(async move { server.await });
+        let serving = tokio::spawn(server);
         let engine = tokio::select! {
             opened = opening => match opened? {
                 Ok(engine) => engine,

@@ -116,7 +116,10 @@ impl Authenticator {
         }
     }
 
-    /// The role of the request's token, or 401/400 as a problem.
+    /// The role of the request's token, or 401/400 as a problem. No `Authorization`
+    /// header, another scheme or an empty bearer token is a request without a token (a
+    /// plain challenge); a bearer token that is too long or matches no configured hash is
+    /// an invalid one (`error="invalid_token"`).
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Role, Problem> {
         let mut values = headers.get_all(header::AUTHORIZATION).iter();
         let value = values
@@ -126,7 +129,7 @@ impl Authenticator {
             return Err(Problem::invalid("more than one Authorization header"));
         }
         if value.len() > self.header_bytes_max {
-            return Err(Problem::unauthorized(
+            return Err(Problem::invalid_token(
                 "the Authorization header is too long",
             ));
         }
@@ -149,7 +152,7 @@ impl Authenticator {
                 found = Some(t.role);
             }
         }
-        found.ok_or_else(|| Problem::unauthorized("unknown token"))
+        found.ok_or_else(|| Problem::invalid_token("unknown token"))
     }
 
     /// Authenticates and checks the role against what the route needs (401 / 403).
@@ -176,16 +179,32 @@ pub struct Bootstrap {
 }
 
 /// Loads `<data_dir>/admin-token.sha256`, or when it does not exist and `generate` is
-/// true, makes a random 32-byte token and stores its hash there (mode 0600).
+/// true, makes a random 32-byte token and stores its hash there (mode 0600), written
+/// through a temporary file ([`write_file_atomically`]) so that a crash leaves either no
+/// file or the whole hash.
+///
+/// A file with nothing but whitespace in it counts as missing and is replaced. Releases
+/// that wrote the file in place left it empty after a crash between creating and writing
+/// it, and then refused every later start. Replacing it locks no one out: a token is
+/// printed only after its hash is on disk, so no token was ever shown for an empty file,
+/// and no token matches it. A file holding anything else that is not a hash is refused
+/// with the file's name and what to do: someone wrote it, and replacing it would silently
+/// change which token is admin.
 pub fn bootstrap_admin(data_dir: &Path, generate: bool) -> std::io::Result<Option<Bootstrap>> {
     let path = data_dir.join(ADMIN_TOKEN_FILE);
-    match std::fs::read_to_string(&path) {
+    let replace_empty = match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().is_empty() => true,
         Ok(text) => {
             let hash =
                 TokenHash::from_hex("bootstrap-admin", Role::Admin, text.trim()).map_err(|e| {
                     std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
-                        format!("{}: {e}", path.display()),
+                        format!(
+                            "{}: {e}; put the SHA-256 of an admin token in it (`tally \
+                             token-hash`), or delete it to have a new admin token generated \
+                             and printed on the next start",
+                            path.display()
+                        ),
                     )
                 })?;
             return Ok(Some(Bootstrap {
@@ -194,31 +213,93 @@ pub fn bootstrap_admin(data_dir: &Path, generate: bool) -> std::io::Result<Optio
                 path,
             }));
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => return Err(e),
-    }
+    };
     if !generate {
         return Ok(None);
+    }
+    if replace_empty {
+        tracing::warn!(
+            path = %path.display(),
+            "the admin token file is empty (left by a crash on first start); generating a new token"
+        );
     }
     std::fs::create_dir_all(data_dir)?;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let token = hex::encode(bytes);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&path)?;
-    writeln!(f, "{}", token_sha256_hex(&token))?;
-    f.sync_all()?;
+    let line = format!("{}\n", token_sha256_hex(&token));
+    write_file_atomically(&path, replace_empty, |f| f.write_all(line.as_bytes()))?;
     Ok(Some(Bootstrap {
         hash: TokenHash::of_token("bootstrap-admin", Role::Admin, &token),
         new_token: Some(token),
         path,
     }))
+}
+
+/// Writes a file so that after a crash at any point it is either absent (or as it was)
+/// or complete: `write` fills a temporary file (mode 0600) in the same directory, which
+/// is fsynced, then put in place, and the directory is fsynced so the name is durable.
+///
+/// With `replace` false the file must not exist yet: it is put in place with a hard link,
+/// which, unlike a rename, fails with `AlreadyExists` instead of replacing a file that
+/// another process wrote meanwhile. With `replace` true it is renamed over the old one.
+/// On error the temporary file is removed.
+pub fn write_file_atomically(
+    path: &Path,
+    replace: bool,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        )
+    })?;
+    // One temporary name per process, so two starts never write the same temporary file.
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(&tmp)?;
+        write(&mut f)?;
+        f.sync_all()?;
+        drop(f);
+        if replace {
+            std::fs::rename(&tmp, path)?;
+        } else {
+            std::fs::hard_link(&tmp, path)?;
+            std::fs::remove_file(&tmp)?;
+        }
+        sync_dir(dir)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Makes a directory's entries (a new or renamed name in it) durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -301,6 +382,32 @@ mod tests {
     }
 
     #[test]
+    fn only_a_presented_token_that_is_not_ours_is_an_invalid_token() {
+        let auth = Authenticator::new(vec![TokenHash::of_token("a", Role::Admin, "adm")], 64);
+        let challenge = |h: &HeaderMap| {
+            let p = auth.authorize(h, Need::Read).expect_err("401");
+            assert_eq!(p.status.as_u16(), 401);
+            let (_, v) = p
+                .headers
+                .iter()
+                .find(|(n, _)| *n == header::WWW_AUTHENTICATE)
+                .expect("a challenge")
+                .clone();
+            v.to_str().expect("ascii").to_owned()
+        };
+        let plain = "Bearer realm=\"tally\"";
+        let invalid = "Bearer realm=\"tally\", error=\"invalid_token\"";
+        assert_eq!(challenge(&HeaderMap::new()), plain);
+        assert_eq!(challenge(&headers("Basic adm")), plain);
+        assert_eq!(challenge(&headers("Bearer ")), plain);
+        assert_eq!(challenge(&headers("Bearer nope")), invalid);
+        assert_eq!(
+            challenge(&headers(&format!("Bearer {}", "x".repeat(64)))),
+            invalid
+        );
+    }
+
+    #[test]
     fn hashes_must_be_sha256_hex() {
         assert!(TokenHash::from_hex("x", Role::Admin, &token_sha256_hex("t")).is_ok());
         assert!(TokenHash::from_hex("x", Role::Admin, "abcd").is_err());
@@ -334,5 +441,98 @@ mod tests {
         );
         let empty = tempfile::tempdir().expect("tempdir");
         assert!(bootstrap_admin(empty.path(), false).expect("io").is_none());
+    }
+
+    #[test]
+    fn an_empty_token_file_left_by_a_crash_is_replaced_by_a_new_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(ADMIN_TOKEN_FILE);
+        // What creating the file and crashing before writing it left behind.
+        std::fs::write(&path, "").expect("write");
+        // With an admin token in the config, it is as if there were no file.
+        assert!(bootstrap_admin(dir.path(), false).expect("io").is_none());
+        let boot = bootstrap_admin(dir.path(), true)
+            .expect("an empty file does not stop the start")
+            .expect("generated");
+        let token = boot.new_token.expect("a new token to print");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read").trim(),
+            token_sha256_hex(&token)
+        );
+        let again = bootstrap_admin(dir.path(), true)
+            .expect("io")
+            .expect("loaded");
+        assert!(again.new_token.is_none(), "generated once");
+        assert_eq!(again.hash, boot.hash);
+    }
+
+    #[test]
+    fn a_token_file_with_something_else_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(ADMIN_TOKEN_FILE);
+        std::fs::write(&path, "not a hash\n").expect("write");
+        let err = bootstrap_admin(dir.path(), true).expect_err("refused");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("tally token-hash") && msg.contains("delete it"),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "not a hash\n",
+            "left as it was"
+        );
+    }
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn a_write_that_fails_half_way_leaves_no_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let err = write_file_atomically(&path, false, |f| {
+            f.write_all(b"half")?;
+            Err(std::io::Error::other("crash"))
+        })
+        .expect_err("the write failed");
+        assert_eq!(err.to_string(), "crash");
+        assert!(
+            names_in(dir.path()).is_empty(),
+            "no file, no temporary file"
+        );
+        // Replacing: the old file stays as it was.
+        std::fs::write(&path, "old").expect("write");
+        write_file_atomically(&path, true, |_| Err(std::io::Error::other("crash")))
+            .expect_err("the write failed");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "old");
+        assert_eq!(names_in(dir.path()), ["f"]);
+    }
+
+    #[test]
+    fn a_new_file_never_replaces_one_that_exists() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        write_file_atomically(&path, false, |f| f.write_all(b"first")).expect("written");
+        let err =
+            write_file_atomically(&path, false, |f| f.write_all(b"second")).expect_err("exists");
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "first");
+        write_file_atomically(&path, true, |f| f.write_all(b"third")).expect("replaced");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "third");
+        assert_eq!(names_in(dir.path()), ["f"], "no temporary file left");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 }

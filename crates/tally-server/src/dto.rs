@@ -4,7 +4,6 @@
 use chrono::{DateTime, SecondsFormat};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tally_core::period::period_of;
 use tally_core::{
     AgentId, AgentState, Event, EventKind, Metadata, Plan, PlanBook, PlanName, Priority, Receipt,
     Status, TaskType, TimestampMs,
@@ -111,10 +110,11 @@ fn status_name(s: Status) -> &'static str {
     }
 }
 
-/// The Agent object. `period` is the period in force now under the agent's plan.
+/// The Agent object. `period` is the period a spend now would count in under the agent's
+/// plan ([`AgentState::period_at`]).
 pub fn agent_json(a: &AgentState, plans: &PlanBook, now_ms: TimestampMs) -> Value {
     let anchor = plans.get(&a.plan).map_or(1, |p| p.anchor_day);
-    let period = period_of(now_ms, anchor);
+    let period = a.period_at(now_ms, anchor);
     let holds: Vec<Value> = a
         .holds
         .iter()

@@ -17,6 +17,7 @@ pub mod openapi;
 pub mod problem;
 pub mod respond;
 pub mod routes;
+pub mod serve;
 
 pub use app::{router, start, AppState, Running};
 pub use config::{Config, ConfigError, Limits};

@@ -1,6 +1,6 @@
 //! A no-op server for the wrk comparison (`tally noop-server`): the same tokio runtime,
-//! axum and listener set-up as `tally serve`, and a handler on the debit route that does
-//! nothing but answer 201 with a small JSON body.
+//! axum and connection loop (`serve::serve`) as `tally serve`, and a handler on the debit
+//! route that does nothing but answer 201 with a small JSON body.
 
 use std::net::SocketAddr;
 
@@ -22,8 +22,6 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     on_bound(listener.local_addr()?);
     let app = Router::new().route("/v1/agents/{id}/debits", post(noop));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    crate::serve::serve(listener, app, shutdown).await?;
     Ok(())
 }

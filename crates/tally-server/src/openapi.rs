@@ -60,6 +60,7 @@ fn common_errors(responses: &mut Value) {
         ("400", "BadRequest"),
         ("401", "Unauthorized"),
         ("403", "Forbidden"),
+        ("431", "HeadersTooLarge"),
         ("503", "Unavailable"),
     ] {
         responses[code] = resp(name);
@@ -146,7 +147,7 @@ fn build() -> Value {
             "top_up": {"type": "string"},
             "accepts": {"type": "array", "items": {"type": "object", "required": ["scheme", "network", "amount", "asset", "payTo", "maxTimeoutSeconds"], "properties": {
                 "scheme": {"type": "string"}, "network": {"type": "string"}, "amount": {"type": "string", "pattern": "^[0-9]+$"},
-                "asset": {"type": "string"}, "payTo": {"type": "string"}, "maxTimeoutSeconds": {"type": "integer"}, "extra": {"nullable": true}}}},
+                "asset": {"type": "string"}, "payTo": {"type": "string"}, "maxTimeoutSeconds": {"type": "integer"}, "extra": {"type": "object"}}}},
         })),
         "Limited": problem_fields(json!({
             "retry_after_ms": u64_schema(), "bucket": {"type": "string"},
@@ -236,6 +237,7 @@ fn build() -> Value {
         "NotFound": problem_resp("Unknown agent, hold or route (`not-found`).", r("Problem"), Value::Null),
         "Conflict": problem_resp("`agent-exists`, `hold-expired`.", r("Problem"), Value::Null),
         "TooLarge": problem_resp("Body larger than `limits.body_bytes_max` (`body-too-large`).", r("Problem"), Value::Null),
+        "HeadersTooLarge": problem_resp("Header fields (names and values) larger than 64 KiB (`headers-too-large`).", r("Problem"), Value::Null),
         "UnsupportedMediaType": problem_resp("Body not sent as application/json (`unsupported-media-type`).", r("Problem"), Value::Null),
         "Unprocessable": problem_resp("`idempotency-key-reused`, `unknown-plan`, `invalid-amount`, `amount-overflow`, `invalid-ttl`, `too-many-holds`, `capture-exceeds-hold`, `refund-exceeds-debit`, `unknown-debit`, `scan-too-large` (usage of a period more than `engine.usage_scan_entries_max` journal entries back).", r("Problem"), Value::Null),
         "PaymentRequired": problem_resp("Insufficient funds (`insufficient-funds`). `Retry-After` only when an expiring hold frees enough; x402 `accepts` and `PAYMENT-REQUIRED` when configured.", r("InsufficientFunds"), json!({"Retry-After": retry_after, "PAYMENT-REQUIRED": {"description": "base64 of the x402 v2 PaymentRequired JSON", "schema": {"type": "string"}}})),

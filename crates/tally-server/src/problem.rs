@@ -73,6 +73,8 @@ impl Problem {
         Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
     }
 
+    /// 401 for a request without a bearer token: a plain challenge, no error code
+    /// (RFC 6750 §3.1).
     pub fn unauthorized(detail: impl Into<String>) -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,
@@ -81,6 +83,22 @@ impl Problem {
             detail,
         )
         .header(header::WWW_AUTHENTICATE, "Bearer realm=\"tally\"")
+    }
+
+    /// 401 for a bearer token that was presented but is not valid here: the challenge
+    /// says `error="invalid_token"` (RFC 6750 §3), so a client knows to get another token
+    /// rather than to add one.
+    pub fn invalid_token(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Unauthorized",
+            detail,
+        )
+        .header(
+            header::WWW_AUTHENTICATE,
+            "Bearer realm=\"tally\", error=\"invalid_token\"",
+        )
     }
 
     pub fn forbidden(detail: impl Into<String>) -> Self {

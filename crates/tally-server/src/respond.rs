@@ -195,12 +195,12 @@ pub fn classify(
                     window_ms,
                     retry_after_ms,
                 } => {
-                    let secs = retry_after_secs(retry_after_ms);
                     problem(S::TOO_MANY_REQUESTS, "rate-limited", "Rate limited", format!("rate limit {bucket:?} ({quota} per {} s) reached; retry in {retry_after_ms} ms", window_ms / 1_000))
                         .retry_after_ms(retry_after_ms)
                         .field("bucket", bucket.clone())
                         .header(RATELIMIT_POLICY, policy_header(st.plans(), &bucket, quota, window_ms))
-                        .header(RATELIMIT, format!("\"{bucket}\";r=0;t={secs}"))
+                        // For the bucket that refused, the next refill is the wait.
+                        .header(RATELIMIT, ratelimit_value(&bucket, 0, retry_after_ms))
                 }
                 Denial::MonthlyCapReached {
                     cap_micros,
@@ -267,11 +267,15 @@ pub fn classify(
                             cmd.agent,
                             route_segment(&cmd.kind)
                         );
-                        let accepts = json!([{
+                        let mut offer = json!({
                             "scheme": x.scheme, "network": x.network, "amount": needed.to_string(),
                             "asset": x.asset, "payTo": x.pay_to, "maxTimeoutSeconds": x.max_timeout_seconds,
-                            "extra": x.extra,
-                        }]);
+                        });
+                        // x402 v2: `extra` is an optional object; absent, never null.
+                        if let (Some(extra), Some(o)) = (&x.extra, offer.as_object_mut()) {
+                            o.insert("extra".into(), extra.clone().into());
+                        }
+                        let accepts = json!([offer]);
                         let required = json!({
                             "x402Version": 2,
                             "error": "insufficient funds",
@@ -370,16 +374,21 @@ pub fn policy_header(plans: &PlanBook, bucket: &str, quota: u32, window_ms: u64)
     }
 }
 
+/// The `RateLimit` value for a bucket: `r` requests available now, and `t` whole seconds
+/// (rounded up) until one more is ([`RateStatus::next_refill_ms`]); one meaning on a
+/// 201 and on a 429 alike.
+pub fn ratelimit_value(bucket: &str, remaining: u64, next_refill_ms: u64) -> String {
+    format!(
+        "\"{bucket}\";r={remaining};t={}",
+        next_refill_ms.div_ceil(1_000)
+    )
+}
+
 /// `RateLimit-Policy` / `RateLimit` for an admitted request.
 pub fn rate_headers(resp: &mut Response, plans: &PlanBook, rate: Option<&RateStatus>) {
     let Some(r) = rate else { return };
     let policy = policy_header(plans, &r.bucket, r.quota, r.window_ms);
-    let now = format!(
-        "\"{}\";r={};t={}",
-        r.bucket,
-        r.remaining,
-        r.reset_ms.div_ceil(1_000)
-    );
+    let now = ratelimit_value(&r.bucket, r.remaining, r.next_refill_ms);
     for (name, value) in [(RATELIMIT_POLICY, policy), (RATELIMIT, now)] {
         if let Ok(v) = HeaderValue::from_str(&value) {
             resp.headers_mut().insert(name, v);

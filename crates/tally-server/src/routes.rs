@@ -5,7 +5,6 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tally_core::period::period_of;
 use tally_core::{AgentId, Command, CommandKind, PeriodKey, Status};
 
 use crate::app::AppState;
@@ -330,7 +329,7 @@ pub async fn usage(
             .map_err(|e: tally_core::ValidationError| Problem::invalid(e.to_string()))?,
         None => {
             let anchor = st.plans().get(&agent.plan).map_or(1, |p| p.anchor_day);
-            period_of(st.now_ms(), anchor)
+            agent.period_at(st.now_ms(), anchor)
         }
     };
     let usage = st

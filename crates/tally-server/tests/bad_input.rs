@@ -312,3 +312,28 @@ async fn ten_megabyte_bodies_are_413_on_every_body_route() {
     }
     s.stop().await;
 }
+
+/// A GET of `/healthz` whose header section (names and values) is exactly `header_bytes`.
+fn get_with_header_bytes(header_bytes: usize) -> Vec<u8> {
+    let fixed = "host".len() + "t".len() + "connection".len() + "close".len() + "x-pad".len();
+    let pad = "p".repeat(header_bytes - fixed);
+    format!("GET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\nx-pad: {pad}\r\n\r\n")
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn header_sections_past_the_limit_are_431_problem_json() {
+    use tally_server::serve::HEADER_BYTES_MAX;
+    let s = TestServer::start().await;
+    let at_max = s.raw_tcp(&get_with_header_bytes(HEADER_BYTES_MAX)).await;
+    assert_eq!(at_max.status, 200, "{}", at_max.text);
+    let past = s
+        .raw_tcp(&get_with_header_bytes(HEADER_BYTES_MAX + 1))
+        .await;
+    past.assert_problem(431, "headers-too-large");
+    assert_eq!(past.body["header_bytes_max"], HEADER_BYTES_MAX);
+    // A 1 MiB header: the same problem, not hyper's bare 431 (or a reset connection).
+    let huge = s.raw_tcp(&get_with_header_bytes(1024 * 1024)).await;
+    huge.assert_problem(431, "headers-too-large");
+    s.stop().await;
+}

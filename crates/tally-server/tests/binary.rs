@@ -355,3 +355,34 @@ fn loadtest_and_token_hash_are_wired() {
         "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
     );
 }
+
+#[tokio::test]
+async fn an_empty_admin_token_file_left_by_a_crash_does_not_stop_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // What a crash between creating the file and writing the hash left behind.
+    let file = dir.path().join("admin-token.sha256");
+    std::fs::write(&file, "").expect("write");
+    let mut p = spawn(dir.path(), false);
+    let token = p
+        .preamble
+        .iter()
+        .find_map(|l| {
+            l.rsplit_once(": ")
+                .filter(|_| l.contains("admin token"))
+                .map(|(_, t)| t.to_owned())
+        })
+        .expect("a new token line before the listening line");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("read").trim(),
+        tally_server::auth::token_sha256_hex(&token)
+    );
+    let ok = client()
+        .get(format!("{}/v1/agents", p.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(ok.status(), 200);
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+}

@@ -320,14 +320,20 @@ async fn bad_request_400() {
 #[tokio::test]
 async fn unauthorized_401() {
     let s = TestServer::start().await;
+    // No credentials: a plain challenge, no error code (RFC 6750 §3.1).
     let none = s.send(s.http.get(s.url("/v1/agents"))).await;
     none.assert_problem(401, "unauthorized");
-    assert!(none
-        .header("www-authenticate")
-        .is_some_and(|v| v.starts_with("Bearer")));
+    assert_eq!(
+        none.header("www-authenticate"),
+        Some("Bearer realm=\"tally\"")
+    );
+    // A bearer token that is not one of ours: error="invalid_token" (RFC 6750 §3).
     let bad = s.call("GET", "/v1/agents", "wrong", None, None).await;
     bad.assert_problem(401, "unauthorized");
-    assert!(bad.header("www-authenticate").is_some());
+    assert_eq!(
+        bad.header("www-authenticate"),
+        Some("Bearer realm=\"tally\", error=\"invalid_token\"")
+    );
     // Auth comes before the body is even read.
     let r = s
         .send(s.http.post(s.url("/v1/agents/a1/debits")).body("not json"))
@@ -1054,4 +1060,63 @@ async fn unavailable_503_overloaded_when_a_shard_queue_is_full() {
         .filter(|e| e["kind"] == "debit")
         .count() as u64;
     assert_eq!(a.body["debited_total_micros"], debits);
+}
+
+#[tokio::test]
+async fn payment_required_402_omits_x402_extra_when_none_is_configured() {
+    let no_extra = X402.replace("extra = { name = \"USDC\", version = \"2\" }\n", "");
+    assert_ne!(no_extra, X402);
+    let s = TestServer::start_with(config(&no_extra)).await;
+    s.agent("a1", "default", 100).await;
+    let d = s
+        .call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some("d"),
+            Some(json!({"amount_micros": 500})),
+        )
+        .await;
+    d.assert_problem(402, "insufficient-funds");
+    // x402 v2: `extra` is an optional object, absent when unset (never null).
+    let accepts = &d.body["accepts"][0];
+    assert_eq!(accepts["amount"], "400");
+    assert!(accepts.get("extra").is_none(), "{accepts}");
+    let header = d.header("payment-required").expect("PAYMENT-REQUIRED");
+    let decoded: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(header)
+            .expect("base64"),
+    )
+    .expect("json");
+    assert!(decoded["accepts"][0].get("extra").is_none(), "{decoded}");
+    assert_eq!(decoded["accepts"][0], *accepts);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn ratelimit_t_is_the_wait_for_the_next_request_on_a_201_and_on_the_429_after_it() {
+    let s = TestServer::start().await;
+    // `limited`: 2 per 60 s, so one more request every 30 s.
+    s.agent("a1", "limited", 1_000_000).await;
+    let debit = |key: &'static str| {
+        s.call(
+            "POST",
+            "/v1/agents/a1/debits",
+            SERVICE,
+            Some(key),
+            Some(json!({"amount_micros": 1})),
+        )
+    };
+    let first = debit("k1").await;
+    assert_eq!(first.header("ratelimit"), Some("\"default\";r=1;t=30"));
+    let emptied = debit("k2").await;
+    assert_eq!(emptied.status, 201, "{}", emptied.text);
+    let limited = debit("k3").await;
+    limited.assert_problem(429, "rate-limited");
+    // The same bucket at the same instant: the same answer, and t is when the next
+    // request will be admitted (not when the bucket is full again, 60 s away).
+    assert_eq!(limited.header("ratelimit"), Some("\"default\";r=0;t=30"));
+    assert_eq!(emptied.header("ratelimit"), limited.header("ratelimit"));
+    s.stop().await;
 }

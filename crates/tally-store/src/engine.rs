@@ -366,6 +366,10 @@ impl Engine {
             .get(&agent.plan)
             .map_or(1, |p| p.anchor_day);
         let (start_ms, end_ms) = (period.start_ms(anchor_day), period.end_ms(anchor_day));
+        // A spend in `period` can predate its start under today's anchor day (a later
+        // anchor day lengthens the agent's current period: `AgentState::period_at`), but
+        // never the first of its month, so the scan runs back to there.
+        let scan_from_ms = period.start_ms(1);
         let id = id.clone();
         // Nothing of the agent's happened before it was created: no scan at all.
         let before_agent = end_ms <= agent.created_at_ms;
@@ -398,8 +402,8 @@ impl Engine {
                     let page = s.journal_rev(&id, before, want)?;
                     for e in &page {
                         // Refunds of this period's spend may come later, so the scan
-                        // starts at the newest entry and stops at the period's start.
-                        if e.at_ms < start_ms {
+                        // starts at the newest entry and stops before the period's.
+                        if e.at_ms < scan_from_ms {
                             break 'pages;
                         }
                         scanned += 1;

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use tally_core::{AgentId, CommandError, CommandKind, Denial, Outcome, PeriodKey};
+use tally_core::{AgentId, CommandError, CommandKind, Denial, Outcome, PeriodKey, PlanBook};
 use tally_store::{Engine, ManualClock, Reply};
 
 #[tokio::test]
@@ -387,5 +387,44 @@ async fn keys_expire_with_the_retention_window_and_the_window_survives_restart()
     let engine = open(dir.path(), &clock);
     let again = approve(&engine, d).await;
     assert_eq!(again.balance_after_micros, 98);
+    engine.shutdown().await.expect("shuts down");
+}
+
+#[tokio::test]
+async fn usage_after_a_later_anchor_day_counts_the_whole_period() {
+    // 2027-01-10T12:00:00Z: mid-January under anchor day 1.
+    const JAN_10_2027_NOON: u64 = 1_799_582_400_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(JAN_10_2027_NOON));
+    let a = agent("agent-1");
+    let engine = open(dir.path(), &clock);
+    create_funded(&engine, &a, "capped", 10_000).await;
+    approve(
+        &engine,
+        cmd(&a, CommandKind::Debit { amount_micros: 600 }, "d1"),
+    )
+    .await;
+    engine.shutdown().await.expect("shuts down");
+    drop(engine);
+
+    // Restarted with `capped` starting its periods on the 28th: the January period the
+    // agent spends in now runs to Feb 28, and began with the debit of Jan 10.
+    let anchored_28 = PlanBook::new(plans().iter().cloned().map(|mut p| {
+        p.anchor_day = 28;
+        p
+    }));
+    let engine = open_with(dir.path(), &clock, anchored_28);
+    approve(
+        &engine,
+        cmd(&a, CommandKind::Debit { amount_micros: 300 }, "d2"),
+    )
+    .await;
+    let usage = engine
+        .usage(&a, "2027-01".parse::<PeriodKey>().expect("valid"))
+        .await
+        .expect("reads")
+        .expect("exists");
+    assert_eq!(usage.spent_micros, 900, "both debits are January's");
+    assert_eq!(usage.debits, 2);
     engine.shutdown().await.expect("shuts down");
 }

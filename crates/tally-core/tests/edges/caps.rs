@@ -249,3 +249,96 @@ fn feb_29_with_anchor_day_28_is_in_the_period_that_began_feb_28() {
     ));
     l.debit(1, MAR_28_2028);
 }
+
+// ---- anchor day changes -------------------------------------------------------------------
+
+/// The same plans, but with `capped`'s periods starting on `anchor_day`: a config change
+/// followed by a restart.
+fn plans_with_capped_anchor(anchor_day: u8) -> PlanBook {
+    PlanBook::new(plans().iter().cloned().map(|mut p| {
+        if p.name.as_str() == "capped" {
+            p.anchor_day = anchor_day;
+        }
+        p
+    }))
+}
+
+#[test]
+fn a_plan_change_to_a_later_anchor_day_does_not_reopen_the_cap() {
+    // January's period under anchor 1 (Jan 1 – Feb 1) is full on Jan 10.
+    let mut l = Ledger::new("capped", JAN_10_2027_NOON);
+    l.credit(10_000, JAN_10_2027_NOON);
+    l.debit(CAP_MICROS, JAN_10_2027_NOON);
+    // Under anchor 28, Jan 10 falls in the period that began Dec 28, older than the one
+    // the agent already spends in: the spend keeps counting in January's period, which
+    // now ends when January's period under anchor 28 does.
+    l.set_plan("capped28", JAN_10_2027_NOON);
+    let full = Denial::MonthlyCapReached {
+        cap_micros: CAP_MICROS,
+        limit_micros: CAP_MICROS,
+        spent_micros: CAP_MICROS,
+        held_micros: 0,
+        resets_at_ms: FEB_28_2027,
+        soft: false,
+    };
+    assert_eq!(l.deny(debit(1), JAN_10_2027_NOON + 1), full);
+    assert_eq!(l.deny(debit(1), JAN_28_2027), full);
+    assert_eq!(l.deny(debit(1), FEB_28_2027 - 1), full);
+    l.debit(CAP_MICROS, FEB_28_2027);
+    assert_eq!(l.state().period.to_string(), "2027-02");
+    assert_eq!(l.state().period_spent_micros, CAP_MICROS);
+}
+
+#[test]
+fn a_config_change_to_a_later_anchor_day_does_not_reopen_the_cap() {
+    let mut l = Ledger::new("capped", JAN_10_2027_NOON);
+    l.credit(10_000, JAN_10_2027_NOON);
+    l.debit(600, JAN_10_2027_NOON);
+    // Restarted with `capped` now starting its periods on the 28th.
+    l.plans = plans_with_capped_anchor(28);
+    assert!(matches!(
+        l.deny(debit(401), JAN_10_2027_NOON + 1),
+        Denial::MonthlyCapReached {
+            spent_micros: 600,
+            resets_at_ms: FEB_28_2027,
+            ..
+        }
+    ));
+    // What is spent now counts in the same period, and a refund of it makes room again.
+    let seq = l.debit(400, JAN_10_2027_NOON + 2);
+    assert_eq!(l.state().period.to_string(), "2027-01");
+    assert_eq!(l.state().period_spent_micros, CAP_MICROS);
+    l.approve(
+        CommandKind::Refund {
+            debit_seq: seq,
+            amount_micros: 100,
+        },
+        JAN_28_2027,
+    );
+    l.debit(100, JAN_28_2027);
+    assert!(matches!(
+        l.deny(debit(1), JAN_28_2027),
+        Denial::MonthlyCapReached { .. }
+    ));
+}
+
+#[test]
+fn a_plan_change_to_an_earlier_anchor_day_starts_the_newer_period_at_once() {
+    // Under anchor 28, Jan 10 is in the period that began Dec 28 (named 2026-12).
+    let mut l = Ledger::new("capped28", JAN_10_2027_NOON);
+    l.credit(10_000, JAN_10_2027_NOON);
+    l.debit(CAP_MICROS, JAN_10_2027_NOON);
+    assert_eq!(l.state().period.to_string(), "2026-12");
+    // Under anchor 1 it is in January's period, a newer one: it starts now, with its own
+    // cap, and ends Feb 1. No period holds more than the cap.
+    l.set_plan("capped", JAN_10_2027_NOON);
+    l.debit(CAP_MICROS, JAN_10_2027_NOON + 1);
+    assert_eq!(l.state().period.to_string(), "2027-01");
+    assert!(matches!(
+        l.deny(debit(1), JAN_10_2027_NOON + 2),
+        Denial::MonthlyCapReached {
+            resets_at_ms: FEB_1_2027,
+            ..
+        }
+    ));
+}

@@ -15,6 +15,11 @@ const T0: u64 = 1_795_957_200_000;
 const DEC_31_LAST_MS: u64 = 1_798_761_599_999;
 const JAN_1_2027: u64 = 1_798_761_600_000;
 const FEB_1_2027: u64 = 1_801_440_000_000;
+/// 2027-01-10T12:00:00Z, 2027-01-28T00:00:00Z and 2027-02-28T00:00:00Z: mid-period for
+/// anchor day 1, and two period starts for anchor day 28.
+const JAN_10_2027_NOON: u64 = 1_799_582_400_000;
+const JAN_28_2027: u64 = 1_801_094_400_000;
+const FEB_28_2027: u64 = 1_803_772_800_000;
 /// 2028 is a leap year.
 const FEB_1_2028: u64 = 1_832_976_000_000;
 const FEB_28_2028: u64 = 1_835_308_800_000;
@@ -180,6 +185,16 @@ impl Ledger {
             },
             now_ms,
         )
+    }
+
+    fn set_plan(&mut self, plan: &str, now_ms: u64) {
+        self.approve(
+            CommandKind::UpdateAgent {
+                plan: Some(plan_name(plan)),
+                status: None,
+            },
+            now_ms,
+        );
     }
 
     fn set_status(&mut self, status: Status, now_ms: u64) {

@@ -6,7 +6,7 @@
 use proptest::prelude::*;
 use tally_core::Priority;
 
-use crate::reference::{HOLD_TTL_MAX_MS, MS_PER_DAY, PLANS};
+use crate::reference::{HOLD_TTL_MAX_MS, MS_PER_DAY, PLANS, PLAN_MOVES};
 
 /// How many agents the operations name.
 pub(crate) const AGENTS: usize = 4;
@@ -74,6 +74,11 @@ pub(crate) enum Op {
     SetStatus {
         agent: usize,
         suspended: bool,
+    },
+    /// Moves the agent to `PLAN_MOVES[plan]` (mod its length).
+    SetPlan {
+        agent: usize,
+        plan: usize,
     },
     Advance {
         ms: u64,
@@ -171,6 +176,7 @@ pub(crate) fn op() -> impl Strategy<Value = Op> {
         2 => (agent(), pick(), part()).prop_map(|(agent, debit, part)| Op::Refund { agent, debit, part }),
         1 => (agent(), prop::bool::weighted(0.3))
             .prop_map(|(agent, suspended)| Op::SetStatus { agent, suspended }),
+        1 => (agent(), 0..PLAN_MOVES.len()).prop_map(|(agent, plan)| Op::SetPlan { agent, plan }),
         6 => advance_ms().prop_map(|ms| Op::Advance { ms }),
         2 => (agent(), pick(), 0u64..=1)
             .prop_map(|(agent, hold, early_ms)| Op::ToHoldExpiry { agent, hold, early_ms }),

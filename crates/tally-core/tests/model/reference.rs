@@ -33,7 +33,7 @@ pub(crate) struct ModelPlan {
     pub(crate) anchor_day: u32,
 }
 
-pub(crate) const PLANS: [ModelPlan; 4] = [
+pub(crate) const PLANS: [ModelPlan; 5] = [
     ModelPlan {
         name: "free",
         bucket: None,
@@ -70,7 +70,19 @@ pub(crate) const PLANS: [ModelPlan; 4] = [
         soft_pct: None,
         anchor_day: 1,
     },
+    ModelPlan {
+        name: "capped15",
+        bucket: None,
+        cap_micros: Some(20_000),
+        soft_pct: Some(80),
+        anchor_day: 15,
+    },
 ];
+
+/// The plans an agent can be moved to: those without a rate bucket, so that a move
+/// changes the anchor day and cap but never the shape of the limiter, whose volatile
+/// state across such a change is not a rule of money.
+pub(crate) const PLAN_MOVES: [usize; 3] = [0, 1, 4];
 
 pub(crate) fn plan_name(i: usize) -> PlanName {
     PlanName::new(PLANS[i].name).expect("valid plan name")
@@ -162,6 +174,8 @@ pub(crate) struct ModelAgent {
     pub(crate) holds: BTreeMap<u64, ModelHold>,
     pub(crate) debits: BTreeMap<u64, ModelDebit>,
     pub(crate) spend: BTreeMap<(i64, u32), u128>,
+    /// The newest period the agent spent in; spends never count in an older one.
+    pub(crate) period: (i64, u32),
     pub(crate) credited: u128,
     pub(crate) debited: u128,
     pub(crate) refunded: u128,
@@ -206,8 +220,14 @@ impl ModelAgent {
         self.holds.values().map(|h| u128::from(h.amount)).sum()
     }
 
+    /// The period a spend at `now_ms` counts in: the calendar's, unless the agent already
+    /// spends in a later one (its plan's anchor day moved later since).
+    pub(crate) fn period_now(&self, now_ms: u64) -> (i64, u32) {
+        period_at(now_ms, self.plan().anchor_day).max(self.period)
+    }
+
     pub(crate) fn spent_at(&self, now_ms: u64) -> u128 {
-        let period = period_at(now_ms, self.plan().anchor_day);
+        let period = self.period_now(now_ms);
         self.spend.get(&period).copied().unwrap_or(0)
     }
 
@@ -283,7 +303,7 @@ impl ModelAgent {
                     .map(|l| (l, true))
             };
             if let Some((limit_micros, soft)) = limit {
-                let period = period_at(now_ms, plan.anchor_day);
+                let period = self.period_now(now_ms);
                 return Err(Denial::MonthlyCapReached {
                     cap_micros: cap,
                     limit_micros,
@@ -319,10 +339,12 @@ impl ModelAgent {
     }
 
     pub(crate) fn spend(&mut self, amount: u64, now_ms: u64, seq: u64) {
-        let period = period_at(now_ms, self.plan().anchor_day);
+        let period = self.period_now(now_ms);
         *self.spend.entry(period).or_default() += u128::from(amount);
         self.debited += u128::from(amount);
         if amount > 0 {
+            // A capture of nothing spends nothing, and starts no period.
+            self.period = period;
             self.debits.insert(
                 seq,
                 ModelDebit {
@@ -342,7 +364,15 @@ impl ModelAgent {
         let next = self.seq + 1;
         match *kind {
             CommandKind::CreateAgent { .. } => Err(CommandError::AgentExists),
-            CommandKind::UpdateAgent { status, .. } => {
+            CommandKind::UpdateAgent {
+                ref plan, status, ..
+            } => {
+                if let Some(p) = plan {
+                    self.plan = PLANS
+                        .iter()
+                        .position(|m| m.name == p.as_str())
+                        .ok_or_else(|| CommandError::UnknownPlan(p.to_string()))?;
+                }
                 if let Some(s) = status {
                     self.suspended = s == Status::Suspended;
                 }

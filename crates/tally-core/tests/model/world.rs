@@ -14,7 +14,9 @@ use tally_core::{
 };
 
 use crate::ops::{Op, Part, Pick, AGENTS};
-use crate::reference::{period_at, period_end_ms, plan_name, Expect, ModelAgent, ModelHold, PLANS};
+use crate::reference::{
+    period_end_ms, plan_name, Expect, ModelAgent, ModelHold, PLANS, PLAN_MOVES,
+};
 
 pub(crate) struct ModelWorld {
     pub(crate) ids: Vec<AgentId>,
@@ -199,6 +201,14 @@ impl ModelWorld {
                 },
                 normal,
             ),
+            Op::SetPlan { agent, plan } => (
+                *agent,
+                CommandKind::UpdateAgent {
+                    plan: Some(plan_name(PLAN_MOVES[plan % PLAN_MOVES.len()])),
+                    status: None,
+                },
+                normal,
+            ),
             Op::Advance { .. } | Op::ToHoldExpiry { .. } | Op::ToPeriodEnd { .. } | Op::Restart => {
                 return None
             }
@@ -261,7 +271,7 @@ impl ModelWorld {
             Op::ToPeriodEnd { agent, early_ms } => {
                 if let Some(m) = self.model.get(&self.key(*agent)) {
                     let anchor_day = m.plan().anchor_day;
-                    let end = period_end_ms(period_at(self.now_ms, anchor_day), anchor_day);
+                    let end = period_end_ms(m.period_now(self.now_ms), anchor_day);
                     self.now_ms = self.now_ms.max(end - early_ms);
                 }
             }
@@ -335,7 +345,7 @@ impl ModelWorld {
             prop_assert_eq!(u128::from(state.credited_total_micros), model.credited);
             prop_assert_eq!(u128::from(state.debited_total_micros), model.debited);
             prop_assert_eq!(u128::from(state.refunded_total_micros), model.refunded);
-            let (y, m) = period_at(self.now_ms, model.plan().anchor_day);
+            let (y, m) = model.period_now(self.now_ms);
             let period = PeriodKey::new(y as i32, m).expect("model period in range");
             prop_assert_eq!(
                 u128::from(state.spent_in(period)),

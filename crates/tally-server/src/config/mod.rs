@@ -76,7 +76,9 @@ pub struct X402 {
     pub pay_to: String,
     pub max_timeout_seconds: u64,
     pub description: String,
-    pub extra: serde_json::Value,
+    /// x402's optional `extra` object (e.g. the EIP-712 domain `name` and `version` of the
+    /// asset); `None` when the config has none, and then left out of `accepts`.
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The validated configuration the server runs with.
@@ -495,12 +497,11 @@ impl Config {
                     return Err(lines.err(key, &span, "must be 1..=256 visible ASCII characters"));
                 }
             }
-            let extra = match x.extra {
-                None => serde_json::Value::Null,
-                Some(t) => {
-                    serde_json::to_value(t).map_err(|e| lines.err("x402.extra", &span, e))?
-                }
-            };
+            let extra = x
+                .extra
+                .map(|t| serde_json::to_value(t).and_then(serde_json::from_value))
+                .transpose()
+                .map_err(|e| lines.err("x402.extra", &span, e))?;
             cfg.x402 = Some(X402 {
                 scheme: x.scheme.unwrap_or_else(|| "exact".into()),
                 network: x.network,

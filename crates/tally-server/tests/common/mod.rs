@@ -152,6 +152,56 @@ impl TestServer {
         }
     }
 
+    /// Sends `request` as the raw bytes of one HTTP/1.1 request on a new TCP connection
+    /// (it should say `connection: close`) and reads the answer to the end. A failed
+    /// write or read is answered as status 0 with the error as its text.
+    pub async fn raw_tcp(&self, request: &[u8]) -> Resp {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.running.as_ref().expect("running").addr;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let written = stream.write_all(request).await;
+        let mut bytes = Vec::new();
+        let read = stream.read_to_end(&mut bytes).await;
+        let failed = |e: std::io::Error| Resp {
+            status: 0,
+            headers: HeaderMap::new(),
+            body: Value::Null,
+            text: format!("{e} (answer so far: {:?})", String::from_utf8_lossy(&bytes)),
+        };
+        if let Err(e) = read {
+            return failed(e);
+        }
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return failed(written.err().unwrap_or_else(|| {
+                std::io::Error::other(format!("no complete answer: {text:?}"))
+            }));
+        };
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut headers = HeaderMap::new();
+        for line in lines {
+            if let Some((name, value)) = line.split_once(':') {
+                if let (Ok(n), Ok(v)) = (
+                    reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()),
+                    reqwest::header::HeaderValue::from_str(value.trim()),
+                ) {
+                    headers.append(n, v);
+                }
+            }
+        }
+        Resp {
+            status,
+            headers,
+            body: serde_json::from_str(body).unwrap_or(Value::Null),
+            text: body.to_owned(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

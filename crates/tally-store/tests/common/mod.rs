@@ -29,7 +29,11 @@ pub fn config(dir: &Path) -> EngineConfig {
 }
 
 pub fn open(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
-    Engine::open(config(dir), plans(), clock.clone(), None).expect("engine opens")
+    open_with(dir, clock, plans())
+}
+
+pub fn open_with(dir: &Path, clock: &Arc<ManualClock>, plans: PlanBook) -> Engine {
+    Engine::open(config(dir), plans, clock.clone(), None).expect("engine opens")
 }
 
 pub fn agent(name: &str) -> AgentId {
