@@ -5,8 +5,6 @@ use crate::TimestampMs;
 
 /// Default retention window of idempotency keys: 24 hours.
 pub const RETENTION_MS_DEFAULT: u64 = 24 * 3_600_000;
-/// Default most keys remembered at once: 10 million.
-pub const KEYS_MAX_DEFAULT: usize = 10_000_000;
 
 /// What to do with a keyed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
