@@ -12,8 +12,9 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 KEYS="${KEYS:-20000000}"
 # shellcheck source=lib.sh
 source "$ROOT/benches/wrk/lib.sh"
-cargo build --quiet --release -p tally-server --bin tally -p tally-benches --bin preload_keys \
-  --manifest-path "$ROOT/Cargo.toml"
+# PREBUILT=1: use the release binaries already in target/ (build them first).
+[[ -n ${PREBUILT:-} ]] || cargo build --quiet --release -p tally-server --bin tally \
+  -p tally-benches --bin preload_keys --manifest-path "$ROOT/Cargo.toml"
 BIN="$ROOT/target/release/tally"
 
 debits() { # name data_dir: serve, fund, wrk, RSS; leaves tally stopped

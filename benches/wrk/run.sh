@@ -8,7 +8,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 # shellcheck source=lib.sh
 source "$ROOT/benches/wrk/lib.sh"
-cargo build --quiet --release -p tally-server --bin tally --manifest-path "$ROOT/Cargo.toml"
+# PREBUILT=1: use the release binary already in target/ (build it first).
+[[ -n ${PREBUILT:-} ]] || cargo build --quiet --release -p tally-server --bin tally \
+  --manifest-path "$ROOT/Cargo.toml"
 BIN="$ROOT/target/release/tally"
 
 # 1. tally serve, durable debits.

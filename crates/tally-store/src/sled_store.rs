@@ -1276,6 +1276,27 @@ mod tests {
     }
 
     #[test]
+    fn overlay_reads_copy_at_most_their_limit() {
+        let (id, events, _) = journal_of(1_000);
+        let mut older = Pending::default();
+        let mut newer = Pending::default();
+        let write = |events: &[Event]| AgentWrite {
+            agent: id.clone(),
+            expected_seq: events[0].seq - 1,
+            events: events.to_vec(),
+            checkpoint: None,
+        };
+        older.add(write(&events[..600]), 1, 0);
+        newer.add(write(&events[600..]), 2, 0);
+        let parts = || [&older, &newer].into_iter();
+        let oldest = Shared::recent_events(&id, parts(), |seq| seq > 10, 5, false);
+        assert_eq!(oldest, events[10..15]);
+        let newest = Shared::recent_events(&id, parts(), |seq| seq < 990, 5, true);
+        let want: Vec<Event> = events[984..989].iter().rev().cloned().collect();
+        assert_eq!(newest, want);
+    }
+
+    #[test]
     fn an_indexer_panic_fails_the_store_instead_of_stalling_it() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (id, events, _) = journal_of(30);
