@@ -178,15 +178,16 @@ fn build() -> Value {
         ),
         "CheckResult": object(&["allowed", "amount_micros", "balance_micros"], json!({"allowed": {"type": "boolean"}, "amount_micros": u64_schema(), "balance_micros": u64_schema()})),
         "JournalEntry": object(
-            &["seq", "kind", "amount_micros", "balance_micros", "held_micros", "at", "idempotency_key", "task_type", "metadata", "hold_seq", "debit_seq", "period", "plan", "status"],
+            &["seq", "kind", "amount_micros", "balance_micros", "held_micros", "at", "idempotency_key", "task_type", "metadata", "hold_seq", "debit_seq", "period", "plan", "status", "api_key_prefix"],
             json!({
                 "seq": u64_schema(),
-                "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund"]},
+                "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked"]},
                 "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(), "at": time,
                 "idempotency_key": nullable(json!({"type": "string"})), "task_type": nullable(json!({"type": "string"})),
                 "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
                 "hold_seq": nullable(u64_schema()), "debit_seq": nullable(u64_schema()),
                 "period": nullable(json!({"type": "string"})), "plan": nullable(json!({"type": "string"})), "status": nullable(status.clone()),
+                "api_key_prefix": nullable(json!({"type": "string"})),
             }),
         ),
         "JournalPage": object(&["entries", "next_after"], json!({"entries": {"type": "array", "items": r("JournalEntry")}, "next_after": nullable(u64_schema())})),
