@@ -153,8 +153,12 @@ pub async fn authorize(
 ) -> Response {
     let nginx = match query.mode.as_deref() {
         Some("nginx") => true,
-        Some(_) => false,
+        Some("standard") => false,
         None => st.forward_auth().mode == DenyMode::Nginx,
+        Some(other) => {
+            return Problem::invalid(format!("mode {other:?} is not nginx or standard"))
+                .into_response()
+        }
     };
     match decide(&st, &method, &headers, uri.path()).await {
         Ok(resp) => resp,

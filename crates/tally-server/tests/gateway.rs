@@ -433,6 +433,9 @@ async fn nginx_mode_answers_401_and_403_with_the_real_problem_in_headers() {
         )
         .await;
     assert_eq!((r.status, r.header("x-tally-status")), (401, Some("401")));
+    s.authorize(&key, "GET", "/items/1", Some("b5"), "?mode=ngnix")
+        .await
+        .assert_problem(400, "invalid-request");
     s.stop().await;
 
     // Or for every request, from the config.

@@ -307,11 +307,19 @@ pub(super) fn forward_auth(
         f.request_id_header = header_name(lines, "forward_auth.request_id_header", span, &h)?;
     }
     if let Some(p) = raw.envoy_path_prefix {
-        if !p.starts_with('/') || p.ends_with('/') || p.contains(['?', '#']) {
+        let charset_ok = p
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(&b));
+        // Any other path would overlap tally's own routes.
+        let ours = p != "/v1/authorize"
+            && (p == "/v1"
+                || p.starts_with("/v1/")
+                || ["/healthz", "/readyz", "/metrics", "/openapi.json"].contains(&p.as_str()));
+        if !p.starts_with('/') || p.ends_with('/') || p.contains("//") || !charset_ok || ours {
             return Err(lines.err(
                 "forward_auth.envoy_path_prefix",
                 span,
-                "must start with / and not end with / (e.g. \"/v1/authorize\")",
+                "must be \"/v1/authorize\" or a path of [A-Za-z0-9/-._~] outside tally's own routes, without a trailing /",
             ));
         }
         f.envoy_path_prefix = Some(p);
@@ -587,6 +595,15 @@ mod tests {
             .expect_err("unknown key")
             .to_string();
         assert!(msg.contains("prise"), "{msg}");
+        for prefix in ["/v1/agents", "/healthz", "/x/{y}", "/x/", "x"] {
+            let text = format!("[forward_auth]\nenvoy_path_prefix = {prefix:?}\n");
+            let msg = Config::from_toml(&text, "t").expect_err(prefix).to_string();
+            assert!(msg.contains("forward_auth.envoy_path_prefix"), "{msg}");
+        }
+        for prefix in ["/v1/authorize", "/ext-authz", "/auth/check"] {
+            let text = format!("[forward_auth]\nenvoy_path_prefix = {prefix:?}\n");
+            Config::from_toml(&text, "t").expect(prefix);
+        }
         let msg = Config::from_toml("[forward_auth]\nmode = \"apache\"\n", "t")
             .expect_err("mode")
             .to_string();
