@@ -16,7 +16,7 @@ use crate::outcome::{Denial, Outcome, Receipt};
 use crate::plan::{Plan, PlanBook};
 use crate::rate::{RateState, RateStatus};
 use crate::state::{AgentState, Status};
-use crate::{TimestampMs, OPEN_HOLDS_MAX};
+use crate::{TimestampMs, API_KEYS_PER_AGENT_MAX, OPEN_HOLDS_MAX};
 
 /// The result of deciding one command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,6 +259,37 @@ pub fn decide(
             };
             let event = stamp.event(next_seq, kind, balance, s.held_micros);
             approved(vec![event], balance, s.held_micros, now_ms, None)
+        }
+        CommandKind::IssueApiKey {
+            prefix,
+            sha256,
+            name,
+        } => {
+            if s.api_keys.len() >= API_KEYS_PER_AGENT_MAX {
+                return Err(CommandError::TooManyApiKeys {
+                    max: API_KEYS_PER_AGENT_MAX,
+                });
+            }
+            if s.api_keys.contains_key(prefix) {
+                return Err(CommandError::ApiKeyExists(prefix.clone()));
+            }
+            let kind = EventKind::ApiKeyIssued {
+                prefix: prefix.clone(),
+                sha256: *sha256,
+                name: name.clone(),
+            };
+            let event = stamp.event(next_seq, kind, s.balance_micros, s.held_micros);
+            approved(vec![event], s.balance_micros, s.held_micros, now_ms, None)
+        }
+        CommandKind::RevokeApiKey { prefix } => {
+            if !s.api_keys.contains_key(prefix) {
+                return Err(CommandError::UnknownApiKey(prefix.clone()));
+            }
+            let kind = EventKind::ApiKeyRevoked {
+                prefix: prefix.clone(),
+            };
+            let event = stamp.event(next_seq, kind, s.balance_micros, s.held_micros);
+            approved(vec![event], s.balance_micros, s.held_micros, now_ms, None)
         }
     };
     #[cfg(debug_assertions)]

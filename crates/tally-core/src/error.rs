@@ -55,6 +55,12 @@ pub enum CommandError {
         amount_micros: u64,
         refundable_micros: u64,
     },
+    #[error("too many API keys (at most {max}); revoke one first")]
+    TooManyApiKeys { max: usize },
+    #[error("API key prefix {0:?} is already in use")]
+    ApiKeyExists(String),
+    #[error("no API key with prefix {0:?}")]
+    UnknownApiKey(String),
     #[error("invalid command: {0}")]
     Invalid(#[from] ValidationError),
 }

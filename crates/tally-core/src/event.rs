@@ -69,6 +69,15 @@ pub enum EventKind {
         /// The period the refunded money was spent in.
         debit_period: PeriodKey,
     },
+    /// An API key for the agent: only its public prefix and the SHA-256 of the whole key.
+    ApiKeyIssued {
+        prefix: String,
+        sha256: [u8; 32],
+        name: Option<String>,
+    },
+    ApiKeyRevoked {
+        prefix: String,
+    },
 }
 
 impl EventKind {
@@ -84,6 +93,8 @@ impl EventKind {
             EventKind::HoldVoided { .. } => "void",
             EventKind::HoldExpired { .. } => "expire",
             EventKind::Refunded { .. } => "refund",
+            EventKind::ApiKeyIssued { .. } => "api_key_issued",
+            EventKind::ApiKeyRevoked { .. } => "api_key_revoked",
         }
     }
 
@@ -91,7 +102,10 @@ impl EventKind {
     /// amount for voids and expiries, 0 for agent changes).
     pub fn amount_micros(&self) -> u64 {
         match *self {
-            EventKind::AgentCreated { .. } | EventKind::AgentUpdated { .. } => 0,
+            EventKind::AgentCreated { .. }
+            | EventKind::AgentUpdated { .. }
+            | EventKind::ApiKeyIssued { .. }
+            | EventKind::ApiKeyRevoked { .. } => 0,
             EventKind::Credited { amount_micros }
             | EventKind::Debited { amount_micros, .. }
             | EventKind::HoldPlaced { amount_micros, .. }

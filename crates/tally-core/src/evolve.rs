@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::error::InvariantError;
 use crate::event::{Event, EventKind};
 use crate::id::AgentId;
-use crate::state::{AgentState, Hold, Refundable};
+use crate::state::{AgentState, ApiKey, Hold, Refundable};
 use crate::REFUNDABLE_DEBITS_MAX;
 
 /// Applies `event` to the agent's state (`None` before its creation) and returns the new
@@ -51,6 +51,7 @@ fn genesis(id: &AgentId, event: &Event) -> Result<AgentState, InvariantError> {
             last_seq: 1,
             created_at_ms: event.at_ms,
             updated_at_ms: event.at_ms,
+            api_keys: BTreeMap::new(),
         }),
         _ => Err(broken(
             id,
@@ -160,6 +161,28 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
             s.refunded_total_micros = add(s.refunded_total_micros, *amount_micros)?;
             if s.period == *debit_period {
                 s.period_spent_micros = s.period_spent_micros.saturating_sub(*amount_micros);
+            }
+        }
+        EventKind::ApiKeyIssued {
+            prefix,
+            sha256,
+            name,
+        } => {
+            if s.api_keys.len() >= crate::API_KEYS_PER_AGENT_MAX {
+                return Err(err("too many API keys"));
+            }
+            let key = ApiKey {
+                sha256: *sha256,
+                name: name.clone(),
+                created_at_ms: event.at_ms,
+            };
+            if s.api_keys.insert(prefix.clone(), key).is_some() {
+                return Err(err("API key prefix issued twice"));
+            }
+        }
+        EventKind::ApiKeyRevoked { prefix } => {
+            if s.api_keys.remove(prefix).is_none() {
+                return Err(err("revoke of an unknown API key"));
             }
         }
     }

@@ -38,7 +38,7 @@ pub use outcome::{Denial, Outcome, Receipt};
 pub use period::PeriodKey;
 pub use plan::{Plan, PlanBook, Pricing, RateBucket};
 pub use rate::{RateState, RateStatus};
-pub use state::{AgentState, Hold, Refundable, Status};
+pub use state::{AgentState, ApiKey, Hold, Refundable, Status};
 
 /// Time in this crate is always milliseconds since the Unix epoch, passed in by the caller.
 pub type TimestampMs = u64;
@@ -48,3 +48,9 @@ pub const OPEN_HOLDS_MAX: usize = 1_024;
 /// How many of an agent's most recent debits (and captures) stay refundable. Older ones
 /// fall out of the window so that an agent record stays bounded however long it lives.
 pub const REFUNDABLE_DEBITS_MAX: usize = 1_024;
+/// Most live API keys one agent may have; one more is a rejected command.
+pub const API_KEYS_PER_AGENT_MAX: usize = 16;
+/// Longest API key name.
+pub const API_KEY_NAME_LEN_MAX: usize = 64;
+/// Length of an API key's public prefix: what lookups and logs use.
+pub const API_KEY_PREFIX_LEN: usize = 8;

@@ -33,6 +33,15 @@ pub struct Refundable {
     pub period: PeriodKey,
 }
 
+/// An agent's API key: the SHA-256 of the whole key (never the key), under its public
+/// prefix in [`AgentState::api_keys`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub sha256: [u8; 32],
+    pub name: Option<String>,
+    pub created_at_ms: TimestampMs,
+}
+
 /// The ledger state of one agent. Built only by [`crate::evolve`] from journal events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentState {
@@ -58,6 +67,8 @@ pub struct AgentState {
     pub last_seq: u64,
     pub created_at_ms: TimestampMs,
     pub updated_at_ms: TimestampMs,
+    /// Live API keys by public prefix, at most [`crate::API_KEYS_PER_AGENT_MAX`].
+    pub api_keys: BTreeMap<String, ApiKey>,
 }
 
 impl AgentState {
@@ -157,6 +168,9 @@ impl AgentState {
         }
         if self.holds.len() > crate::OPEN_HOLDS_MAX {
             return broken("too many open holds".into());
+        }
+        if self.api_keys.len() > crate::API_KEYS_PER_AGENT_MAX {
+            return broken("too many API keys".into());
         }
         Ok(())
     }

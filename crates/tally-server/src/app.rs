@@ -9,15 +9,17 @@ use std::time::{Duration, Instant};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post};
+use axum::routing::{any, delete, get, patch, post};
 use axum::Router;
 use tally_core::{PlanBook, PlanName, TimestampMs};
 use tally_store::{Clock, Engine};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::agent_keys::{self, KeyIndex};
 use crate::auth::{Authenticator, Need};
-use crate::config::{Config, Limits, X402};
+use crate::authorize;
+use crate::config::{Config, ForwardAuth, Limits, RouteTable, X402};
 use crate::metrics::Metrics;
 use crate::problem::Problem;
 use crate::routes;
@@ -40,6 +42,9 @@ struct Shared {
     metrics: Metrics,
     x402: Option<X402>,
     public_url: String,
+    keys: KeyIndex,
+    routes: Arc<RouteTable>,
+    forward_auth: ForwardAuth,
 }
 
 impl AppState {
@@ -63,6 +68,9 @@ impl AppState {
                 metrics,
                 x402: config.x402.clone(),
                 public_url,
+                keys: KeyIndex::default(),
+                routes: Arc::new(config.routes.clone()),
+                forward_auth: config.forward_auth.clone(),
             }),
         }
     }
@@ -107,6 +115,19 @@ impl AppState {
 
     pub fn public_url(&self) -> &str {
         &self.inner.public_url
+    }
+
+    /// Agent API keys by prefix.
+    pub fn keys(&self) -> &KeyIndex {
+        &self.inner.keys
+    }
+
+    pub fn routes(&self) -> &RouteTable {
+        &self.inner.routes
+    }
+
+    pub fn forward_auth(&self) -> &ForwardAuth {
+        &self.inner.forward_auth
     }
 
     fn authorize(&self, req: &Request, need: Need) -> Result<(), Problem> {
@@ -216,17 +237,45 @@ pub fn router(st: AppState) -> Router {
             "/v1/holds/{hold_id}/void",
             post(routes::void).route_layer(service()),
         )
+        .route(
+            "/v1/agents/{id}/keys",
+            post(agent_keys::issue)
+                .route_layer(service())
+                .merge(get(agent_keys::list).route_layer(read())),
+        )
+        .route(
+            "/v1/agents/{id}/keys/{prefix}",
+            delete(agent_keys::revoke).route_layer(service()),
+        )
+        .route(
+            "/v1/receipts/{receipt}/refund",
+            post(authorize::refund_receipt).route_layer(service()),
+        )
+        // Authenticated by the agent's own API key, never by a tally token.
+        .route("/v1/authorize", any(authorize::authorize))
         .route("/v1/plans", get(routes::plans).route_layer(read()))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
         .route("/openapi.json", get(routes::openapi))
+        .merge(envoy_routes(&st))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn(serve::limit_header_bytes))
         .layer(middleware::from_fn_with_state(st.clone(), observe))
         .layer(DefaultBodyLimit::max(st.limits().body_bytes_max))
         .with_state(st)
+}
+
+/// Envoy ext_authz sends the original method and path under a prefix.
+fn envoy_routes(st: &AppState) -> Router<AppState> {
+    match &st.forward_auth().envoy_path_prefix {
+        Some(prefix) if prefix != "/v1/authorize" => Router::new()
+            .route(prefix, any(authorize::authorize))
+            .route(&format!("{prefix}/{{*rest}}"), any(authorize::authorize)),
+        Some(_) => Router::new().route("/v1/authorize/{*rest}", any(authorize::authorize)),
+        None => Router::new(),
+    }
 }
 
 /// A running server.
@@ -320,6 +369,16 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 return Ok(());
             }
         };
+        // Agent keys are found by prefix from the first request on.
+        let keys = match opener_state.keys().rebuild(&engine).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                serving.abort();
+                engine.shutdown().await?;
+                return Err(e);
+            }
+        };
+        tracing::info!(keys, "agent API key index built");
         opener_state.set_engine(engine.clone());
         tracing::info!(data_dir = %config.data_dir.display(), "engine open; ready");
         serving.await??;

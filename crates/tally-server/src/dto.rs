@@ -198,6 +198,15 @@ pub fn event_json(e: &Event) -> Value {
             debit_period,
             ..
         } => (None, Some(*debit_seq), Some(*debit_period), None, None),
+        EventKind::ApiKeyIssued { .. } | EventKind::ApiKeyRevoked { .. } => {
+            (None, None, None, None, None)
+        }
+    };
+    let api_key_prefix = match &e.kind {
+        EventKind::ApiKeyIssued { prefix, .. } | EventKind::ApiKeyRevoked { prefix } => {
+            Some(prefix.as_str())
+        }
+        _ => None,
     };
     json!({
         "seq": e.seq,
@@ -214,6 +223,7 @@ pub fn event_json(e: &Event) -> Value {
         "period": period.map(|p| p.to_string()),
         "plan": plan,
         "status": status,
+        "api_key_prefix": api_key_prefix,
     })
 }
 

@@ -6,8 +6,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent_keys;
 pub mod app;
 pub mod auth;
+pub mod authorize;
 pub mod config;
 pub mod dto;
 pub mod extract;

@@ -101,6 +101,39 @@ fn spend_denials(responses: &mut Value) {
     responses["429"] = resp("TooManyRequests");
 }
 
+/// Forward-auth: authenticated by the agent's API key, not a tally token.
+fn authorize_op(id: &str) -> Value {
+    let header = |name: &str, desc: &str| json!({"name": name, "in": "header", "required": false, "description": desc, "schema": {"type": "string"}});
+    let tally = |desc: &str| json!({"description": desc, "schema": {"type": "string"}});
+    let mut responses = json!({
+        "200": ok_json("Allowed and charged; copy the X-Tally-* headers upstream.", r("Authorized"), json!({
+            "X-Tally-Agent": tally("The agent the key belongs to."),
+            "X-Tally-Charged-Micros": tally("The price charged."),
+            "X-Tally-Balance-Micros": tally("The balance after the charge."),
+            "X-Tally-Receipt": tally("`<agent>~<seq>`: what POST /v1/receipts/{receipt}/refund takes."),
+            "Idempotent-Replayed": {"description": "`true` for a retry that was not charged again.", "schema": {"type": "string", "enum": ["true"]}},
+            "RateLimit-Policy": {"$ref": "#/components/headers/RateLimitPolicy"},
+            "RateLimit": {"$ref": "#/components/headers/RateLimit"},
+        })),
+        "404": resp("NotFound"),
+    });
+    spend_denials(&mut responses);
+    common_errors(&mut responses);
+    json!({
+        "operationId": id,
+        "summary": "Forward-auth for gateways: price the original call from [[routes]] and debit the agent",
+        "security": [{"agentKey": []}],
+        "parameters": [
+            header("X-Forwarded-Method", "The original method (Caddy, Traefik; set it for nginx)."),
+            header("X-Forwarded-Uri", "The original path and query."),
+            header("Idempotency-Key", "Charged once per key; else once per X-Request-Id."),
+            header("X-Request-Id", "Used as the idempotency key when Idempotency-Key is absent."),
+            json!({"name": "mode", "in": "query", "required": false, "description": "`nginx`: 402 → 401 and 429 (any other refusal) → 403, the real status in X-Tally-Status and the problem in X-Tally-Problem.", "schema": {"type": "string", "enum": ["nginx", "standard"]}}),
+        ],
+        "responses": responses,
+    })
+}
+
 fn build() -> Value {
     let agent_ops = || vec![param("AgentId")];
     let keyed = |mut v: Vec<Value>| {
@@ -178,15 +211,16 @@ fn build() -> Value {
         ),
         "CheckResult": object(&["allowed", "amount_micros", "balance_micros"], json!({"allowed": {"type": "boolean"}, "amount_micros": u64_schema(), "balance_micros": u64_schema()})),
         "JournalEntry": object(
-            &["seq", "kind", "amount_micros", "balance_micros", "held_micros", "at", "idempotency_key", "task_type", "metadata", "hold_seq", "debit_seq", "period", "plan", "status"],
+            &["seq", "kind", "amount_micros", "balance_micros", "held_micros", "at", "idempotency_key", "task_type", "metadata", "hold_seq", "debit_seq", "period", "plan", "status", "api_key_prefix"],
             json!({
                 "seq": u64_schema(),
-                "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund"]},
+                "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked"]},
                 "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(), "at": time,
                 "idempotency_key": nullable(json!({"type": "string"})), "task_type": nullable(json!({"type": "string"})),
                 "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
                 "hold_seq": nullable(u64_schema()), "debit_seq": nullable(u64_schema()),
                 "period": nullable(json!({"type": "string"})), "plan": nullable(json!({"type": "string"})), "status": nullable(status.clone()),
+                "api_key_prefix": nullable(json!({"type": "string"})),
             }),
         ),
         "JournalPage": object(&["entries", "next_after"], json!({"entries": {"type": "array", "items": r("JournalEntry")}, "next_after": nullable(u64_schema())})),
@@ -227,19 +261,36 @@ fn build() -> Value {
         "Capture": object(&["amount_micros"], json!({"amount_micros": u64_schema()})),
         "Void": object(&[], json!({})),
         "Refund": object(&["debit_seq", "amount_micros"], json!({"debit_seq": u64_schema(), "amount_micros": amount_schema()})),
+        "ReceiptRefund": object(&[], json!({"amount_micros": amount_schema()})),
+        "IssueApiKey": object(&[], json!({"name": {"type": "string", "minLength": 1, "maxLength": 64, "description": "Bytes, no control characters."}})),
+        "ApiKey": object(&["agent_id", "prefix", "name", "created_at", "last_used_at"], json!({
+            "agent_id": name(128), "prefix": {"type": "string"}, "name": nullable(json!({"type": "string"})),
+            "created_at": nullable(time.clone()),
+            "last_used_at": nullable(json!({"type": "string", "format": "date-time", "description": "In memory, since this process started: null after a restart until the key is used again."})),
+        })),
+        "IssuedApiKey": object(&["agent_id", "prefix", "name", "created_at", "last_used_at", "key"], json!({
+            "agent_id": name(128), "prefix": {"type": "string"}, "name": nullable(json!({"type": "string"})),
+            "created_at": nullable(time.clone()), "last_used_at": nullable(time.clone()),
+            "key": nullable(json!({"type": "string", "description": "`tk_<prefix>_<secret>`, shown only in the first answer; null in a replay."})),
+        })),
+        "ApiKeyList": object(&["keys", "api_keys_max"], json!({"keys": {"type": "array", "items": r("ApiKey")}, "api_keys_max": {"type": "integer"}})),
+        "Authorized": object(&["allowed", "agent_id", "route", "charged_micros", "balance_micros", "receipt"], json!({
+            "allowed": {"type": "boolean"}, "agent_id": name(128), "route": {"type": "string"},
+            "charged_micros": u64_schema(), "balance_micros": u64_schema(), "receipt": {"type": "string"},
+        })),
     });
 
     let ratelimit_headers = json!({"RateLimit-Policy": {"$ref": "#/components/headers/RateLimitPolicy"}, "RateLimit": {"$ref": "#/components/headers/RateLimit"}, "Retry-After": retry_after});
     let responses = json!({
         "BadRequest": problem_resp("Malformed request, missing or invalid Idempotency-Key (`invalid-request`, `idempotency-key-missing`, `invalid-idempotency-key`).", r("Problem"), Value::Null),
-        "Unauthorized": problem_resp("No or unknown bearer token (`unauthorized`).", r("Problem"), json!({"WWW-Authenticate": {"schema": {"type": "string"}}})),
+        "Unauthorized": problem_resp("No or unknown bearer token, or for /v1/authorize no, an unknown or a revoked agent key; in nginx mode also a 402 (`unauthorized`, or the real problem: see X-Tally-Status).", r("Problem"), json!({"WWW-Authenticate": {"schema": {"type": "string"}}})),
         "Forbidden": problem_resp("The token's role may not do this (`forbidden`), or the agent is suspended (`agent-suspended`).", r("Problem"), Value::Null),
-        "NotFound": problem_resp("Unknown agent, hold or route (`not-found`).", r("Problem"), Value::Null),
-        "Conflict": problem_resp("`agent-exists`, `hold-expired`.", r("Problem"), Value::Null),
+        "NotFound": problem_resp("Unknown agent, hold, receipt, API key or route; for /v1/authorize, no priced [[routes]] entry for the call (`not-found`).", r("Problem"), Value::Null),
+        "Conflict": problem_resp("`agent-exists`, `hold-expired`, `api-key-exists`.", r("Problem"), Value::Null),
         "TooLarge": problem_resp("Body larger than `limits.body_bytes_max` (`body-too-large`).", r("Problem"), Value::Null),
         "HeadersTooLarge": problem_resp("Header fields (names and values) larger than 64 KiB (`headers-too-large`).", r("Problem"), Value::Null),
         "UnsupportedMediaType": problem_resp("Body not sent as application/json (`unsupported-media-type`).", r("Problem"), Value::Null),
-        "Unprocessable": problem_resp("`idempotency-key-reused`, `unknown-plan`, `invalid-amount`, `amount-overflow`, `invalid-ttl`, `too-many-holds`, `capture-exceeds-hold`, `refund-exceeds-debit`, `unknown-debit`, `scan-too-large` (usage of a period more than `engine.usage_scan_entries_max` journal entries back).", r("Problem"), Value::Null),
+        "Unprocessable": problem_resp("`idempotency-key-reused`, `unknown-plan`, `invalid-amount`, `amount-overflow`, `invalid-ttl`, `too-many-holds`, `capture-exceeds-hold`, `refund-exceeds-debit`, `unknown-debit`, `too-many-api-keys` (`api_keys_max`), `scan-too-large` (usage of a period more than `engine.usage_scan_entries_max` journal entries back).", r("Problem"), Value::Null),
         "PaymentRequired": problem_resp("Insufficient funds (`insufficient-funds`). `Retry-After` only when an expiring hold frees enough; x402 `accepts` and `PAYMENT-REQUIRED` when configured.", r("InsufficientFunds"), json!({"Retry-After": retry_after, "PAYMENT-REQUIRED": {"description": "base64 of the x402 v2 PaymentRequired JSON", "schema": {"type": "string"}}})),
         "TooManyRequests": problem_resp("Rate limit (`rate-limited`) or monthly cap (`monthly-cap-reached`).", r("Limited"), ratelimit_headers),
         "Unavailable": problem_resp("`overloaded`, `shutting-down`, `not-ready`, `timeout`.", r("Problem"), json!({"Retry-After": retry_after})),
@@ -312,6 +363,22 @@ fn build() -> Value {
             with(receipt_ok("200", "Captured."), &[("404", "NotFound"), ("409", "Conflict"), ("422", "Unprocessable")]))},
         "/v1/holds/{hold_id}/void": {"post": operation("void", "Release a hold", keyed(vec![param("HoldId")]), Some(body("Void", false)),
             with(receipt_ok("200", "Voided."), &[("404", "NotFound"), ("422", "Unprocessable")]))},
+        "/v1/agents/{id}/keys": {
+            "post": operation("issueApiKey", "Issue an API key for the agent (shown once)", keyed(agent_ops()), Some(body("IssueApiKey", false)),
+                with(json!({"201": ok_json("Issued; `key` is shown only here.", r("IssuedApiKey"), replay_headers())}), &[("404", "NotFound"), ("409", "Conflict"), ("422", "Unprocessable")])),
+            "get": operation("listApiKeys", "The agent's API keys (never the keys themselves)", agent_ops(), None,
+                with(json!({"200": ok_json("Keys by prefix.", r("ApiKeyList"), Value::Null)}), &[("404", "NotFound")])),
+        },
+        "/v1/agents/{id}/keys/{prefix}": {
+            "delete": operation("revokeApiKey", "Revoke an API key", keyed(vec![param("AgentId"), json!({"name": "prefix", "in": "path", "required": true, "schema": {"type": "string"}})]), None,
+                with(json!({"204": {"description": "Revoked (a replay of the same request answers 204 again; a new request for a revoked key 404).", "headers": replay_headers()}}), &[("404", "NotFound"), ("422", "Unprocessable")])),
+        },
+        "/v1/receipts/{receipt}/refund": {"post": operation("refundReceipt", "Refund the debit a receipt (X-Tally-Receipt) names: all of it, or amount_micros", keyed(vec![param("Receipt")]), Some(body("ReceiptRefund", false)),
+            with(receipt_ok("201", "Refunded."), &[("404", "NotFound"), ("422", "Unprocessable")]))},
+        "/v1/authorize": {
+            "get": authorize_op("authorize"),
+            "post": authorize_op("authorizePost"),
+        },
         "/v1/plans": {"get": operation("plans", "Plans in force", vec![], None, json!({"200": ok_json("Plans.", r("PlanList"), Value::Null)}))},
         "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness", "security": [], "responses": {"200": ok_json("Alive.", r("Status"), Value::Null)}}},
         "/readyz": {"get": {"operationId": "readyz", "summary": "Readiness (recovery done)", "security": [], "responses": {
@@ -329,12 +396,16 @@ fn build() -> Value {
         "security": [{"bearer": []}],
         "paths": paths,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "agentKey": {"type": "http", "scheme": "bearer", "description": "An agent API key `tk_<prefix>_<secret>` (or the `[forward_auth] key_header`)."},
+            },
             "schemas": schemas,
             "responses": responses,
             "parameters": {
                 "AgentId": {"name": "id", "in": "path", "required": true, "schema": name(128)},
                 "HoldId": {"name": "hold_id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}~[0-9]{1,19}$"}},
+                "Receipt": {"name": "receipt", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}~[0-9]{1,19}$"}},
                 "IdempotencyKey": {"name": "Idempotency-Key", "in": "header", "required": true, "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"}},
                 "Limit": {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": crate::config::PAGE_LIMIT_MAX_DEFAULT}},
             },
@@ -368,6 +439,6 @@ mod tests {
             }
         }
         walk(&doc, &doc);
-        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(16));
+        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(20));
     }
 }

@@ -174,6 +174,20 @@ pub fn classify(
                     e.to_string(),
                 )
                 .field("refundable_micros", refundable_micros),
+                CommandError::TooManyApiKeys { max } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "too-many-api-keys",
+                    "Too many API keys",
+                    e.to_string(),
+                )
+                .field("api_keys_max", max),
+                CommandError::ApiKeyExists(_) => problem(
+                    S::CONFLICT,
+                    "api-key-exists",
+                    "API key prefix in use",
+                    e.to_string(),
+                ),
+                CommandError::UnknownApiKey(_) => Problem::not_found(e.to_string()),
                 CommandError::Invalid(v) => Problem::invalid(v.to_string()),
             })
         }

@@ -17,6 +17,11 @@ pub const RECORD_VERSION: u8 = 1;
 /// The format of a journal chunk (several events of one agent under one key). Version 1
 /// journal values, written before chunks existed, hold a single event and still decode.
 pub const CHUNK_VERSION: u8 = 2;
+/// The format of agent records and WAL batches since agents carry API keys
+/// (`AgentState::api_keys`). Version 1 ones, written before, still decode (with no keys);
+/// events and numbers stay at version 1 (new event kinds are appended variants, so
+/// old events decode unchanged).
+pub const AGENT_VERSION: u8 = 3;
 /// Largest record body decoded. Far above the largest agent record (1,024 holds and
 /// 1,024 refundable debits, ~60 KB); a corrupted length prefix claiming more is a decode
 /// error instead of an allocation of whatever the prefix says.
@@ -27,7 +32,7 @@ pub const RECORD_BYTES_MAX: usize = 1 << 20;
 pub enum CodecError {
     #[error("record is empty")]
     Empty,
-    #[error("record has format version {found}; this build reads versions up to {CHUNK_VERSION} (written by a newer tally?)")]
+    #[error("record has format version {found}; this build reads versions up to {AGENT_VERSION} (written by a newer tally?)")]
     UnknownVersion { found: u8 },
     #[error("record does not decode: {0}")]
     Decode(String),
@@ -100,7 +105,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>, CodecError> {
 
 /// Encodes one agent's writes of a `Storage::apply` as the payload of one WAL record.
 pub fn encode_write(write: &AgentWrite) -> Result<Vec<u8>, CodecError> {
-    let bytes = encode(write)?;
+    let bytes = encode_as(AGENT_VERSION, write)?;
     // Checked here so that a record too large to read back is never written.
     if bytes.len() > RECORD_BYTES_MAX {
         return Err(CodecError::Encode(format!(
@@ -113,7 +118,12 @@ pub fn encode_write(write: &AgentWrite) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes a WAL record's payload; its checkpoint, if any, is checked again.
 pub fn decode_write(bytes: &[u8]) -> Result<AgentWrite, CodecError> {
-    let write: AgentWrite = decode(bytes)?;
+    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    let write: AgentWrite = match version {
+        AGENT_VERSION => decode_body(body)?,
+        RECORD_VERSION => decode_body::<legacy::AgentWriteV1>(body)?.into(),
+        found => return Err(CodecError::UnknownVersion { found }),
+    };
     if let Some(record) = &write.checkpoint {
         record
             .check_invariants()
@@ -131,13 +141,18 @@ pub fn decode_u64(bytes: &[u8]) -> Result<u64, CodecError> {
 }
 
 pub fn encode_agent(agent: &AgentState) -> Result<Vec<u8>, CodecError> {
-    encode(agent)
+    encode_as(AGENT_VERSION, agent)
 }
 
 /// Decodes an agent record and checks its invariants again (pair assertion: on write and
 /// on read).
 pub fn decode_agent(bytes: &[u8]) -> Result<AgentState, CodecError> {
-    let agent: AgentState = decode(bytes)?;
+    let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
+    let agent: AgentState = match version {
+        AGENT_VERSION => decode_body(body)?,
+        RECORD_VERSION => decode_body::<legacy::AgentStateV1>(body)?.into(),
+        found => return Err(CodecError::UnknownVersion { found }),
+    };
     agent
         .check_invariants()
         .map_err(|e| CodecError::Decode(e.to_string()))?;
@@ -167,6 +182,125 @@ fn decode_fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N], CodecError> {
     }
     body.try_into()
         .map_err(|_| CodecError::Decode(format!("expected {N} bytes")))
+}
+
+/// The version 1 shapes of agent records and WAL batches (before API keys), field for
+/// field, so that a data dir written by an older build opens.
+mod legacy {
+    use std::collections::{BTreeMap, VecDeque};
+
+    use serde::Deserialize;
+    use tally_core::{
+        AgentId, AgentState, Event, Hold, PeriodKey, PlanName, Refundable, Status, TimestampMs,
+    };
+
+    use crate::storage::AgentWrite;
+
+    #[derive(Deserialize)]
+    pub(super) struct AgentStateV1 {
+        id: AgentId,
+        plan: PlanName,
+        status: Status,
+        balance_micros: u64,
+        held_micros: u64,
+        holds: BTreeMap<u64, Hold>,
+        period: PeriodKey,
+        period_spent_micros: u64,
+        credited_total_micros: u64,
+        debited_total_micros: u64,
+        refunded_total_micros: u64,
+        refundable: VecDeque<Refundable>,
+        last_seq: u64,
+        created_at_ms: TimestampMs,
+        updated_at_ms: TimestampMs,
+    }
+
+    impl From<AgentStateV1> for AgentState {
+        fn from(v: AgentStateV1) -> Self {
+            AgentState {
+                id: v.id,
+                plan: v.plan,
+                status: v.status,
+                balance_micros: v.balance_micros,
+                held_micros: v.held_micros,
+                holds: v.holds,
+                period: v.period,
+                period_spent_micros: v.period_spent_micros,
+                credited_total_micros: v.credited_total_micros,
+                debited_total_micros: v.debited_total_micros,
+                refunded_total_micros: v.refunded_total_micros,
+                refundable: v.refundable,
+                last_seq: v.last_seq,
+                created_at_ms: v.created_at_ms,
+                updated_at_ms: v.updated_at_ms,
+                api_keys: BTreeMap::new(),
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct AgentWriteV1 {
+        agent: AgentId,
+        expected_seq: u64,
+        events: Vec<Event>,
+        checkpoint: Option<AgentStateV1>,
+    }
+
+    impl From<AgentWriteV1> for AgentWrite {
+        fn from(v: AgentWriteV1) -> Self {
+            AgentWrite {
+                agent: v.agent,
+                expected_seq: v.expected_seq,
+                events: v.events,
+                checkpoint: v.checkpoint.map(Into::into),
+            }
+        }
+    }
+
+    /// For the test: a version 1 record of `agent` (without its keys).
+    #[cfg(test)]
+    pub(super) fn encode_v1(agent: &AgentState) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct V1<'a> {
+            id: &'a AgentId,
+            plan: &'a PlanName,
+            status: Status,
+            balance_micros: u64,
+            held_micros: u64,
+            holds: &'a BTreeMap<u64, Hold>,
+            period: PeriodKey,
+            period_spent_micros: u64,
+            credited_total_micros: u64,
+            debited_total_micros: u64,
+            refunded_total_micros: u64,
+            refundable: &'a VecDeque<Refundable>,
+            last_seq: u64,
+            created_at_ms: TimestampMs,
+            updated_at_ms: TimestampMs,
+        }
+        let a = agent;
+        super::encode_as(
+            super::RECORD_VERSION,
+            &V1 {
+                id: &a.id,
+                plan: &a.plan,
+                status: a.status,
+                balance_micros: a.balance_micros,
+                held_micros: a.held_micros,
+                holds: &a.holds,
+                period: a.period,
+                period_spent_micros: a.period_spent_micros,
+                credited_total_micros: a.credited_total_micros,
+                debited_total_micros: a.debited_total_micros,
+                refunded_total_micros: a.refunded_total_micros,
+                refundable: &a.refundable,
+                last_seq: a.last_seq,
+                created_at_ms: a.created_at_ms,
+                updated_at_ms: a.updated_at_ms,
+            },
+        )
+        .expect("encodes")
+    }
 }
 
 /// A key-index record: fixed width, so a sorted run file can be searched by offset.
@@ -320,7 +454,31 @@ mod tests {
                 ttl_ms: 1_000,
             },
             CommandKind::Debit { amount_micros: 7 },
+            CommandKind::IssueApiKey {
+                prefix: "abcdefgh".into(),
+                sha256: [3; 32],
+                name: Some("ci".into()),
+            },
         ])
+    }
+
+    #[test]
+    fn version_1_agent_records_and_writes_still_decode_without_keys() {
+        let (mut agent, events) = sample();
+        agent.api_keys.clear();
+        let old = legacy::encode_v1(&agent);
+        assert_eq!(old[0], RECORD_VERSION);
+        assert_eq!(decode_agent(&old).expect("decodes"), agent);
+        // A version 1 WAL record: agent, expected_seq, events, then the checkpoint.
+        let mut write = vec![RECORD_VERSION];
+        write.extend_from_slice(
+            &encode_as(0, &(&agent.id, 0u64, &events[..4])).expect("encodes")[1..],
+        );
+        write.push(1); // Some(checkpoint)
+        write.extend_from_slice(&old[1..]);
+        let back = decode_write(&write).expect("decodes");
+        assert_eq!(back.events, events[..4].to_vec());
+        assert_eq!(back.checkpoint, Some(agent));
     }
 
     #[test]
@@ -376,9 +534,9 @@ mod tests {
     fn unknown_version_is_a_clear_error() {
         let (agent, _) = sample();
         let mut bytes = encode_agent(&agent).expect("encodes");
-        bytes[0] = 3;
+        bytes[0] = AGENT_VERSION + 1;
         let err = decode_agent(&bytes).expect_err("newer version");
-        assert!(matches!(err, CodecError::UnknownVersion { found: 3 }));
+        assert!(matches!(err, CodecError::UnknownVersion { found: 4 }));
         assert!(err.to_string().contains("newer"));
     }
 

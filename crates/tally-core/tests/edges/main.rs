@@ -227,6 +227,7 @@ fn debit_low(ledger: &Ledger, amount_micros: u64) -> Command {
 }
 
 mod amounts;
+mod api_keys;
 mod caps;
 mod holds;
 mod order;

@@ -494,6 +494,10 @@ impl ModelAgent {
                 }
                 Ok(self.approved(due.len() as u32))
             }
+            // API keys move no money; tests/edges/api_keys.rs covers them.
+            CommandKind::IssueApiKey { .. } | CommandKind::RevokeApiKey { .. } => {
+                panic!("the model generates no API key commands")
+            }
             CommandKind::Refund {
                 debit_seq,
                 amount_micros: a,

@@ -10,7 +10,12 @@ use tally_store::EngineConfig;
 
 use crate::auth::{Role, TokenHash};
 
+mod gateway;
 mod raw;
+pub use gateway::{
+    DenyMode, ForwardAuth, PathPattern, Price, Route, RouteMatch, RouteTable, Segment, ROUTES_MAX,
+    USAGE_HEADER_DEFAULT,
+};
 use raw::RawConfig;
 
 /// Where `tally serve` listens with no config.
@@ -97,6 +102,9 @@ pub struct Config {
     /// Engine settings; `data_dir` is overwritten with [`Config::data_dir`] at start.
     pub engine: EngineConfig,
     pub x402: Option<X402>,
+    /// `[[routes]]`: priced calls of the API being sold.
+    pub routes: RouteTable,
+    pub forward_auth: ForwardAuth,
 }
 
 impl Default for Config {
@@ -113,6 +121,8 @@ impl Default for Config {
             limits: Limits::default(),
             engine: EngineConfig::new(DATA_DIR_DEFAULT),
             x402: None,
+            routes: RouteTable::default(),
+            forward_auth: ForwardAuth::default(),
         }
     }
 }
@@ -521,6 +531,11 @@ impl Config {
                     .unwrap_or_else(|| "tally prepaid balance top-up".into()),
                 extra,
             });
+        }
+        cfg.routes = gateway::routes(&lines, raw.routes)?;
+        if let Some(f) = raw.forward_auth {
+            let span = f.span();
+            cfg.forward_auth = gateway::forward_auth(&lines, &span, f.into_inner())?;
         }
         Ok(cfg)
     }

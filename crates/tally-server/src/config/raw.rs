@@ -16,6 +16,9 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) plans: Vec<Spanned<RawPlan>>,
     pub(super) x402: Option<Spanned<RawX402>>,
+    #[serde(default)]
+    pub(super) routes: Vec<Spanned<super::gateway::RawRoute>>,
+    pub(super) forward_auth: Option<Spanned<super::gateway::RawForwardAuth>>,
 }
 
 #[derive(Debug, Deserialize)]

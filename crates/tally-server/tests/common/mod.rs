@@ -256,6 +256,69 @@ impl TestServer {
         }
     }
 
+    /// Shuts the server down cleanly and starts it again on the same data dir with `cfg`.
+    pub async fn restart(&mut self, mut cfg: Config) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.expect("clean shutdown");
+        }
+        cfg.data_dir = self._dir.path().to_path_buf();
+        let mut running = tally_server::start(cfg, self.clock.clone())
+            .await
+            .expect("restart");
+        running.ready().await.expect("ready");
+        self.base = format!("http://{}", running.addr);
+        self.running = Some(running);
+    }
+
+    /// Issues an API key for `agent`; returns the whole key and its prefix.
+    pub async fn issue_key(&self, agent: &str, idem: &str) -> (String, String) {
+        let r = self
+            .call(
+                "POST",
+                &format!("/v1/agents/{agent}/keys"),
+                SERVICE,
+                Some(idem),
+                Some(serde_json::json!({"name": idem})),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+        let key = r.body["key"]
+            .as_str()
+            .expect("the key, shown once")
+            .to_owned();
+        let prefix = r.body["prefix"].as_str().expect("prefix").to_owned();
+        (key, prefix)
+    }
+
+    /// Forward-auth as a gateway calls it: the agent key, the original method and URI,
+    /// and (when set) an Idempotency-Key; `query` is appended to `/v1/authorize`.
+    pub async fn authorize(
+        &self,
+        agent_key: &str,
+        method: &str,
+        uri: &str,
+        idem: Option<&str>,
+        query: &str,
+    ) -> Resp {
+        let mut req = self
+            .http
+            .get(self.url(&format!("/v1/authorize{query}")))
+            .bearer_auth(agent_key)
+            .header("X-Forwarded-Method", method)
+            .header("X-Forwarded-Uri", uri);
+        if let Some(k) = idem {
+            req = req.header("Idempotency-Key", k);
+        }
+        self.send(req).await
+    }
+
+    /// The agent's balance.
+    pub async fn balance(&self, agent: &str) -> u64 {
+        let r = self.get(&format!("/v1/agents/{agent}")).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.body["balance_micros"].as_u64().expect("balance")
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await.expect("clean shutdown");
