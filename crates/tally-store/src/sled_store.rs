@@ -802,6 +802,14 @@ impl Storage for SledStorage {
             || staged.backlog_bytes() >= self.shared.backlog_bytes_max
         {
             self.shared.check()?;
+            if staged.durable_parts().all(Pending::is_empty) && staged.syncing.is_none() {
+                // All that holds the bound is applied but not synced, which the indexer
+                // may not take: sync it rather than wait for a caller that may be this one.
+                drop(staged);
+                self.sync()?;
+                staged = self.shared.staged.lock();
+                continue;
+            }
             self.shared.changed.notify_all();
             self.shared
                 .changed
@@ -1233,6 +1241,30 @@ mod tests {
             peak >= 3 * one_run,
             "the bound was reached ({peak}), so the wait was exercised"
         );
+        assert_reads(&store, &id, &events);
+    }
+
+    #[test]
+    fn applying_past_the_backlog_bound_without_a_sync_does_not_wait_forever() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (id, events, _) = journal_of(300);
+        let mut options = StoreOptions::new(8 << 20);
+        options.backlog_events_max = 16;
+        let store = SledStorage::open_with(tmp.path(), &options).expect("opens");
+        // Only applies, as a caller that syncs once at the end would; the store syncs what
+        // holds the bound itself, so the indexer can drain it.
+        for part in events.chunks(7) {
+            store
+                .apply(vec![AgentWrite {
+                    agent: id.clone(),
+                    expected_seq: part[0].seq - 1,
+                    events: part.to_vec(),
+                    checkpoint: None,
+                }])
+                .expect("applies");
+            assert!(store.backlog_events() < 16 + 7);
+        }
+        store.sync().expect("syncs");
         assert_reads(&store, &id, &events);
     }
 
