@@ -330,10 +330,27 @@ fn build() -> Value {
     );
     spend_denials(&mut check);
 
+    // What a client does next with an agent it created: the stateful tests follow these.
+    let mut created = with(
+        json!({"201": ok_json("Created.", r("Agent"), replay_headers())}),
+        &[("409", "Conflict"), ("422", "Unprocessable")],
+    );
+    let agent_link =
+        |op: &str| json!({"operationId": op, "parameters": {"id": "$response.body#/id"}});
+    created["201"]["links"] = json!({
+        "GetAgent": agent_link("getAgent"),
+        "Credit": agent_link("credit"),
+        "Debit": agent_link("debit"),
+        "Hold": agent_link("hold"),
+        "Check": agent_link("check"),
+        "Journal": agent_link("journal"),
+        "Usage": agent_link("usage"),
+        "IssueApiKey": agent_link("issueApiKey"),
+    });
+
     let paths = json!({
         "/v1/agents": {
-            "post": operation("createAgent", "Create an agent", keyed(vec![]), Some(body("CreateAgent", true)),
-                with(json!({"201": ok_json("Created.", r("Agent"), replay_headers())}), &[("409", "Conflict"), ("422", "Unprocessable")])),
+            "post": operation("createAgent", "Create an agent", keyed(vec![]), Some(body("CreateAgent", true)), created),
             "get": operation("listAgents", "List agents, paged by id", vec![
                     json!({"name": "after", "in": "query", "required": false, "schema": name(128)}),
                     param("Limit"),
@@ -403,7 +420,8 @@ fn build() -> Value {
             "schemas": schemas,
             "responses": responses,
             "parameters": {
-                "AgentId": {"name": "id", "in": "path", "required": true, "schema": name(128)},
+                "AgentId": {"name": "id", "in": "path", "required": true, "schema": name(128),
+                    "examples": {"rate-limited": {"value": "a1"}, "broke": {"value": "broke-1"}, "funded": {"value": "a2"}, "capped": {"value": "capped-1"}}},
                 "HoldId": {"name": "hold_id", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}~[0-9]{1,19}$"}},
                 "Receipt": {"name": "receipt", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}~[0-9]{1,19}$"}},
                 "IdempotencyKey": {"name": "Idempotency-Key", "in": "header", "required": true, "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"}},
