@@ -13,7 +13,11 @@
 # that Prometheus sees up{job="tally"} == 1, that every rule of tally-alerts.yml loaded
 # and evaluates without error against the real series, and that every tally_* metric
 # named in the rules and the dashboard is in the live /metrics. Both processes are
-# stopped at the end (and on any exit); it takes about 10-20 s.
+# stopped at the end (and on any exit); it takes about 10-20 s. The seed requests must get
+# the statuses they are meant to provoke (201, 402, 200, 404).
+#
+# Without a tally binary or a prometheus server the live check is SKIPPED; with CI=true a
+# skip is a failure instead.
 #
 # Exits non-zero if any check fails.
 set -uo pipefail
@@ -39,6 +43,14 @@ failures=0
 step() { printf '\n== %s\n' "$*"; }
 fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 ok() { echo "ok: $*"; }
+# A check that cannot run: a failure in CI, a notice elsewhere.
+skip() {
+    if [ "${CI:-}" = true ]; then
+        fail "$* (CI=true: a skipped check is a failure)"
+    else
+        echo "SKIPPED: $*"
+    fi
+}
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/check-monitoring.XXXXXX")
 PIDS=()
@@ -139,11 +151,11 @@ fi
 live_check() {
     local tally_bin=${TALLY_BIN:-$ROOT/target/release/tally}
     if [ ! -x "$tally_bin" ]; then
-        echo "SKIPPED: no tally binary at $tally_bin (cargo build --release -p tally-server, or set TALLY_BIN)"
+        skip "no tally binary at $tally_bin (cargo build --release -p tally-server, or set TALLY_BIN)"
         return 0
     fi
     if ! command -v prometheus >/dev/null 2>&1; then
-        echo "SKIPPED: no prometheus server binary"
+        skip "no prometheus server binary"
         return 0
     fi
     local token hash addr="" port i
@@ -167,18 +179,21 @@ live_check() {
     echo "tally listening on $addr"
 
     # A little traffic so the server-side series exist: an agent, a top-up, an approved
-    # debit, a 402, a hold and its capture, a check, a 404.
+    # debit, a 402, a check, a 404. Each must get the status it is meant to provoke.
     local base="http://$addr/v1" h="Authorization: Bearer $token" j="Content-Type: application/json"
-    local agent="mon-$$"
+    local agent="mon-$$" got="" want="201 201 201 402 200 404 "
     c() { curl -sS -o /dev/null -w '%{http_code} ' --max-time 5 -H "$h" -H "$j" "$@"; }
-    printf 'requests: '
-    c -X POST "$base/agents" -H "Idempotency-Key: a-$agent" -d "{\"id\":\"$agent\"}"
-    c -X POST "$base/agents/$agent/credits" -H "Idempotency-Key: c-$agent" -d '{"amount_micros":5000}'
-    c -X POST "$base/agents/$agent/debits" -H "Idempotency-Key: d1-$agent" -d '{"amount_micros":1500,"task_type":"llm"}'
-    c -X POST "$base/agents/$agent/debits" -H "Idempotency-Key: d2-$agent" -d '{"amount_micros":900000,"task_type":"llm"}'
-    c -X POST "$base/agents/$agent/check" -d '{"amount_micros":100}'
-    c "$base/agents/nobody-$agent"
-    echo
+    got+=$(c -X POST "$base/agents" -H "Idempotency-Key: a-$agent" -d "{\"id\":\"$agent\"}")
+    got+=$(c -X POST "$base/agents/$agent/credits" -H "Idempotency-Key: c-$agent" -d '{"amount_micros":5000}')
+    got+=$(c -X POST "$base/agents/$agent/debits" -H "Idempotency-Key: d1-$agent" -d '{"amount_micros":1500,"task_type":"llm"}')
+    got+=$(c -X POST "$base/agents/$agent/debits" -H "Idempotency-Key: d2-$agent" -d '{"amount_micros":900000,"task_type":"llm"}')
+    got+=$(c -X POST "$base/agents/$agent/check" -d '{"amount_micros":100}')
+    got+=$(c "$base/agents/nobody-$agent")
+    if [ "$got" = "$want" ]; then
+        ok "seed requests: $got"
+    else
+        fail "seed requests answered '$got', expected '$want'"
+    fi
 
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     cat >"$TMP/prometheus.yml" <<EOF

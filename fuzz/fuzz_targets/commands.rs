@@ -6,11 +6,9 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use tally_core::period::period_of;
 use tally_core::{
-    decide, evolve, AgentId, AgentState, Command, CommandKind, Event, EventKind,
-    IdempotencyKey, Outcome, Plan, PlanBook, PlanName, Pricing, Priority, RateBucket,
-    RateState, Status, TaskType,
+    decide, evolve, AgentId, AgentState, Command, CommandKind, Event, IdempotencyKey, Outcome,
+    Plan, PlanBook, PlanName, Pricing, Priority, RateBucket, RateState, Status, TaskType,
 };
 
 /// 2026-01-27T00:00:00Z: a few days before a month end and the plans' anchor days.
@@ -137,9 +135,6 @@ struct Agent {
     state: Option<AgentState>,
     rate: RateState,
     journal: Vec<Event>,
-    /// Whether the agent ever ran under another plan than its first: the cap property
-    /// below holds only for spends decided under the plan that is in force now.
-    plan_changed: bool,
 }
 
 fn pick(p: Pick, ids: impl Iterator<Item = u64>) -> u64 {
@@ -271,13 +266,6 @@ fuzz_target!(|steps: Vec<Step>| {
                         evolve(agent.state.take(), id, e)
                             .unwrap_or_else(|err| panic!("evolve rejects a decided event: {err}")),
                     );
-                    if let EventKind::AgentUpdated { plan, .. } = &e.kind {
-                        let created = agent.journal.first().map(|c| &c.kind);
-                        if !matches!(created, Some(EventKind::AgentCreated { plan: p, .. }) if p == plan)
-                        {
-                            agent.plan_changed = true;
-                        }
-                    }
                     agent.journal.push(e.clone());
                 }
                 if let Some(s) = &agent.state {
@@ -316,15 +304,16 @@ fuzz_target!(|steps: Vec<Step>| {
         } else if !matches!(decision.outcome, Outcome::Approved(_)) {
             assert_eq!(Some(s), before.as_ref(), "a denial or check changed the state");
         }
-        // A spend approved under the plan in force keeps spend + holds within the cap
-        // (and within the soft threshold for low-priority work).
-        if !agent.plan_changed
-            && matches!(decision.outcome, Outcome::Approved(_))
+        // Every approved spend keeps spend + holds within the cap of the plan in force
+        // (and within the soft threshold for low-priority work), plan changes included:
+        // the period is the one the core decides in, max(period_of(now, anchor), the
+        // agent's current period).
+        if matches!(decision.outcome, Outcome::Approved(_))
             && matches!(cmd.kind, CommandKind::Debit { .. } | CommandKind::Hold { .. })
         {
             let plan = plans.get(&s.plan).expect("the agent's plan exists");
             if let Some(cap) = plan.monthly_cap_micros {
-                let period = period_of(now_ms, plan.anchor_day);
+                let period = s.period_at(now_ms, plan.anchor_day);
                 let committed = u128::from(s.spent_in(period)) + u128::from(s.held_micros);
                 assert!(committed <= u128::from(cap), "cap {cap} passed: {committed}");
                 if cmd.priority == Priority::Low {

@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 const TOKEN: &str = "kill-test-admin-token";
+/// Debits acknowledged before the SIGKILL, and the time allowed to reach them.
+const ACKS_BEFORE_KILL: usize = 300;
+const ACKS_DEADLINE: Duration = Duration::from_secs(60);
 
 struct Proc {
     child: Child,
@@ -160,7 +163,26 @@ async fn sigkill_under_load_loses_no_acknowledged_debit() {
             }
         }));
     }
-    while acked.lock().expect("lock").len() < 300 {
+    // A dead server or worker must fail the test, not hang it.
+    let deadline = std::time::Instant::now() + ACKS_DEADLINE;
+    while acked.lock().expect("lock").len() < ACKS_BEFORE_KILL {
+        let n = acked.lock().expect("lock").len();
+        let all_stopped = workers.iter().all(|w| w.is_finished());
+        if all_stopped || std::time::Instant::now() >= deadline {
+            let server = p.child.try_wait();
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+            let mut ended = Vec::new();
+            for w in workers {
+                w.abort(); // a finished worker keeps its result; a stuck one is cancelled
+                ended.push(w.await);
+            }
+            panic!(
+                "only {n} of {ACKS_BEFORE_KILL} debits acknowledged (all workers stopped: \
+                 {all_stopped}, deadline {ACKS_DEADLINE:?}); server before the kill: \
+                 {server:?}; workers: {ended:?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     p.child.kill().expect("SIGKILL");

@@ -1013,6 +1013,8 @@ async fn unavailable_503_overloaded_when_a_shard_queue_is_full() {
     let s = std::sync::Arc::new(TestServer::start_with(cfg).await);
     s.agent("a1", "default", 1_000_000_000).await;
     let mut overloaded = None;
+    // The test's own count: the keys answered 201.
+    let mut created_keys = std::collections::BTreeSet::new();
     for round in 0..10 {
         let mut tasks = Vec::new();
         for i in 0..64 {
@@ -1028,7 +1030,7 @@ async fn unavailable_503_overloaded_when_a_shard_queue_is_full() {
                 .await
             }));
         }
-        for t in tasks {
+        for (i, t) in tasks.into_iter().enumerate() {
             let r = t.await.expect("task");
             assert!(
                 r.status == 201 || r.status == 503,
@@ -1036,7 +1038,9 @@ async fn unavailable_503_overloaded_when_a_shard_queue_is_full() {
                 r.status,
                 r.text
             );
-            if r.status == 503 {
+            if r.status == 201 {
+                created_keys.insert(format!("r{round}-{i}"));
+            } else {
                 overloaded = Some(r);
             }
         }
@@ -1050,16 +1054,26 @@ async fn unavailable_503_overloaded_when_a_shard_queue_is_full() {
         .header("retry-after")
         .is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)));
     assert!(r.body["retry_after_ms"].is_u64());
-    // Whatever was answered 201 was debited; nothing else was.
+    // Whatever was answered 201 was debited; nothing else was (each debit is 1 micro).
     let a = s.get("/v1/agents/a1").await;
+    assert_eq!(
+        a.body["debited_total_micros"],
+        created_keys.len() as u64,
+        "debited total = the test's count of 201s"
+    );
     let j = s.get("/v1/agents/a1/journal?limit=1000").await;
-    let debits = j.body["entries"]
+    assert!(j.body["next_after"].is_null(), "one page holds every entry");
+    let debited_keys: std::collections::BTreeSet<String> = j.body["entries"]
         .as_array()
         .expect("entries")
         .iter()
         .filter(|e| e["kind"] == "debit")
-        .count() as u64;
-    assert_eq!(a.body["debited_total_micros"], debits);
+        .map(|e| e["idempotency_key"].as_str().expect("keyed").to_owned())
+        .collect();
+    assert_eq!(
+        debited_keys, created_keys,
+        "the journal's debits are the 201s"
+    );
 }
 
 #[tokio::test]

@@ -6,13 +6,18 @@
 //! debits from the journal.
 //!
 //! The child is this same test binary, re-run with `--ignored --exact kill_child`.
-//! `KILLTEST_ROUNDS` sets the number of kills (default 20).
+//! `KILLTEST_ROUNDS` sets the number of kills (default 20). Every round must end in our
+//! SIGKILL (a child that exits on its own, e.g. a panic at start, fails the test) and must
+//! acknowledge debits, unless it was killed before it was ready (the reason is printed).
+//! The child's stderr goes to a file that is printed when the test fails.
 
 mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command as Process, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,11 +44,37 @@ fn debit(agent_i: usize, key: &str, amount: u64) -> tally_core::Command {
     )
 }
 
+/// Time after READY within which a round may end without an acknowledgement: a few fsyncs.
+const ACK_GRACE_MS: u128 = 100;
+
 /// Parses `SEND agent key amount` / `ACK agent key seq` lines.
 #[derive(Default)]
 struct Seen {
     sent: BTreeMap<String, (usize, u64)>,
     acked: BTreeMap<String, u64>,
+}
+
+/// What one child did: its lines, how it ended, and how long it ran ready.
+struct Round {
+    seen: Seen,
+    status: ExitStatus,
+    /// From READY to the kill; `None` when killed before READY.
+    ready_for: Option<Duration>,
+}
+
+/// Prints the child's stderr file when the test fails while this is alive.
+struct ShowStderrOnFailure(PathBuf);
+
+impl Drop for ShowStderrOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.0).unwrap_or_else(|e| format!("({e})"));
+            eprintln!(
+                "--- stderr of the kill test's child ({}) ---\n{text}\n--- end ---",
+                self.0.display()
+            );
+        }
+    }
 }
 
 #[test]
@@ -114,8 +145,9 @@ fn kill_child() {
     });
 }
 
-fn run_child_and_kill(dir: &std::path::Path, round: u64, kill_after: Duration) -> Seen {
+fn run_child_and_kill(dir: &Path, stderr: &Path, round: u64, kill_after: Duration) -> Round {
     let exe = std::env::current_exe().expect("test binary");
+    let stderr = std::fs::File::create(stderr).expect("creates the child's stderr file");
     let mut child = Process::new(exe)
         .args([
             "--ignored",
@@ -127,7 +159,7 @@ fn run_child_and_kill(dir: &std::path::Path, round: u64, kill_after: Duration) -
         .env("KILLTEST_DIR", dir)
         .env("KILLTEST_ROUND", round.to_string())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("child starts");
     let stdout = child.stdout.take().expect("piped");
@@ -158,15 +190,20 @@ fn run_child_and_kill(dir: &std::path::Path, round: u64, kill_after: Duration) -
     });
     // Kill at a random moment (startup and recovery included: they must survive too).
     std::thread::sleep(kill_after);
-    // An error here means the child already exited, which the READY check below catches.
-    let _ = child.kill();
-    child.wait().expect("reaped");
+    let killed_at = Instant::now();
+    // Ok also for a child that already exited (and is not yet reaped): the status tells.
+    child.kill().expect("sends SIGKILL");
+    let status = child.wait().expect("reaped");
     let (seen, ready_at) = reader.join().expect("reader");
     assert!(
         ready_at.is_some() || seen.sent.is_empty(),
         "child must announce READY before sending"
     );
-    seen
+    Round {
+        seen,
+        status,
+        ready_for: ready_at.map(|t| killed_at.saturating_duration_since(t)),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,12 +213,40 @@ async fn sigkill_loses_no_acknowledged_debit() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(20);
     let dir = tempfile::tempdir().expect("tempdir");
+    let logs = tempfile::tempdir().expect("tempdir");
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut all_acked: BTreeMap<String, u64> = BTreeMap::new();
     let mut total_acks = 0;
     for round in 0..rounds {
         let kill_after = Duration::from_millis(rng.gen_range(300..900));
-        let seen = run_child_and_kill(dir.path(), round, kill_after);
+        let stderr = logs.path().join(format!("child-{round}.stderr"));
+        let _show = ShowStderrOnFailure(stderr.clone());
+        let Round {
+            seen,
+            status,
+            ready_for,
+        } = run_child_and_kill(dir.path(), &stderr, round, kill_after);
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "round {round}: the child must end by our SIGKILL, not on its own ({status})"
+        );
+        match ready_for {
+            _ if !seen.acked.is_empty() => {}
+            None => eprintln!(
+                "round {round}: no acknowledgement: killed after {kill_after:?}, \
+                 before READY (during start-up or recovery)"
+            ),
+            Some(t) if t.as_millis() < ACK_GRACE_MS => eprintln!(
+                "round {round}: no acknowledgement: killed {t:?} after READY \
+                 (less than {ACK_GRACE_MS} ms)"
+            ),
+            Some(t) => panic!(
+                "round {round}: the child was ready for {t:?} and acknowledged nothing \
+                 ({} sent)",
+                seen.sent.len()
+            ),
+        }
         total_acks += seen.acked.len();
         all_acked.extend(seen.acked.iter().map(|(k, v)| (k.clone(), *v)));
 

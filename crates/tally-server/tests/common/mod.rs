@@ -138,6 +138,48 @@ impl TestServer {
         }
     }
 
+    /// The router of `cfg` served on port 0 over an engine opened on `storage` (a test
+    /// wrapper that can fail or stall). No `Running`: the returned engine is the test's to
+    /// shut down.
+    pub async fn start_over(
+        mut cfg: Config,
+        storage: impl FnOnce(&std::path::Path) -> Arc<dyn tally_store::Storage>,
+    ) -> (Self, tally_store::Engine) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        cfg.data_dir = dir.path().to_path_buf();
+        let storage = storage(dir.path());
+        let clock = Arc::new(ManualClock::new(T0_MS));
+        let (engine_config, plans, engine_clock) =
+            (cfg.engine_config(), cfg.plans.clone(), clock.clone());
+        let engine = tokio::task::spawn_blocking(move || {
+            tally_store::Engine::open_with(storage, engine_config, plans, engine_clock, None)
+        })
+        .await
+        .expect("opener")
+        .expect("engine opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let metrics = tally_server::metrics::Metrics::new().expect("metrics");
+        let state = tally_server::AppState::new(&cfg, clock.clone(), metrics, base.clone());
+        state.set_engine(engine.clone());
+        let app = tally_server::router(state);
+        tokio::spawn(tally_server::serve::serve(
+            listener,
+            app,
+            std::future::pending(),
+        ));
+        let s = Self {
+            base,
+            clock,
+            http: reqwest::Client::new(),
+            running: None,
+            _dir: dir,
+        };
+        (s, engine)
+    }
+
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
         let resp = req.send().await.expect("request");
         let status = resp.status().as_u16();

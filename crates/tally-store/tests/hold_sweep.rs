@@ -1,0 +1,81 @@
+//! The background hold sweep (`hold_sweep_interval_ms`): a hold whose agent receives no
+//! command at all still expires, by the shard's idle sweep alone, and the expiry is in the
+//! journal. Time is a `ManualClock`; the only real wait is for the shard thread's idle tick.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tally_core::{CommandKind, EventKind};
+use tally_store::{Engine, ManualClock};
+
+/// How long the shard thread may take to wake and sweep (its idle tick is 50 ms).
+const SWEEP_WAIT_MAX: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_hold_is_released_by_the_sweep_without_any_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let mut cfg = config(dir.path());
+    cfg.hold_sweep_interval_ms = 1_000;
+    let engine = Engine::open(cfg, plans(), clock.clone(), None).expect("engine opens");
+    let a = agent("swept");
+    create_funded(&engine, &a, "default", 100).await;
+    let hold = approve(
+        &engine,
+        cmd(
+            &a,
+            CommandKind::Hold {
+                amount_micros: 30,
+                ttl_ms: 60_000,
+            },
+            "h",
+        ),
+    )
+    .await;
+    let held = engine.agent(&a).await.expect("reads").expect("exists");
+    assert_eq!((held.balance_micros, held.held_micros), (70, 30));
+
+    // Past the hold's expiry and past a sweep interval; from here on, only reads.
+    clock.set(T0_MS + 60_000 + 1_000);
+    let deadline = Instant::now() + SWEEP_WAIT_MAX;
+    let expired = loop {
+        let journal = engine.journal(&a, 0, usize::MAX).await.expect("reads");
+        if let Some(e) = journal.iter().find(|e| {
+            matches!(
+                e.kind,
+                EventKind::HoldExpired { hold_seq, .. } if hold_seq == hold.first_seq
+            )
+        }) {
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no HoldExpired for hold {} within {SWEEP_WAIT_MAX:?} of the clock passing its \
+             expiry; journal: {journal:?}",
+            hold.first_seq
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(
+        expired.kind,
+        EventKind::HoldExpired {
+            hold_seq: hold.first_seq,
+            released_micros: 30,
+        }
+    );
+    assert!(
+        expired.idempotency_key.is_none(),
+        "written by the sweep, not by a command"
+    );
+    let after = engine.agent(&a).await.expect("reads").expect("exists");
+    assert_eq!(
+        (after.balance_micros, after.held_micros),
+        (100, 0),
+        "the sweep gave the held 30 back"
+    );
+    after.check_invariants().expect("invariants hold");
+    engine.shutdown().await.expect("shuts down");
+}
