@@ -236,17 +236,7 @@ async fn usage_scans_are_bounded_at_their_edge_and_skip_periods_before_the_agent
         Engine::open_with(storage.clone(), c.clone(), plans(), clock.clone(), None).expect("opens");
     let a = agent("a");
     create_funded(&engine, &a, "default", 1_000).await;
-    for i in 0..20 {
-        approve(
-            &engine,
-            cmd(
-                &a,
-                CommandKind::Debit { amount_micros: 1 },
-                &format!("d{i}"),
-            ),
-        )
-        .await;
-    }
+    debit_each(&engine, &a, 0..20).await;
     let period = tally_core::period::period_of(T0_MS, 1);
     let usage = engine
         .usage(&a, period)

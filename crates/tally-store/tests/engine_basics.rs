@@ -138,17 +138,7 @@ async fn recovery_without_clean_shutdown_replays_the_journal_tail() {
     let a = agent("a");
     let engine = open(dir.path(), &clock);
     create_funded(&engine, &a, "default", 100).await;
-    for i in 0..50 {
-        approve(
-            &engine,
-            cmd(
-                &a,
-                CommandKind::Debit { amount_micros: 1 },
-                &format!("d{i}"),
-            ),
-        )
-        .await;
-    }
+    debit_each(&engine, &a, 0..50).await;
     let hold = approve(
         &engine,
         cmd(

@@ -69,6 +69,15 @@ pub async fn create_funded(engine: &Engine, a: &AgentId, plan: &str, credit_micr
     approve(engine, cmd(a, credit, "t")).await;
 }
 
+/// Debits `a` one micro per key `d{i}` for each `i` in `keys`, in order; each must be
+/// approved fresh.
+pub async fn debit_each(engine: &Engine, a: &AgentId, keys: std::ops::Range<u64>) {
+    for i in keys {
+        let debit = CommandKind::Debit { amount_micros: 1 };
+        approve(engine, cmd(a, debit, &format!("d{i}"))).await;
+    }
+}
+
 /// The receipt of an approved, fresh (not replayed) change.
 pub fn approved(reply: Reply) -> Receipt {
     match reply {
