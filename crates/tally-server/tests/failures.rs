@@ -186,10 +186,46 @@ async fn shutting_down_503_once_the_engine_has_stopped() {
         .assert_problem(503, "shutting-down");
 }
 
+/// Sends `send` again while the answer is a 503 timeout (safe: every call carries an
+/// idempotency key), at most 50 times. On a loaded machine a request may outlive the short
+/// request timeout these tests set even with the storage gate open.
+async fn until_answered<F, Fut>(mut send: F) -> Resp
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Resp>,
+{
+    let mut r = send().await;
+    for _ in 0..50 {
+        if r.status != 503 {
+            break;
+        }
+        r.assert_problem(503, "timeout");
+        r = send().await;
+    }
+    r
+}
+
 #[tokio::test]
 async fn timeout_503_when_a_request_outlives_request_timeout_ms() {
-    let (s, engine, storage) = start_faulty("[limits]\nrequest_timeout_ms = 100").await;
-    s.agent("a1", "default", 1_000).await;
+    let (s, engine, storage) = start_faulty("[limits]\nrequest_timeout_ms = 200").await;
+    let created = until_answered(|| {
+        s.post(
+            "/v1/agents",
+            "create-a1",
+            json!({"id": "a1", "plan": "default"}),
+        )
+    })
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let credited = until_answered(|| {
+        s.post(
+            "/v1/agents/a1/credits",
+            "credit-a1",
+            json!({"amount_micros": 1_000}),
+        )
+    })
+    .await;
+    assert_eq!(credited.status, 201, "{}", credited.text);
     storage.set_gate_closed(true);
     let _open_at_the_end = OpenGateOnDrop(storage.clone());
     let r = debit(&s, "d1", 100).await;
@@ -197,10 +233,10 @@ async fn timeout_503_when_a_request_outlives_request_timeout_ms() {
     assert_eq!(r.header("retry-after"), Some("1"));
     // The stalled debit completes once the storage does; its retry is answered, once.
     storage.set_gate_closed(false);
-    let again = debit(&s, "d1", 100).await;
+    let again = until_answered(|| debit(&s, "d1", 100)).await;
     assert_eq!(again.status, 201, "{}", again.text);
     assert_eq!(
-        s.get("/v1/agents/a1").await.body["balance_micros"],
+        until_answered(|| s.get("/v1/agents/a1")).await.body["balance_micros"],
         900,
         "debited once"
     );
