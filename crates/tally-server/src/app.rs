@@ -22,6 +22,7 @@ use crate::authorize;
 use crate::config::{Config, ForwardAuth, Limits, RouteTable, X402};
 use crate::metrics::Metrics;
 use crate::problem::Problem;
+use crate::proxy::{self, Proxy};
 use crate::routes;
 use crate::serve;
 
@@ -282,6 +283,8 @@ fn envoy_routes(st: &AppState) -> Router<AppState> {
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where the metering proxy listens, when `[[routes]]` are served by it.
+    pub proxy_addr: Option<SocketAddr>,
     pub state: AppState,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -336,6 +339,18 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         .await
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
+    let proxy_listener = if config.proxy.enabled && !config.routes.is_empty() {
+        let l = TcpListener::bind(config.proxy.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding the proxy's {}: {e}", config.proxy.listen))?;
+        Some(l)
+    } else {
+        None
+    };
+    let proxy_addr = proxy_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     let public_url = config
         .public_url
         .clone()
@@ -356,6 +371,14 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             let _ = serve_rx.wait_for(|stop| *stop).await;
         });
         let serving = tokio::spawn(server);
+        let proxy = proxy_listener.map(|l| {
+            let proxy = Proxy::new(opener_state.clone(), config.proxy.clone());
+            let mut proxy_rx = rx.clone();
+            let serving = tokio::spawn(serve::serve(l, proxy::router(proxy.clone()), async move {
+                let _ = proxy_rx.wait_for(|stop| *stop).await;
+            }));
+            (proxy, serving)
+        });
         let engine = tokio::select! {
             opened = opening => match opened? {
                 Ok(engine) => engine,
@@ -366,6 +389,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             },
             _ = async { let _ = rx.wait_for(|stop| *stop).await; } => {
                 let _ = serving.await;
+                if let Some((_, p)) = proxy {
+                    let _ = p.await;
+                }
                 return Ok(());
             }
         };
@@ -382,12 +408,22 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         opener_state.set_engine(engine.clone());
         tracing::info!(data_dir = %config.data_dir.display(), "engine open; ready");
         serving.await??;
+        if let Some((proxy, serving)) = proxy {
+            serving.await??;
+            // Calls already forwarded still settle (refund, capture) through the engine.
+            if !proxy.drain(proxy.drain_wait()).await {
+                tracing::warn!(
+                    "proxied calls still unsettled at shutdown; their holds expire by themselves"
+                );
+            }
+        }
         tracing::info!("no more requests; shutting the engine down");
         engine.shutdown().await?;
         Ok(())
     });
     Ok(Running {
         addr,
+        proxy_addr,
         state,
         shutdown,
         task,

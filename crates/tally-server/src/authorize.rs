@@ -81,7 +81,7 @@ fn original_call(
 
 /// The agent whose key the request carries (`Authorization: Bearer tk_...` or the
 /// configured key header), else 401.
-fn agent_of(st: &AppState, headers: &HeaderMap) -> Result<AgentId, Problem> {
+pub(crate) fn agent_of(st: &AppState, headers: &HeaderMap) -> Result<AgentId, Problem> {
     let bearer = single(headers, "authorization")?.and_then(|v| {
         let (scheme, token) = v.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())

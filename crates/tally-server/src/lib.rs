@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod noop;
 pub mod openapi;
 pub mod problem;
+pub mod proxy;
 pub mod respond;
 pub mod routes;
 pub mod serve;

@@ -16,6 +16,11 @@ pub struct Metrics {
     pub credited_micros_total: IntCounter,
     /// HTTP latency by route template, method and status.
     pub http_request_duration_seconds: HistogramVec,
+    /// Calls through the metering proxy by route name (from the config, so bounded) and
+    /// outcome: `served`, `served_usage_missing`, `served_usage_over_max`, `denied`,
+    /// `upstream_failed`, `upstream_timeout`, `client_error_refunded`, `body_too_large`,
+    /// `busy`, `settle_failed`.
+    pub proxy_requests_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -42,6 +47,14 @@ impl Metrics {
             ]),
             &["route", "method", "status"],
         )?;
+        let proxy_requests_total = IntCounterVec::new(
+            Opts::new(
+                "tally_proxy_requests_total",
+                "Calls through the metering proxy by route and outcome.",
+            ),
+            &["route", "outcome"],
+        )?;
+        registry.register(Box::new(proxy_requests_total.clone()))?;
         registry.register(Box::new(decisions_total.clone()))?;
         registry.register(Box::new(debited_micros_total.clone()))?;
         registry.register(Box::new(credited_micros_total.clone()))?;
@@ -52,6 +65,7 @@ impl Metrics {
             debited_micros_total,
             credited_micros_total,
             http_request_duration_seconds,
+            proxy_requests_total,
         })
     }
 

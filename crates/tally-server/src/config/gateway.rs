@@ -1,7 +1,7 @@
 //! Selling an existing API: the route table (`[[routes]]`: method and path pattern →
 //! upstream and price) and `[forward_auth]`, parsed from their raw shape and validated
-//! with the key and line, plus the pure matcher the forward-auth route (and later the
-//! metering proxy) asks "which route is this call, and what does it cost?".
+//! with the key and line, plus the pure matcher forward-auth and the metering proxy ask
+//! "which route is this call, and what does it cost?"; and `[proxy]`, the proxy's limits.
 
 use std::ops::Range;
 
@@ -34,6 +34,7 @@ pub(super) struct RawRoute {
     min_micros: Option<u64>,
     max_micros: Option<u64>,
     variable: Option<RawVariable>,
+    charge_client_errors: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,6 +42,18 @@ pub(super) struct RawRoute {
 struct RawVariable {
     max_micros: u64,
     usage_header: Option<String>,
+    unit_price_micros: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProxy {
+    enabled: Option<bool>,
+    listen: Option<String>,
+    connect_timeout_ms: Option<u64>,
+    upstream_timeout_ms: Option<u64>,
+    body_bytes_max: Option<u64>,
+    concurrency_max: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,10 +165,12 @@ pub enum Price {
         micros: u64,
     },
     /// Known only after the call: a hold of `max_micros` captured from the upstream's
-    /// usage header. Served by the metering proxy; forward-auth cannot settle it.
+    /// usage header (or trailer): the cost in micros, or with `unit_price_micros` a count
+    /// of units at that price. Served by the metering proxy; forward-auth cannot settle it.
     Variable {
         max_micros: u64,
         usage_header: HeaderName,
+        unit_price_micros: Option<u64>,
     },
 }
 
@@ -181,6 +196,9 @@ pub struct Route {
     pub task_type: Option<TaskType>,
     pub priority: Priority,
     pub price: Price,
+    /// Whether an upstream 4xx is charged (the default) or refunded; either way the
+    /// client gets the upstream's answer.
+    pub charge_client_errors: bool,
 }
 
 /// A route that matched a call, with the values of its `{param}` segments.
@@ -279,6 +297,119 @@ impl Default for ForwardAuth {
             mode: DenyMode::Standard,
         }
     }
+}
+
+/// Where the metering proxy listens by default.
+pub const PROXY_LISTEN_DEFAULT: &str = "127.0.0.1:8403";
+pub const PROXY_CONNECT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+pub const PROXY_UPSTREAM_TIMEOUT_MS_DEFAULT: u64 = 60_000;
+/// The longest an upstream exchange may be configured to take.
+pub const PROXY_UPSTREAM_TIMEOUT_MS_CEILING: u64 = 3_600_000;
+pub const PROXY_BODY_BYTES_MAX_DEFAULT: u64 = 10 * 1024 * 1024;
+pub const PROXY_BODY_BYTES_MAX_CEILING: u64 = 1 << 30;
+pub const PROXY_CONCURRENCY_MAX_DEFAULT: usize = 1_024;
+pub const PROXY_CONCURRENCY_MAX_CEILING: usize = 65_536;
+/// How much longer than the upstream time-out a variable-price hold lives: the proxy
+/// settles it well before, and an expired hold can no longer be captured.
+pub const PROXY_HOLD_TTL_SLACK_MS: u64 = 60_000;
+
+/// `[proxy]`, validated: the metering reverse proxy's listener and limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Serve `[[routes]]` on `listen` (when there are routes). Off: forward-auth only.
+    pub enabled: bool,
+    pub listen: std::net::SocketAddr,
+    /// Connecting to the upstream longer than this: 504, charge undone.
+    pub connect_timeout_ms: u64,
+    /// The whole upstream exchange (request, response head and body) longer than this:
+    /// 504 (or a cut stream), charge undone.
+    pub upstream_timeout_ms: u64,
+    /// Request bodies longer than this get 413 (before any charge when announced by
+    /// `Content-Length`, else the charge is undone).
+    pub body_bytes_max: u64,
+    /// Upstream requests in flight at once; past it 503 `proxy-busy`, nothing charged.
+    pub concurrency_max: usize,
+}
+
+impl ProxyConfig {
+    /// The TTL of a variable-price hold.
+    pub fn hold_ttl_ms(&self) -> u64 {
+        self.upstream_timeout_ms + PROXY_HOLD_TTL_SLACK_MS
+    }
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: PROXY_LISTEN_DEFAULT
+                .parse()
+                .expect("a valid constant address"),
+            connect_timeout_ms: PROXY_CONNECT_TIMEOUT_MS_DEFAULT,
+            upstream_timeout_ms: PROXY_UPSTREAM_TIMEOUT_MS_DEFAULT,
+            body_bytes_max: PROXY_BODY_BYTES_MAX_DEFAULT,
+            concurrency_max: PROXY_CONCURRENCY_MAX_DEFAULT,
+        }
+    }
+}
+
+pub(super) fn proxy(
+    lines: &Lines<'_>,
+    span: &Range<usize>,
+    raw: RawProxy,
+) -> Result<ProxyConfig, ConfigError> {
+    let d = ProxyConfig::default();
+    let listen = match raw.listen {
+        None => d.listen,
+        Some(l) => l.parse().map_err(|_| {
+            lines.err(
+                "proxy.listen",
+                span,
+                format!("{l:?} is not an address like 127.0.0.1:8403"),
+            )
+        })?,
+    };
+    Ok(ProxyConfig {
+        enabled: raw.enabled.unwrap_or(true),
+        listen,
+        connect_timeout_ms: super::in_range(
+            lines,
+            "proxy.connect_timeout_ms",
+            span,
+            raw.connect_timeout_ms,
+            d.connect_timeout_ms,
+            1,
+            600_000,
+        )?,
+        upstream_timeout_ms: super::in_range(
+            lines,
+            "proxy.upstream_timeout_ms",
+            span,
+            raw.upstream_timeout_ms,
+            d.upstream_timeout_ms,
+            1,
+            PROXY_UPSTREAM_TIMEOUT_MS_CEILING,
+        )?,
+        body_bytes_max: super::in_range(
+            lines,
+            "proxy.body_bytes_max",
+            span,
+            raw.body_bytes_max,
+            d.body_bytes_max,
+            0,
+            PROXY_BODY_BYTES_MAX_CEILING,
+        )?,
+        concurrency_max: super::in_range(
+            lines,
+            "proxy.concurrency_max",
+            span,
+            raw.concurrency_max
+                .map(|c| usize::try_from(c).unwrap_or(usize::MAX)),
+            d.concurrency_max,
+            1,
+            PROXY_CONCURRENCY_MAX_CEILING,
+        )?,
+    })
 }
 
 fn header_name(
@@ -465,6 +596,9 @@ pub(super) fn route(
             if v.max_micros == 0 {
                 return Err(err("variable.max_micros", "must be at least 1".into()));
             }
+            if v.unit_price_micros == Some(0) {
+                return Err(err("variable.unit_price_micros", "must be at least 1".into()));
+            }
             let usage_header = header_name(
                 lines,
                 &format!("{key}.variable.usage_header"),
@@ -474,6 +608,7 @@ pub(super) fn route(
             Price::Variable {
                 max_micros: v.max_micros,
                 usage_header,
+                unit_price_micros: v.unit_price_micros,
             }
         }
         _ => {
@@ -492,6 +627,7 @@ pub(super) fn route(
         task_type,
         priority,
         price,
+        charge_client_errors: r.charge_client_errors.unwrap_or(true),
     })
 }
 
@@ -569,7 +705,7 @@ mod tests {
         assert_eq!(price(3), None);
         assert!(matches!(
             &t.routes()[3].price,
-            Price::Variable { max_micros: 5000, usage_header } if usage_header == "x-usage-cost-micros"
+            Price::Variable { max_micros: 5000, usage_header, unit_price_micros: None } if usage_header == "x-usage-cost-micros"
         ));
     }
 

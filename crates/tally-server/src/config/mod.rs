@@ -13,8 +13,8 @@ use crate::auth::{Role, TokenHash};
 mod gateway;
 mod raw;
 pub use gateway::{
-    DenyMode, ForwardAuth, PathPattern, Price, Route, RouteMatch, RouteTable, Segment, ROUTES_MAX,
-    USAGE_HEADER_DEFAULT,
+    DenyMode, ForwardAuth, PathPattern, Price, ProxyConfig, Route, RouteMatch, RouteTable, Segment,
+    PROXY_HOLD_TTL_SLACK_MS, PROXY_LISTEN_DEFAULT, ROUTES_MAX, USAGE_HEADER_DEFAULT,
 };
 use raw::RawConfig;
 
@@ -105,6 +105,8 @@ pub struct Config {
     /// `[[routes]]`: priced calls of the API being sold.
     pub routes: RouteTable,
     pub forward_auth: ForwardAuth,
+    /// `[proxy]`: the metering reverse proxy serving `routes`.
+    pub proxy: ProxyConfig,
 }
 
 impl Default for Config {
@@ -123,6 +125,7 @@ impl Default for Config {
             x402: None,
             routes: RouteTable::default(),
             forward_auth: ForwardAuth::default(),
+            proxy: ProxyConfig::default(),
         }
     }
 }
@@ -536,6 +539,49 @@ impl Config {
         if let Some(f) = raw.forward_auth {
             let span = f.span();
             cfg.forward_auth = gateway::forward_auth(&lines, &span, f.into_inner())?;
+        }
+        let proxy_span = raw.proxy.as_ref().map_or(0..0, |p| p.span());
+        if let Some(p) = raw.proxy {
+            cfg.proxy = gateway::proxy(&lines, &proxy_span, p.into_inner())?;
+        }
+        if cfg.proxy.enabled {
+            // The proxy speaks plain HTTP to upstreams (TLS is left to a sidecar or to
+            // forward-auth in a gateway that has it).
+            if let Some(r) = cfg
+                .routes
+                .routes()
+                .iter()
+                .find(|r| !r.upstream.starts_with("http://"))
+            {
+                return Err(lines.err(
+                    &format!("routes.{}.upstream", r.name),
+                    &proxy_span,
+                    format!(
+                        "{:?}: the metering proxy forwards over plain http:// only; set proxy.enabled = false to use this route with forward-auth alone",
+                        r.upstream
+                    ),
+                ));
+            }
+            let ttl = cfg.proxy.hold_ttl_ms();
+            let variable = cfg
+                .routes
+                .routes()
+                .iter()
+                .any(|r| r.price.fixed_micros().is_none());
+            if let Some(plan) = cfg
+                .plans
+                .iter()
+                .find(|p| variable && p.hold_ttl_max_ms < ttl)
+            {
+                return Err(lines.err(
+                    "proxy.upstream_timeout_ms",
+                    &proxy_span,
+                    format!(
+                        "variable-price routes hold for upstream_timeout_ms + {PROXY_HOLD_TTL_SLACK_MS} ms = {ttl} ms, longer than plan {}'s hold_ttl_max_ms ({})",
+                        plan.name, plan.hold_ttl_max_ms
+                    ),
+                ));
+            }
         }
         Ok(cfg)
     }

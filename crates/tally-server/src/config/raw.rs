@@ -19,6 +19,7 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) routes: Vec<Spanned<super::gateway::RawRoute>>,
     pub(super) forward_auth: Option<Spanned<super::gateway::RawForwardAuth>>,
+    pub(super) proxy: Option<Spanned<super::gateway::RawProxy>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -108,6 +108,7 @@ impl Resp {
 pub fn config(extra: &str) -> Config {
     let mut cfg = Config::from_toml(&format!("{PLANS}\n{extra}"), "test").expect("test config");
     cfg.listen = "127.0.0.1:0".parse().expect("addr");
+    cfg.proxy.listen = "127.0.0.1:0".parse().expect("addr");
     cfg.tokens = vec![
         TokenHash::of_token("a", Role::Admin, ADMIN),
         TokenHash::of_token("s", Role::Service, SERVICE),
@@ -242,6 +243,16 @@ impl TestServer {
             body: serde_json::from_str(body).unwrap_or(Value::Null),
             text: body.to_owned(),
         }
+    }
+
+    /// `path` on the metering proxy's listener (the config must have routes).
+    pub fn proxy_url(&self, path: &str) -> String {
+        let addr = self
+            .running
+            .as_ref()
+            .and_then(|r| r.proxy_addr)
+            .expect("the proxy listens: the config has [[routes]]");
+        format!("http://{addr}{path}")
     }
 
     pub fn url(&self, path: &str) -> String {
