@@ -387,6 +387,8 @@ async fn the_request_body_and_query_reach_the_upstream_and_spoofed_headers_do_no
         h.get("x-tally-charged-micros").map(|v| v.as_bytes()),
         Some(&b"10"[..])
     );
+    assert!(h.get("x-tally-hold").is_none(), "only tally sets X-Tally-*");
+    assert!(h.get("authorization").is_none(), "the agent key is stripped");
     assert!(
         h.get("x-secret-hop").is_none(),
         "hop-by-hop named in Connection"
