@@ -123,6 +123,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let mut running = tally_server::start(config, Arc::new(SystemClock)).await?;
     let handle_addr = running.addr;
+    let proxy_addr = running.proxy_addr;
     tokio::select! {
         ready = running.ready() => ready?,
         _ = shutdown_signal() => {
@@ -136,6 +137,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             writeln!(out, "tally admin token (shown once, keep it): {token}")?;
         }
         writeln!(out, "tally listening on http://{handle_addr}")?;
+        if let Some(p) = proxy_addr {
+            writeln!(out, "tally proxy listening on http://{p}")?;
+        }
         out.flush()?;
     }
     shutdown_signal().await;

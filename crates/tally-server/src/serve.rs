@@ -86,6 +86,11 @@ pub async fn serve(
             },
             _ = signal_tx.closed() => break,
         };
+        // A streamed answer goes out as a head and then body frames; with Nagle on, each
+        // small write after the first waits for the client's delayed ACK (~40 ms).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
         let service = TowerToHyperService::new(app.clone());
         let signal_tx = signal_tx.clone();
         let close_rx = close_rx.clone();

@@ -371,7 +371,7 @@ async fn the_request_body_and_query_reach_the_upstream_and_spoofed_headers_do_no
             .bearer_auth(&f.key)
             .header("x-tally-agent", "someone-else")
             .header("x-tally-charged-micros", "0")
-        .header("x-tally-hold", "a1~1")
+            .header("x-tally-hold", "a1~1")
             .header("connection", "x-secret-hop")
             .header("x-secret-hop", "1")
             .body("hello upstream");
@@ -388,7 +388,10 @@ async fn the_request_body_and_query_reach_the_upstream_and_spoofed_headers_do_no
         Some(&b"10"[..])
     );
     assert!(h.get("x-tally-hold").is_none(), "only tally sets X-Tally-*");
-    assert!(h.get("authorization").is_none(), "the agent key is stripped");
+    assert!(
+        h.get("authorization").is_none(),
+        "the agent key is stripped"
+    );
     assert!(
         h.get("x-secret-hop").is_none(),
         "hop-by-hop named in Connection"
@@ -599,7 +602,9 @@ async fn body_and_concurrency_limits_answer_at_their_edge_without_charging() {
 
     // Streamed (chunked, no Content-Length): cut off past the limit, the charge undone.
     let addr = f.s.proxy_url("").trim_start_matches("http://").to_owned();
-    let mut tcp = tokio::net::TcpStream::connect(&addr).await.expect("connects");
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connects");
     let head = format!(
         "POST /echo HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
         f.key
@@ -619,8 +624,15 @@ async fn body_and_concurrency_limits_answer_at_their_edge_without_charging() {
         .await
         .expect("reads");
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    assert!(answer.contains("urn:tally:problem:body-too-large"), "{answer}");
-    assert_eq!(f.s.balance("a1").await, before - 10, "the streamed one refunded");
+    assert!(
+        answer.contains("urn:tally:problem:body-too-large"),
+        "{answer}"
+    );
+    assert_eq!(
+        f.s.balance("a1").await,
+        before - 10,
+        "the streamed one refunded"
+    );
 
     // One call in flight (held at the upstream's gate): the next is 503, not charged.
     let first = {
