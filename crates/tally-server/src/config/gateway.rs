@@ -692,7 +692,7 @@ mod tests {
     #[test]
     fn prices_fixed_margin_rounded_up_and_clamped_or_variable() {
         let t = table(
-            "[[routes]]\nname = \"a\"\npath = \"/a\"\nupstream = \"https://api.example.com/\"\ncost_micros = 1001\nmargin_pct = 20\n\
+            "[proxy]\nenabled = false\n[[routes]]\nname = \"a\"\npath = \"/a\"\nupstream = \"https://api.example.com/\"\ncost_micros = 1001\nmargin_pct = 20\n\
              [[routes]]\nname = \"b\"\npath = \"/b\"\nupstream = \"http://x\"\ncost_micros = 10\nmargin_pct = 50\nmin_micros = 100\n\
              [[routes]]\nname = \"c\"\npath = \"/c\"\nupstream = \"http://x\"\ncost_micros = 1000\nmargin_pct = 50\nmax_micros = 1200\n\
              [[routes]]\nname = \"v\"\npath = \"/v\"\nupstream = \"http://x\"\nvariable = { max_micros = 5000 }\n",
