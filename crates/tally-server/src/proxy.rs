@@ -224,6 +224,13 @@ impl Proxy {
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         self.strip_agent_key(&mut headers);
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        if let Some(ip) = peer {
+            append_forwarded_for(&mut headers, ip);
+        }
         if let Some(host) = headers.remove(header::HOST) {
             headers.insert(HeaderName::from_static("x-forwarded-host"), host);
         }
@@ -604,6 +611,19 @@ pub fn usage_micros(price: &Price, headers: &HeaderMap) -> Option<u64> {
         Some(p) => n.saturating_mul(*p),
         None => n,
     })
+}
+
+/// Appends the client's address to `X-Forwarded-For` (after any the client sent: the
+/// upstream trusts only the last entry, the one tally added).
+fn append_forwarded_for(headers: &mut HeaderMap, ip: std::net::IpAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let chain = match headers.get(&name).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&chain) {
+        headers.insert(name, v);
+    }
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -372,6 +372,7 @@ async fn the_request_body_and_query_reach_the_upstream_and_spoofed_headers_do_no
             .header("x-tally-agent", "someone-else")
             .header("x-tally-charged-micros", "0")
             .header("x-tally-hold", "a1~1")
+            .header("x-forwarded-for", "10.0.0.1")
             .header("connection", "x-secret-hop")
             .header("x-secret-hop", "1")
             .body("hello upstream");
@@ -388,6 +389,11 @@ async fn the_request_body_and_query_reach_the_upstream_and_spoofed_headers_do_no
         Some(&b"10"[..])
     );
     assert!(h.get("x-tally-hold").is_none(), "only tally sets X-Tally-*");
+    assert_eq!(
+        h.get("x-forwarded-for").map(|v| v.as_bytes()),
+        Some(&b"10.0.0.1, 127.0.0.1"[..]),
+        "the client's address appended"
+    );
     assert!(
         h.get("authorization").is_none(),
         "the agent key is stripped"
