@@ -7,6 +7,8 @@ CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-2}"
 AGENTS="${AGENTS:-64}"
 export AGENTS
+# Where the wrk scripts find result.lua.
+export WRK_LIB="$ROOT/benches/wrk"
 command -v wrk >/dev/null || { echo "wrk not found: apt-get install -y wrk" >&2; exit 1; }
 
 WORK="$(mktemp -d)"

@@ -35,12 +35,4 @@ function request()
   }, body)
 end
 
-function done(summary, latency, requests)
-  local secs = summary.duration / 1e6
-  local e = summary.errors
-  io.write(string.format(
-    "RESULT requests=%d rps=%.0f p50_ms=%.3f p99_ms=%.3f max_ms=%.3f non2xx_or_socket_errors=%d\n",
-    summary.requests, summary.requests / secs,
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.max / 1000,
-    e.status + e.connect + e.read + e.write + e.timeout))
-end
+dofile((os.getenv("WRK_LIB") or "benches/wrk") .. "/result.lua")
