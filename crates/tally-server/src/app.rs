@@ -17,8 +17,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::agent_keys::{self, KeyIndex};
-use crate::auth::{Authenticator, Need};
+use crate::auth::{Authenticator, Need, Role};
 use crate::authorize;
+use crate::batch;
 use crate::config::{Config, ForwardAuth, Limits, RouteTable, X402};
 use crate::metrics::Metrics;
 use crate::problem::Problem;
@@ -129,6 +130,11 @@ impl AppState {
 
     pub fn forward_auth(&self) -> &ForwardAuth {
         &self.inner.forward_auth
+    }
+
+    /// The caller's role, when it allows `need`.
+    pub fn role(&self, headers: &axum::http::HeaderMap, need: Need) -> Result<Role, Problem> {
+        self.inner.auth.authorize(headers, need)
     }
 
     fn authorize(&self, req: &Request, need: Need) -> Result<(), Problem> {
@@ -254,6 +260,8 @@ pub fn router(st: AppState) -> Router {
         )
         // Authenticated by the agent's own API key, never by a tally token.
         .route("/v1/authorize", any(authorize::authorize))
+        // Roles per item (credits and refunds need admin): checked in the handler.
+        .route("/v1/batch", post(batch::batch))
         .route("/v1/plans", get(routes::plans).route_layer(read()))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))

@@ -24,7 +24,7 @@ fn unsupported_media_type(detail: &str) -> Problem {
     )
 }
 
-fn too_large(limit: usize) -> Problem {
+pub(crate) fn too_large(limit: usize) -> Problem {
     Problem::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "body-too-large",
@@ -36,7 +36,7 @@ fn too_large(limit: usize) -> Problem {
 
 /// Whether the request says its body is JSON (`application/json`, optionally with
 /// parameters, or a `+json` type).
-fn check_json_content_type(headers: &HeaderMap) -> Result<(), Problem> {
+pub(crate) fn check_json_content_type(headers: &HeaderMap) -> Result<(), Problem> {
     let mut values = headers.get_all(header::CONTENT_TYPE).iter();
     let Some(value) = values.next() else {
         return Err(unsupported_media_type(
@@ -107,7 +107,7 @@ async fn read_body(req: Request, st: &AppState) -> Result<(HeaderMap, Bytes), Pr
     Ok((headers, bytes))
 }
 
-fn parse_json<T: DeserializeOwned>(st: &AppState, bytes: &[u8]) -> Result<T, Problem> {
+pub(crate) fn parse_json<T: DeserializeOwned>(st: &AppState, bytes: &[u8]) -> Result<T, Problem> {
     let depth_max = st.limits().json_depth_max;
     if json_depth_exceeds(bytes, depth_max) {
         return Err(Problem::invalid(format!(
@@ -157,14 +157,6 @@ impl FromRequestParts<AppState> for IdemKey {
     type Rejection = Problem;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Problem> {
-        let invalid = |detail: String| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid-idempotency-key",
-                "Invalid Idempotency-Key",
-                detail,
-            )
-        };
         let mut values = parts.headers.get_all(IDEMPOTENCY_KEY).iter();
         let Some(value) = values.next() else {
             return Err(Problem::new(
@@ -175,21 +167,33 @@ impl FromRequestParts<AppState> for IdemKey {
             ));
         };
         if values.next().is_some() {
-            return Err(invalid("more than one Idempotency-Key header".into()));
-        }
-        let len_max = st.limits().idempotency_key_len_max;
-        if value.len() > len_max {
-            return Err(invalid(format!(
-                "Idempotency-Key must be 1..={len_max} visible ASCII characters"
-            )));
+            return Err(invalid_key("more than one Idempotency-Key header".into()));
         }
         let text = value
             .to_str()
-            .map_err(|_| invalid("Idempotency-Key must be visible ASCII".into()))?;
-        IdempotencyKey::new(text)
-            .map(IdemKey)
-            .map_err(|e| invalid(e.to_string()))
+            .map_err(|_| invalid_key("Idempotency-Key must be visible ASCII".into()))?;
+        idempotency_key(text, st.limits().idempotency_key_len_max).map(IdemKey)
     }
+}
+
+fn invalid_key(detail: String) -> Problem {
+    Problem::new(
+        StatusCode::BAD_REQUEST,
+        "invalid-idempotency-key",
+        "Invalid Idempotency-Key",
+        detail,
+    )
+}
+
+/// An idempotency key as the header or a batch item gives it: 400 unless it is 1 to
+/// `len_max` visible ASCII characters.
+pub fn idempotency_key(text: &str, len_max: usize) -> Result<IdempotencyKey, Problem> {
+    if text.len() > len_max {
+        return Err(invalid_key(format!(
+            "Idempotency-Key must be 1..={len_max} visible ASCII characters"
+        )));
+    }
+    IdempotencyKey::new(text).map_err(|e| invalid_key(e.to_string()))
 }
 
 /// The `{id}` of an agent route, validated (400 when it cannot be an agent id).

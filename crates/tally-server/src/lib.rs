@@ -10,6 +10,7 @@ pub mod agent_keys;
 pub mod app;
 pub mod auth;
 pub mod authorize;
+pub mod batch;
 pub mod config;
 pub mod dto;
 pub mod extract;

@@ -171,6 +171,24 @@ fn build() -> Value {
     };
     let retry_after = json!({"$ref": "#/components/headers/RetryAfter"});
 
+    let batch_schema = object(
+        &["items"],
+        json!({"items": {"type": "array", "minItems": 1, "maxItems": crate::config::BATCH_ITEMS_MAX_CEILING,
+        "description": "Each item: `op` (debit, credit, hold, capture, void, refund, check), `agent_id` (or `hold_id` for capture and void), `idempotency_key` (all but check), and the single route's body fields.",
+        "items": {"type": "object", "required": ["op"], "properties": {
+            "op": {"type": "string", "enum": ["debit", "credit", "hold", "capture", "void", "refund", "check"]},
+            "agent_id": {"type": "string"}, "hold_id": {"type": "string"}, "idempotency_key": {"type": "string"},
+        }}}}),
+    );
+    let batch_result = object(
+        &["items"],
+        json!({"items": {"type": "array", "items": {
+        "type": "object", "required": ["status"], "additionalProperties": false,
+        "properties": {
+            "status": {"type": "integer", "description": "The status the item's single route would answer."},
+            "replayed": {"type": "boolean"}, "receipt": r("Receipt"), "result": r("CheckResult"), "problem": r("Problem"),
+        }}}}),
+    );
     let schemas = json!({
         "Problem": problem_fields(json!({})),
         "InsufficientFunds": problem_fields(json!({
@@ -274,6 +292,8 @@ fn build() -> Value {
             "key": nullable(json!({"type": "string", "description": "`tk_<prefix>_<secret>`, shown only in the first answer; null in a replay."})),
         })),
         "ApiKeyList": object(&["keys", "api_keys_max"], json!({"keys": {"type": "array", "items": r("ApiKey")}, "api_keys_max": {"type": "integer"}})),
+        "Batch": batch_schema,
+        "BatchResult": batch_result,
         "Authorized": object(&["allowed", "agent_id", "route", "charged_micros", "balance_micros", "receipt"], json!({
             "allowed": {"type": "boolean"}, "agent_id": name(128), "route": {"type": "string"},
             "charged_micros": u64_schema(), "balance_micros": u64_schema(), "receipt": {"type": "string"},
@@ -396,6 +416,8 @@ fn build() -> Value {
             "get": authorize_op("authorize"),
             "post": authorize_op("authorizePost"),
         },
+        "/v1/batch": {"post": operation("batch", "Up to limits.batch_items_max money commands, each with its own idempotency key, answered item by item in order", vec![], Some(body("Batch", true)),
+            json!({"200": ok_json("Every item's own answer, in order (an item's denial or error is its own).", r("BatchResult"), Value::Null)}))},
         "/v1/plans": {"get": operation("plans", "Plans in force", vec![], None, json!({"200": ok_json("Plans.", r("PlanList"), Value::Null)}))},
         "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness", "security": [], "responses": {"200": ok_json("Alive.", r("Status"), Value::Null)}}},
         "/readyz": {"get": {"operationId": "readyz", "summary": "Readiness (recovery done)", "security": [], "responses": {
@@ -457,6 +479,6 @@ mod tests {
             }
         }
         walk(&doc, &doc);
-        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(20));
+        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(21));
     }
 }

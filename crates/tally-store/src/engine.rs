@@ -280,6 +280,30 @@ impl Engine {
         rx.await.map_err(|_| self.lost())?
     }
 
+    /// Decides `cmds` as [`Engine::submit`] would one by one, but queues them all before
+    /// waiting on any: commands for one agent are decided in the order given, and a shard
+    /// takes as many of them into one group commit as its batch size allows. Answers in
+    /// the order given; one command's refusal (a full queue included) is its own.
+    pub async fn submit_many(&self, cmds: Vec<Command>) -> Vec<Result<Reply, SubmitError>> {
+        let queued: Vec<_> = cmds
+            .into_iter()
+            .map(|cmd| {
+                let (tx, rx) = oneshot::channel();
+                let agent = cmd.agent.clone();
+                self.send(&agent, Job::Submit { cmd, reply: tx })
+                    .map(|()| rx)
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(queued.len());
+        for q in queued {
+            answers.push(match q {
+                Ok(rx) => rx.await.map_err(|_| self.lost()).and_then(|r| r),
+                Err(e) => Err(e),
+            });
+        }
+        answers
+    }
+
     /// The agent's current state, as of its last acknowledged change.
     pub async fn agent(&self, id: &AgentId) -> Result<Option<AgentState>, SubmitError> {
         let (tx, rx) = oneshot::channel();

@@ -36,6 +36,10 @@ pub const PAGE_LIMIT_MAX_DEFAULT: u32 = 1_000;
 pub const PAGE_LIMIT_MAX_CEILING: u32 = 10_000;
 pub const PAGE_LIMIT_DEFAULT: u32 = 100;
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+pub const BATCH_ITEMS_MAX_DEFAULT: usize = 1_000;
+pub const BATCH_ITEMS_MAX_CEILING: usize = 10_000;
+/// 1,000 items of ~200 bytes, with room for metadata.
+pub const BATCH_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 /// Longest `Authorization` header value we look at.
 pub const AUTH_HEADER_BYTES_MAX_DEFAULT: usize = 1_024;
 
@@ -56,6 +60,10 @@ pub struct Limits {
     pub auth_header_bytes_max: usize,
     /// A request still running after this gets 503.
     pub request_timeout_ms: u64,
+    /// Most items in one `POST /v1/batch` (413 above).
+    pub batch_items_max: usize,
+    /// Largest `POST /v1/batch` body (413 above); other routes keep `body_bytes_max`.
+    pub batch_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -68,6 +76,8 @@ impl Default for Limits {
             idempotency_key_len_max: tally_core::id::IDEMPOTENCY_KEY_LEN_MAX,
             auth_header_bytes_max: AUTH_HEADER_BYTES_MAX_DEFAULT,
             request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
+            batch_items_max: BATCH_ITEMS_MAX_DEFAULT,
+            batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
         }
     }
 }
@@ -302,6 +312,24 @@ impl Config {
                     d.request_timeout_ms,
                     100,
                     600_000,
+                )?,
+                batch_items_max: in_range(
+                    &lines,
+                    "limits.batch_items_max",
+                    &span,
+                    l.batch_items_max,
+                    d.batch_items_max,
+                    1,
+                    BATCH_ITEMS_MAX_CEILING,
+                )?,
+                batch_bytes_max: in_range(
+                    &lines,
+                    "limits.batch_bytes_max",
+                    &span,
+                    l.batch_bytes_max,
+                    d.batch_bytes_max,
+                    1_024,
+                    BODY_BYTES_MAX_CEILING,
                 )?,
             };
             if cfg.limits.page_limit_default > cfg.limits.page_limit_max {

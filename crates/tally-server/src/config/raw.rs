@@ -42,6 +42,8 @@ pub(super) struct RawLimits {
     pub(super) idempotency_key_len_max: Option<usize>,
     pub(super) auth_header_bytes_max: Option<usize>,
     pub(super) request_timeout_ms: Option<u64>,
+    pub(super) batch_items_max: Option<usize>,
+    pub(super) batch_bytes_max: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
