@@ -4,7 +4,6 @@
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use serde_json::json;
 use tally_core::{
     Command, CommandError, CommandKind, Denial, Outcome, PlanBook, RateStatus, Receipt,
@@ -281,23 +280,13 @@ pub fn classify(
                             cmd.agent,
                             route_segment(&cmd.kind)
                         );
-                        let mut offer = json!({
-                            "scheme": x.scheme, "network": x.network, "amount": needed.to_string(),
-                            "asset": x.asset, "payTo": x.pay_to, "maxTimeoutSeconds": x.max_timeout_seconds,
-                        });
-                        // x402 v2: `extra` is an optional object; absent, never null.
-                        if let (Some(extra), Some(o)) = (&x.extra, offer.as_object_mut()) {
-                            o.insert("extra".into(), extra.clone().into());
-                        }
-                        let accepts = json!([offer]);
-                        let required = json!({
-                            "x402Version": 2,
-                            "error": "insufficient funds",
-                            "resource": {"url": resource, "description": x.description, "mimeType": "application/json"},
-                            "accepts": accepts,
-                        });
-                        let encoded =
-                            base64::engine::general_purpose::STANDARD.encode(required.to_string());
+                        let accepts = json!([crate::x402::requirement(x, needed)]);
+                        let (_, encoded) = crate::x402::payment_required(
+                            "insufficient funds",
+                            &resource,
+                            &x.description,
+                            &accepts,
+                        );
                         p = p
                             .field("accepts", accepts)
                             .header(PAYMENT_REQUIRED, encoded);

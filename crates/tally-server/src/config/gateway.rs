@@ -35,6 +35,7 @@ pub(super) struct RawRoute {
     max_micros: Option<u64>,
     variable: Option<RawVariable>,
     charge_client_errors: Option<bool>,
+    x402: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -199,6 +200,9 @@ pub struct Route {
     /// Whether an upstream 4xx is charged (the default) or refunded; either way the
     /// client gets the upstream's answer.
     pub charge_client_errors: bool,
+    /// The proxy also sells a call to a caller with no agent key for an x402 payment of
+    /// the price (fixed prices only).
+    pub x402: bool,
 }
 
 /// A route that matched a call, with the values of its `{param}` segments.
@@ -628,6 +632,7 @@ pub(super) fn route(
         priority,
         price,
         charge_client_errors: r.charge_client_errors.unwrap_or(true),
+        x402: r.x402.unwrap_or(false),
     })
 }
 

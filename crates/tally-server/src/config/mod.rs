@@ -94,6 +94,16 @@ pub struct X402 {
     /// x402's optional `extra` object (e.g. the EIP-712 domain `name` and `version` of the
     /// asset); `None` when the config has none, and then left out of `accepts`.
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Where payments are verified and settled (`POST /verify`, `POST /settle`). Without
+    /// one, 402s describe payment but no payment is accepted.
+    pub facilitator_url: Option<String>,
+    /// Each facilitator request (connect to answer).
+    pub facilitator_timeout_ms: u64,
+    /// `/settle` is sent at most this many times (the same payload: settlement is
+    /// idempotent per payment) while the facilitator cannot be reached or answers 5xx.
+    pub settle_attempts_max: u32,
+    /// The plan of agents made for wallet payers (`x402:<network>:<address>`).
+    pub payer_plan: Option<PlanName>,
 }
 
 /// The validated configuration the server runs with.
@@ -561,12 +571,72 @@ impl Config {
                     .description
                     .unwrap_or_else(|| "tally prepaid balance top-up".into()),
                 extra,
+                facilitator_url: match x.facilitator_url {
+                    None => None,
+                    Some(u) => {
+                        let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                            && u.parse::<axum::http::Uri>().is_ok_and(|p| p.authority().is_some());
+                        if !ok {
+                            return Err(lines.err(
+                                "x402.facilitator_url",
+                                &span,
+                                format!("{u:?} must be an http:// or https:// URL"),
+                            ));
+                        }
+                        Some(u.trim_end_matches('/').to_owned())
+                    }
+                },
+                facilitator_timeout_ms: in_range(
+                    &lines,
+                    "x402.facilitator_timeout_ms",
+                    &span,
+                    x.facilitator_timeout_ms,
+                    10_000,
+                    100,
+                    120_000,
+                )?,
+                settle_attempts_max: in_range(
+                    &lines,
+                    "x402.settle_attempts_max",
+                    &span,
+                    x.settle_attempts_max,
+                    3,
+                    1,
+                    10,
+                )?,
+                payer_plan: match x.payer_plan {
+                    None => None,
+                    Some(p) => {
+                        let name = PlanName::new(p.clone())
+                            .map_err(|e| lines.err("x402.payer_plan", &span, e))?;
+                        if cfg.plans.get(&name).is_none() {
+                            return Err(lines.err(
+                                "x402.payer_plan",
+                                &span,
+                                format!("no plan named {p:?} in [[plans]]"),
+                            ));
+                        }
+                        Some(name)
+                    }
+                },
             });
         }
         cfg.routes = gateway::routes(&lines, raw.routes)?;
         if let Some(f) = raw.forward_auth {
             let span = f.span();
             cfg.forward_auth = gateway::forward_auth(&lines, &span, f.into_inner())?;
+        }
+        if let Some(r) = cfg.routes.routes().iter().find(|r| r.x402) {
+            let why = if cfg.x402.as_ref().and_then(|x| x.facilitator_url.as_ref()).is_none() {
+                Some("needs [x402] with a facilitator_url")
+            } else if r.price.fixed_micros().is_none() {
+                Some("needs a fixed price (a variable price cannot be paid up front)")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(lines.err(&format!("routes.{}.x402", r.name), &(0..0), why));
+            }
         }
         let proxy_span = raw.proxy.as_ref().map_or(0..0, |p| p.span());
         if let Some(p) = raw.proxy {

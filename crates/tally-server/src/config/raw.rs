@@ -118,4 +118,8 @@ pub(super) struct RawX402 {
     pub(super) max_timeout_seconds: Option<u64>,
     pub(super) description: Option<String>,
     pub(super) extra: Option<toml::Table>,
+    pub(super) facilitator_url: Option<String>,
+    pub(super) facilitator_timeout_ms: Option<u64>,
+    pub(super) settle_attempts_max: Option<u32>,
+    pub(super) payer_plan: Option<String>,
 }
