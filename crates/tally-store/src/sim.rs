@@ -3,6 +3,8 @@
 //! (what was written, what was synced), faults keyed on the number of the file operation
 //! (fail it, crash before it, crash after it), the image a power loss leaves, the indexer
 //! run by hand so that one seed gives one history, and the two bugs the simulation must find.
+//! sled's and the key index's writes are operations too (a fault can fail them or crash
+//! around them), but their files are copied as they are: a process crash, not a power loss.
 //!
 //! One process-wide state: the simulation runs one store at a time. Disarmed (the default,
 //! and in every other test), each hook is one atomic load.
@@ -28,6 +30,12 @@ pub enum Op {
     Sync,
     /// WAL segments deleted (and their directory synced).
     Remove,
+    /// A batch moved into sled (`apply_batch` and `flush`).
+    SledWrite,
+    /// sled's files and directories fsynced.
+    SledSync,
+    /// The key index's buffer written as runs.
+    KeysFlush,
 }
 
 /// What happens at one operation.
@@ -69,8 +77,9 @@ pub struct Plan {
 pub struct Report {
     /// Operations counted.
     pub ops: u64,
-    /// The operation at which power was lost (the image is in `Plan::image_dir`).
-    pub crashed_at: Option<(u64, Op)>,
+    /// The operation at (before or after) which power was lost, or the number of
+    /// operations before a loss between them (the image is in `Plan::image_dir`).
+    pub crashed_at: Option<(u64, Option<Op>)>,
     /// Operations failed on purpose.
     pub failed: Vec<(u64, Op)>,
     /// A crash image could not be made (a failure of the test, not of the store).
@@ -292,7 +301,7 @@ fn with_state(f: impl FnOnce(&mut State)) {
 /// directory, and from now on every operation fails (the process is gone).
 fn crash(state: &mut State, n: u64, op: Option<Op>) {
     state.dead = true;
-    state.report.crashed_at = Some((n, op.unwrap_or(Op::Apply)));
+    state.report.crashed_at = Some((n, op));
     if let Err(e) = make_image(state) {
         state.report.image_error = Some(e.to_string());
     }

@@ -304,8 +304,12 @@ fn index(db: &sled::Db, pending: &Pending) -> Result<(), StoreError> {
         }
     }
     batch.insert(WAL_KEY, codec::encode_u64(pending.last_lsn));
+    #[cfg(feature = "sim")]
+    crate::sim::before(crate::sim::Op::SledWrite)?;
     db.apply_batch(batch)?;
     db.flush()?;
+    #[cfg(feature = "sim")]
+    crate::sim::after()?;
     Ok(())
 }
 
@@ -329,6 +333,15 @@ impl SledFiles {
     /// files (once each: a blob never changes), and the directories. sled's own `flush`
     /// only ends in `sync_file_range`.
     fn sync(&self) -> Result<(), StoreError> {
+        #[cfg(feature = "sim")]
+        crate::sim::before(crate::sim::Op::SledSync)?;
+        self.sync_files()?;
+        #[cfg(feature = "sim")]
+        crate::sim::after()?;
+        Ok(())
+    }
+
+    fn sync_files(&self) -> Result<(), StoreError> {
         let mut synced_blobs = self.synced_blobs.lock();
         let read = |dir: &Path| {
             std::fs::read_dir(dir)

@@ -760,8 +760,10 @@ fn describe(r: &sim::Report) -> String {
     for (n, op) in &r.failed {
         s.push_str(&format!(", op {n} ({op:?}) failed"));
     }
-    if let Some((n, op)) = r.crashed_at {
-        s.push_str(&format!(", power lost at op {n} ({op:?})"));
+    match r.crashed_at {
+        Some((n, Some(op))) => s.push_str(&format!(", power lost at op {n} ({op:?})")),
+        Some((n, None)) => s.push_str(&format!(", power lost after {n} ops")),
+        None => {}
     }
     s
 }
