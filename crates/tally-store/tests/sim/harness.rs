@@ -50,6 +50,8 @@ enum Ending {
     AfterFailure,
 }
 
+/// One seed's run: its random source, the current generation of the store and its
+/// directory, the model, and what the oracle needs to know about the answers.
 pub struct Sim {
     pub rng: StdRng,
     pub root: tempfile::TempDir,
@@ -102,7 +104,8 @@ fn config(dir: &Path) -> EngineConfig {
     let mut c = EngineConfig::new(dir);
     c.shards = 2;
     c.sled_cache_bytes = 4 << 20;
-    // Time stands still (the clock is the sim's), so neither runs behind its back.
+    // Time stands still (the clock is the sim's): neither checkpoints nor the hold sweep
+    // write at moments the seed did not choose.
     c.checkpoint_interval_ms = u64::MAX;
     c.hold_sweep_interval_ms = u64::MAX;
     c
@@ -408,6 +411,8 @@ impl Sim {
         Ok(report.crashed_at.is_none() && self.engine()?.is_ready())
     }
 
+    /// Runs the seed: open, the steps (any of which may end the generation), then a clean
+    /// restart whose check must show everything acknowledged.
     pub async fn run(&mut self) -> Result<(), String> {
         self.open()?;
         let steps = self.rng.gen_range(STEPS_MIN..=STEPS_MAX);
