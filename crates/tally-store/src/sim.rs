@@ -84,6 +84,8 @@ pub struct Report {
     pub failed: Vec<(u64, Op)>,
     /// A crash image could not be made (a failure of the test, not of the store).
     pub image_error: Option<String>,
+    /// Replays that found a torn record at the end of the log (and dropped it).
+    pub torn_tails: u64,
 }
 
 /// A WAL segment as the disk holds it: its length at the last sync, and the writes since.
@@ -277,6 +279,11 @@ pub(crate) fn synced(path: &Path, len: u64) {
         f.synced_len = len;
         f.unsynced.clear();
     });
+}
+
+/// A replay dropped a torn record at the end of the log.
+pub(crate) fn saw_torn_tail() {
+    with_state(|s| s.report.torn_tails += 1);
 }
 
 /// Segments were deleted (their directory synced).

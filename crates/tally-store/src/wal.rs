@@ -137,6 +137,8 @@ pub fn replay(
                 }
                 None if i + 1 == segments.len() => {
                     torn_tail = true;
+                    #[cfg(feature = "sim")]
+                    crate::sim::saw_torn_tail();
                     break;
                 }
                 None => {

@@ -166,11 +166,19 @@ fn no_acknowledged_change_is_lost_or_doubled_under_storage_faults() {
         print_failure(seed, &out);
         panic!("the simulation failed at seed {seed}");
     }
-    // The faults happened: a budget that never crashed would prove little.
-    assert!(
-        total.power_losses > 0 && total.failures > 0 && total.acked > 0,
-        "{total:?}"
-    );
+    // The faults happened: a budget that never crashed or tore a record would prove little
+    // (one seed replayed alone need not do all of it).
+    if std::env::var("SIM_SEED").is_err() {
+        assert!(
+            total.power_losses > 0
+                && total.failures > 0
+                && total.acked > 0
+                && total.maybe_kept > 0
+                && total.maybe_lost > 0
+                && total.torn_tails > 0,
+            "{total:?}"
+        );
+    }
 }
 
 /// The planted bug of `bug` is found within the CI budget.
