@@ -14,7 +14,9 @@
 //!
 //! Commands go one at a time (each answer awaited) and the indexer runs only when the seed
 //! says, so the history checked (every command, answer, fault and recovery) is a function
-//! of the seed; `one_seed_is_one_history` runs one twice and compares.
+//! of the seed; `one_seed_is_one_history` runs one twice and compares. Not under the seed:
+//! sled's own flusher and the key index's merge thread (every second), which touch only
+//! their own files and which a process crash may catch at any moment anyway.
 //!
 //! The oracle, after every recovery and at the end: every acknowledged change is in the
 //! journal exactly once, in the order acknowledged; a change whose answer was an error
