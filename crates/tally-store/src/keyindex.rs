@@ -693,6 +693,8 @@ impl KeyIndex {
             if buffer.keys.is_empty() {
                 return Ok(());
             }
+            #[cfg(feature = "sim")]
+            crate::sim::before(crate::sim::Op::KeysFlush)?;
             let taken = Arc::new(std::mem::take(&mut buffer.keys));
             buffer.flushing = Some(Arc::clone(&taken));
             taken
@@ -704,6 +706,9 @@ impl KeyIndex {
         buffer.flushing = None;
         buffer.first_lsn = None;
         buffer.min_at_ms = None;
+        drop(buffer);
+        #[cfg(feature = "sim")]
+        crate::sim::after()?;
         Ok(())
     }
 

@@ -21,6 +21,9 @@ mod keyindex;
 mod metrics;
 mod recovery;
 mod shard;
+#[cfg(feature = "sim")]
+#[doc(hidden)]
+pub mod sim;
 mod sled_store;
 mod storage;
 #[cfg(test)]

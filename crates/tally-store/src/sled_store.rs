@@ -304,8 +304,12 @@ fn index(db: &sled::Db, pending: &Pending) -> Result<(), StoreError> {
         }
     }
     batch.insert(WAL_KEY, codec::encode_u64(pending.last_lsn));
+    #[cfg(feature = "sim")]
+    crate::sim::before(crate::sim::Op::SledWrite)?;
     db.apply_batch(batch)?;
     db.flush()?;
+    #[cfg(feature = "sim")]
+    crate::sim::after()?;
     Ok(())
 }
 
@@ -329,6 +333,15 @@ impl SledFiles {
     /// files (once each: a blob never changes), and the directories. sled's own `flush`
     /// only ends in `sync_file_range`.
     fn sync(&self) -> Result<(), StoreError> {
+        #[cfg(feature = "sim")]
+        crate::sim::before(crate::sim::Op::SledSync)?;
+        self.sync_files()?;
+        #[cfg(feature = "sim")]
+        crate::sim::after()?;
+        Ok(())
+    }
+
+    fn sync_files(&self) -> Result<(), StoreError> {
         let mut synced_blobs = self.synced_blobs.lock();
         let read = |dir: &Path| {
             std::fs::read_dir(dir)
@@ -428,6 +441,11 @@ impl Shared {
         {
             panic!("injected indexer panic");
         }
+        #[cfg(feature = "sim")]
+        if crate::sim::planted(crate::sim::Bug::SegmentDeletedEarly) {
+            // The planted bug: the segments go before sled holds their records.
+            self.delete_obsolete_wal(taken.last_lsn)?;
+        }
         index(&self.db, taken)?;
         if self.keys.is_complete() {
             let mut keys = Vec::new();
@@ -493,15 +511,29 @@ impl Shared {
 
     fn run_indexer(&self) {
         loop {
+            #[cfg(feature = "sim")]
+            let mut ticket = 0;
             let taken = {
                 let mut staged = self.staged.lock();
+                #[cfg(feature = "sim")]
+                if crate::sim::manual_index() {
+                    // The simulation runs each step itself, so that one seed is one history.
+                    while !staged.stopping
+                        && crate::sim::index_requested() <= crate::sim::index_served()
+                    {
+                        self.changed.wait_for(&mut staged, Duration::from_millis(1));
+                    }
+                    ticket = crate::sim::index_requested();
+                }
                 let deadline = Instant::now() + Duration::from_millis(INDEX_INTERVAL_MS);
-                while !staged.stopping && staged.pending.events < self.trigger {
+                while !staged.stopping && staged.pending.events < self.trigger && !index_by_hand() {
                     if self.changed.wait_until(&mut staged, deadline).timed_out() {
                         break;
                     }
                 }
                 if staged.pending.is_empty() {
+                    #[cfg(feature = "sim")]
+                    crate::sim::serve_index(ticket);
                     if staged.stopping {
                         return;
                     }
@@ -512,7 +544,10 @@ impl Shared {
                 taken
             };
             self.changed.notify_all();
-            if let Err(e) = self.index_step(&taken) {
+            let stepped = self.index_step(&taken);
+            #[cfg(feature = "sim")]
+            crate::sim::serve_index(ticket);
+            if let Err(e) = stepped {
                 // in_flight stays, so reads still see every applied write.
                 self.fail(&e);
                 return;
@@ -546,6 +581,14 @@ impl Shared {
             }
         }
     }
+}
+
+/// Whether the storage-fault simulation runs the indexer step by step (never outside it).
+fn index_by_hand() -> bool {
+    #[cfg(feature = "sim")]
+    return crate::sim::manual_index();
+    #[cfg(not(feature = "sim"))]
+    false
 }
 
 /// Runs `body` on a named thread; a panic fails the store instead of leaving it taking

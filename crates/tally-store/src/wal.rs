@@ -137,6 +137,8 @@ pub fn replay(
                 }
                 None if i + 1 == segments.len() => {
                     torn_tail = true;
+                    #[cfg(feature = "sim")]
+                    crate::sim::saw_torn_tail();
                     break;
                 }
                 None => {
@@ -178,6 +180,8 @@ pub fn remove(paths: &[PathBuf]) -> Result<(), StoreError> {
     let Some(dir) = paths.first().and_then(|p| p.parent()) else {
         return Ok(());
     };
+    #[cfg(feature = "sim")]
+    crate::sim::before(crate::sim::Op::Remove)?;
     for path in paths {
         match fs::remove_file(path) {
             Ok(()) => {}
@@ -185,7 +189,13 @@ pub fn remove(paths: &[PathBuf]) -> Result<(), StoreError> {
             Err(e) => return Err(io_err("deleting", path, e)),
         }
     }
-    sync_dir(dir)
+    sync_dir(dir)?;
+    #[cfg(feature = "sim")]
+    {
+        crate::sim::removed(paths);
+        crate::sim::after()?;
+    }
+    Ok(())
 }
 
 /// The open end of the log.
@@ -211,13 +221,18 @@ impl WalWriter {
         let path = segment_path(&dir, first_lsn);
         let file = open_segment(&path)?;
         sync_dir(&dir)?;
+        #[cfg(feature = "sim")]
+        crate::sim::after()?;
         Ok(Self {
             dir,
             file,
             len: 0,
             allocated: 0,
             segments: vec![(first_lsn, path)],
+            #[cfg(not(feature = "sim"))]
             segment_bytes_max: SEGMENT_BYTES_MAX,
+            #[cfg(feature = "sim")]
+            segment_bytes_max: crate::sim::segment_bytes_max().unwrap_or(SEGMENT_BYTES_MAX),
         })
     }
 
@@ -225,9 +240,13 @@ impl WalWriter {
     pub fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         let path = &self.segments.last().expect("a current segment").1;
         let end = self.len + bytes.len() as u64;
+        #[cfg(feature = "sim")]
+        crate::sim::before(crate::sim::Op::Write)?;
         self.file
             .write_all_at(bytes, self.len)
             .map_err(|e| io_err("writing", path, e))?;
+        #[cfg(feature = "sim")]
+        crate::sim::wrote(path, self.len, bytes);
         if end > self.allocated {
             // Zeros after the records, made durable by the same sync as the records.
             let grow = self.allocated.clamp(PREALLOC_BYTES_MIN, PREALLOC_BYTES_MAX);
@@ -235,11 +254,28 @@ impl WalWriter {
             self.file
                 .write_all_at(&zeros, end)
                 .map_err(|e| io_err("zero-filling", path, e))?;
+            #[cfg(feature = "sim")]
+            crate::sim::wrote(path, end, &zeros);
             self.allocated = end + grow;
         }
+        #[cfg(feature = "sim")]
+        crate::sim::after()?;
+        #[cfg(feature = "sim")]
+        if crate::sim::planted(crate::sim::Bug::SyncSkipped) {
+            // The planted bug: answered as durable without the fdatasync.
+            self.len = end;
+            return Ok(());
+        }
+        #[cfg(feature = "sim")]
+        crate::sim::before(crate::sim::Op::Sync)?;
         self.file
             .sync_data()
             .map_err(|e| io_err("syncing", path, e))?;
+        #[cfg(feature = "sim")]
+        {
+            crate::sim::synced(path, self.allocated);
+            crate::sim::after()?;
+        }
         self.len = end;
         Ok(())
     }
@@ -255,6 +291,8 @@ impl WalWriter {
         self.segments.push((next_lsn, path));
         self.len = 0;
         self.allocated = 0;
+        #[cfg(feature = "sim")]
+        crate::sim::after()?;
         Ok(())
     }
 
@@ -320,13 +358,18 @@ pub fn size_on_disk(data_dir: &Path) -> Result<u64, StoreError> {
 }
 
 fn open_segment(path: &Path) -> Result<File, StoreError> {
+    #[cfg(feature = "sim")]
+    crate::sim::before(crate::sim::Op::Create)?;
     // A new segment never reuses a name: appending after an old torn tail would hide
     // everything written after it.
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .create_new(true)
         .write(true)
         .open(path)
-        .map_err(|e| io_err("opening", path, e))
+        .map_err(|e| io_err("opening", path, e))?;
+    #[cfg(feature = "sim")]
+    crate::sim::created(path);
+    Ok(file)
 }
 
 #[cfg(test)]

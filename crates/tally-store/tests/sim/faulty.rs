@@ -1,0 +1,73 @@
+//! The simulation's `Storage`: the real `SledStorage` with a fault point at every `apply`,
+//! so that a batch can fail before it reaches the write-ahead log.
+
+use tally_core::{AgentId, AgentState, Event, IdempotencyKey, TimestampMs};
+use tally_store::sim::{self, Op};
+use tally_store::{AgentWrite, KeyEntry, KeyIndexStatus, SledStorage, Storage, StoreError};
+
+/// `SledStorage` with a fault point at every `apply`, so a batch can fail before the WAL.
+#[derive(Debug)]
+pub struct FaultyStorage(pub SledStorage);
+
+impl Storage for FaultyStorage {
+    fn apply(&self, writes: Vec<AgentWrite>) -> Result<(), StoreError> {
+        sim::before(Op::Apply)?;
+        self.0.apply(writes)?;
+        sim::after()
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        self.0.sync()
+    }
+    fn load_agents(&self) -> Result<Vec<AgentState>, StoreError> {
+        self.0.load_agents()
+    }
+    fn journal(&self, a: &AgentId, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.0.journal(a, after, limit)
+    }
+    fn journal_rev(
+        &self,
+        a: &AgentId,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.0.journal_rev(a, before, limit)
+    }
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.0.size_on_disk()
+    }
+    fn journal_staged(
+        &self,
+        a: &AgentId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.0.journal_staged(a, after, limit)
+    }
+    fn find_key(
+        &self,
+        a: &AgentId,
+        key: &IdempotencyKey,
+        slot: u128,
+        now_ms: TimestampMs,
+    ) -> Result<Option<KeyEntry>, StoreError> {
+        self.0.find_key(a, key, slot, now_ms)
+    }
+    fn note_key(&self, slot: u128, at_ms: TimestampMs) {
+        self.0.note_key(slot, at_ms)
+    }
+    fn needs_key_backfill(&self) -> bool {
+        self.0.needs_key_backfill()
+    }
+    fn backfill_keys(&self, keys: Vec<(u128, KeyEntry)>) -> Result<(), StoreError> {
+        self.0.backfill_keys(keys)
+    }
+    fn key_index_status(&self) -> KeyIndexStatus {
+        self.0.key_index_status()
+    }
+    fn backlog_events(&self) -> u64 {
+        self.0.backlog_events()
+    }
+    fn failure(&self) -> Option<String> {
+        self.0.failure()
+    }
+}
