@@ -485,3 +485,286 @@ fn eip55_and_uint256_encodings() {
     let payment = Wallet::from_seed(1).pay(&resource(URL), &requirements("1"), 1, nonce(1));
     assert_eq!(decode_header(&header(&payment)), payment);
 }
+
+// ---------------------------------------------------------------------------------------
+// Interop with the official x402 Python client (scripts/x402-client.py)
+// ---------------------------------------------------------------------------------------
+
+/// The python of the venv made by scripts/x402-client-setup.sh: `X402_CLIENT_PYTHON`, else
+/// the script's default venv. `None` (the test skips) when absent, unless
+/// `X402_CLIENT_REQUIRED=1`, where its absence fails the test.
+fn client_python() -> Option<String> {
+    let python = std::env::var("X402_CLIENT_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/tally-x402-venv/bin/python")
+    });
+    if std::path::Path::new(&python).exists() {
+        return Some(python);
+    }
+    assert!(
+        std::env::var("X402_CLIENT_REQUIRED").as_deref() != Ok("1"),
+        "X402_CLIENT_REQUIRED=1 but no x402 client at {python}: run scripts/x402-client-setup.sh"
+    );
+    eprintln!("skipped: no x402 client at {python} (scripts/x402-client-setup.sh installs it)");
+    None
+}
+
+/// A paid resource as the spec's HTTP transport describes it: 402 with `PAYMENT-REQUIRED`
+/// (v2) or with the requirements in the body (v1, under `/v1`); a paid retry is verified
+/// and settled with the facilitator, then answered with the request's body echoed and
+/// `PAYMENT-RESPONSE`. Records the headers of every request.
+struct PaidResource {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<axum::http::HeaderMap>>>,
+}
+
+#[derive(Clone)]
+struct PaidState {
+    facilitator: String,
+    base: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<axum::http::HeaderMap>>>,
+}
+
+async fn paid_handler(
+    axum::extract::State(st): axum::extract::State<PaidState>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    st.seen.lock().expect("lock").push(headers.clone());
+    let v1 = uri.path().starts_with("/v1");
+    let url = format!("{}{}", st.base, uri.path());
+    let (req, required) = if v1 {
+        let req = x402::requirements_v1("10000", &url);
+        let required = json!({ "x402Version": 1, "error": "X-PAYMENT header is required",
+                               "accepts": [req] });
+        (req, required)
+    } else {
+        let req = requirements("10000");
+        let required = json!({ "x402Version": 2, "error": "PAYMENT-SIGNATURE header is required",
+                               "resource": resource(&url), "accepts": [req] });
+        (req, required)
+    };
+    let payment_header = if v1 { "x-payment" } else { "payment-signature" };
+    let Some(payment) = headers.get(payment_header).and_then(|v| v.to_str().ok()) else {
+        let mut resp = (
+            axum::http::StatusCode::PAYMENT_REQUIRED,
+            axum::Json(required.clone()),
+        )
+            .into_response();
+        if !v1 {
+            let value = header(&required).parse().expect("header value");
+            resp.headers_mut().insert("payment-required", value);
+        }
+        return resp;
+    };
+    let request = json!({
+        "x402Version": if v1 { 1 } else { 2 },
+        "paymentPayload": decode_header(payment),
+        "paymentRequirements": req,
+    });
+    let http = reqwest::Client::new();
+    let verified: Value = http
+        .post(format!("{}/verify", st.facilitator))
+        .json(&request)
+        .send()
+        .await
+        .expect("verify")
+        .json()
+        .await
+        .expect("verify JSON");
+    if verified["isValid"] != true {
+        let mut refused = required.clone();
+        refused["error"] = verified["invalidReason"].clone();
+        return (
+            axum::http::StatusCode::PAYMENT_REQUIRED,
+            axum::Json(refused),
+        )
+            .into_response();
+    }
+    let settled: Value = http
+        .post(format!("{}/settle", st.facilitator))
+        .json(&request)
+        .send()
+        .await
+        .expect("settle")
+        .json()
+        .await
+        .expect("settle JSON");
+    let name = if v1 {
+        "x-payment-response"
+    } else {
+        "payment-response"
+    };
+    let mut resp = axum::Json(json!({ "paid": true, "echo": body })).into_response();
+    let value = header(&settled).parse().expect("header value");
+    resp.headers_mut().insert(name, value);
+    resp
+}
+
+impl PaidResource {
+    async fn start(facilitator: &Facilitator) -> PaidResource {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let state = PaidState {
+            facilitator: facilitator.url.clone(),
+            base: base.clone(),
+            seen: seen.clone(),
+        };
+        let app = axum::Router::new().fallback(paid_handler).with_state(state);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        PaidResource { url: base, seen }
+    }
+}
+
+/// Runs scripts/x402-client.py; its stdout's JSON lines merged into one object, and its
+/// exit code.
+async fn run_client(python: &str, key: &str, args: &[&str]) -> (Value, i32) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/x402-client.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args(args)
+        .env("X402_PRIVATE_KEY", key)
+        .output()
+        .await
+        .expect("runs the client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut merged = serde_json::Map::new();
+    for line in stdout.lines() {
+        let obj: Value = serde_json::from_str(line).expect("a JSON line");
+        merged.extend(obj.as_object().expect("an object").clone());
+    }
+    eprintln!("client {args:?}: {stdout}{stderr}");
+    (Value::Object(merged), out.status.code().unwrap_or(-1))
+}
+
+#[tokio::test]
+async fn the_official_python_client_pays_and_its_signature_verifies() {
+    let Some(python) = client_python() else {
+        return;
+    };
+    let f = Facilitator::start().await;
+    let site = PaidResource::start(&f).await;
+    let wallet = Wallet::from_seed(7);
+    let key = wallet.private_key_hex();
+
+    // v2, GET: 402 with PAYMENT-REQUIRED, paid retry with PAYMENT-SIGNATURE.
+    let url = format!("{}/paid", site.url);
+    let (out, code) = run_client(&python, &key, &[&url]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["status"], 200);
+    assert_eq!(out["body"]["paid"], true);
+    let settled = &out["payment_response"];
+    assert_eq!(settled["success"], true, "{out}");
+    assert_eq!(settled["payer"], wallet.address());
+    assert_eq!(settled["network"], x402::NETWORK);
+    assert_eq!(f.settled().len(), 1);
+    assert_eq!(f.verify_calls(), 1);
+
+    // What it sent: a v2 PaymentPayload, as the spec's §5.2 shows it.
+    let sent = &out["payment_signature"];
+    assert_eq!(f.settled()[0], *sent);
+    assert_eq!(sent["x402Version"], 2);
+    assert_eq!(sent["accepted"], requirements("10000"));
+    assert_eq!(sent["resource"]["url"], url);
+    let auth = &sent["payload"]["authorization"];
+    assert_eq!(auth["from"], wallet.address());
+    assert_eq!(auth["to"], x402::PAY_TO);
+    assert_eq!(auth["value"], "10000");
+    for field in ["validAfter", "validBefore"] {
+        let s = auth[field].as_str().expect("a decimal string");
+        assert!(s.bytes().all(|b| b.is_ascii_digit()), "{field}: {s}");
+    }
+    let valid_before: u64 = auth["validBefore"]
+        .as_str()
+        .expect("str")
+        .parse()
+        .expect("u64");
+    assert!(
+        valid_before <= x402::now_s() + 60 + 5,
+        "maxTimeoutSeconds bounds it"
+    );
+    assert_eq!(auth["nonce"].as_str().expect("nonce").len(), 66);
+    assert_eq!(
+        sent["payload"]["signature"].as_str().expect("sig").len(),
+        132
+    );
+    // The wallet signs the same authorization to the same bytes (RFC 6979 both sides).
+    let nonce_bytes: [u8; 32] = hex::decode(&auth["nonce"].as_str().expect("nonce")[2..])
+        .expect("hex")
+        .try_into()
+        .expect("32 bytes");
+    let valid_after: u64 = auth["validAfter"]
+        .as_str()
+        .expect("str")
+        .parse()
+        .expect("u64");
+    let ours = wallet.authorize(
+        &requirements("10000"),
+        valid_after,
+        valid_before,
+        nonce_bytes,
+    );
+    assert_eq!(ours, sent["payload"]);
+
+    let headers = site.seen.lock().expect("lock").clone();
+    assert_eq!(headers.len(), 2, "one 402, one paid retry");
+    assert!(headers[0].get("payment-signature").is_none());
+    assert_eq!(
+        headers[1].get("payment-retry").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+
+    // v2, POST with a JSON body and an extra header: both reach the paid retry.
+    let (out, code) = run_client(
+        &python,
+        &key,
+        &[
+            &url,
+            "--method",
+            "POST",
+            "--json",
+            r#"{"n":1}"#,
+            "-H",
+            "Authorization: Bearer k",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["body"]["echo"], r#"{"n":1}"#);
+    let last = site
+        .seen
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("seen");
+    assert_eq!(
+        last.get("authorization").map(|v| v.as_bytes()),
+        Some(&b"Bearer k"[..])
+    );
+    assert_eq!(f.settled().len(), 2);
+
+    // v1: requirements in the 402's body, paid with X-PAYMENT.
+    let (out, code) = run_client(&python, &key, &[&format!("{}/v1/paid", site.url)]).await;
+    assert_eq!(code, 0, "{out}");
+    let sent = &out["payment_signature"];
+    assert_eq!(sent["x402Version"], 1);
+    assert_eq!(sent["scheme"], "exact");
+    assert_eq!(sent["network"], "base-sepolia");
+    assert_eq!(out["payment_response"]["success"], true, "{out}");
+    assert_eq!(f.settled().len(), 3);
+
+    // A refused payment: the client does not pay twice, and exits 1 with the final 402.
+    f.set_now_s(Some(x402::now_s() + 3600));
+    let (out, code) = run_client(&python, &key, &[&url]).await;
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(out["status"], 402);
+    assert_eq!(out["body"]["error"], reason::VALID_BEFORE);
+    assert_eq!(f.settled().len(), 3);
+}
