@@ -422,7 +422,7 @@ impl Wallet {
 
     /// The scheme payload `{signature, authorization}` for `requirements` (v1 or v2: the
     /// amount is `amount`, else `maxAmountRequired`), encoded as the official clients
-    /// send it: numbers as decimal strings, nonce and signature 0x-hex, addresses EIP-55.
+    /// send it: numbers as decimal strings, nonce and signature 0x-hex, `from` EIP-55.
     pub fn authorize(
         &self,
         requirements: &Value,
@@ -449,7 +449,8 @@ impl Wallet {
             "signature": format!("0x{}", hex::encode(signature)),
             "authorization": {
                 "from": self.address(),
-                "to": checksum(&auth.to),
+                // `payTo` as the requirements spell it, as the official client sends it.
+                "to": pay_to,
                 "value": amount,
                 "validAfter": valid_after_s.to_string(),
                 "validBefore": valid_before_s.to_string(),
