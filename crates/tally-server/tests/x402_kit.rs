@@ -669,6 +669,11 @@ async fn the_official_python_client_pays_and_its_signature_verifies() {
     // What it sent: a v2 PaymentPayload, as the spec's §5.2 shows it.
     let sent = &out["payment_signature"];
     assert_eq!(f.settled()[0], *sent);
+    assert_eq!(x402::payment_payload_errors(sent), Vec::<String>::new());
+    assert_eq!(
+        x402::settlement_response_errors(settled),
+        Vec::<String>::new()
+    );
     assert_eq!(sent["x402Version"], 2);
     assert_eq!(sent["accepted"], requirements("10000"));
     assert_eq!(sent["resource"]["url"], url);
@@ -767,4 +772,56 @@ async fn the_official_python_client_pays_and_its_signature_verifies() {
     assert_eq!(out["status"], 402);
     assert_eq!(out["body"]["error"], reason::VALID_BEFORE);
     assert_eq!(f.settled().len(), 3);
+}
+
+#[test]
+fn v2_message_rules() {
+    // The spec's §5.1.1 example is valid.
+    let example = json!({
+        "x402Version": 2,
+        "error": "PAYMENT-SIGNATURE header is required",
+        "resource": { "url": "https://api.example.com/premium-data",
+                      "description": "Access to premium market data",
+                      "mimeType": "application/json" },
+        "accepts": [{
+            "scheme": "exact", "network": "eip155:84532", "amount": "10000",
+            "asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+            "payTo": "0x209693Bc6afc0C5328bA36FaF03C514EF312287C",
+            "maxTimeoutSeconds": 60, "extra": { "name": "USDC", "version": "2" },
+        }],
+        "extensions": {},
+    });
+    assert_eq!(
+        x402::payment_required_errors(&example),
+        Vec::<String>::new()
+    );
+    for (path, bad) in [
+        ("/x402Version", json!(1)),
+        ("/accepts", json!([])),
+        ("/resource", json!("https://api.example.com")),
+        ("/accepts/0/amount", json!(10000)),
+        ("/accepts/0/amount", json!("0.01")),
+        ("/accepts/0/network", json!("base-sepolia")),
+        ("/accepts/0/maxTimeoutSeconds", json!("60")),
+        ("/accepts/0/extra", json!("USDC")),
+        ("/error", json!(402)),
+    ] {
+        let mut broken = example.clone();
+        *broken.pointer_mut(path).expect("path") = bad.clone();
+        assert!(
+            !x402::payment_required_errors(&broken).is_empty(),
+            "{path} = {bad} passed"
+        );
+    }
+    let payment = Wallet::from_seed(1).pay(&resource(URL), &requirements("1"), 1, nonce(1));
+    assert_eq!(x402::payment_payload_errors(&payment), Vec::<String>::new());
+    let v1 = Wallet::from_seed(1).pay_v1(&x402::requirements_v1("1", URL), 1, nonce(1));
+    assert!(!x402::payment_payload_errors(&v1).is_empty());
+    let settled = json!({ "success": true, "transaction": "0x12", "network": "eip155:84532",
+                          "payer": "0x857b06519E91e3A54538791bDbb0E22373e36b66" });
+    assert_eq!(
+        x402::settlement_response_errors(&settled),
+        Vec::<String>::new()
+    );
+    assert!(!x402::settlement_response_errors(&json!({ "success": "true" })).is_empty());
 }

@@ -135,6 +135,144 @@ pub fn decode_header(value: &str) -> Value {
 }
 
 // ---------------------------------------------------------------------------------------
+// v2 message rules (coinbase/x402 specs/schemas/x402-v2.schema.json, its rules copied)
+// ---------------------------------------------------------------------------------------
+
+/// What breaks the rules of the v2 `PaymentRequired` (the 402's `PAYMENT-REQUIRED` JSON):
+/// the schema's (`x402Version` const 2, `accepts` an array of at least one
+/// `PaymentRequirements`, `resource` a `ResourceInfo` with a string `url`, `error` a
+/// string) and the spec's §5.1.2 table (which also requires `amount` and
+/// `maxTimeoutSeconds`, and `resource`). Empty when valid.
+pub fn payment_required_errors(v: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    let Some(obj) = v.as_object() else {
+        return vec!["PaymentRequired is not an object".into()];
+    };
+    if obj.get("x402Version") != Some(&json!(2)) {
+        errors.push(format!(
+            "x402Version must be 2, is {:?}",
+            obj.get("x402Version")
+        ));
+    }
+    if let Some(error) = obj.get("error") {
+        if !error.is_string() {
+            errors.push("error must be a string".into());
+        }
+    }
+    match obj.get("resource") {
+        Some(r) => resource_errors(r, "resource", &mut errors),
+        None => errors.push("resource is required (spec §5.1.2)".into()),
+    }
+    match obj.get("accepts").and_then(Value::as_array) {
+        Some(accepts) if !accepts.is_empty() => {
+            for (i, req) in accepts.iter().enumerate() {
+                requirements_errors(req, &format!("accepts[{i}]"), &mut errors);
+            }
+        }
+        _ => errors.push("accepts must be an array of at least one item".into()),
+    }
+    if let Some(ext) = obj.get("extensions") {
+        if !ext.is_object() {
+            errors.push("extensions must be an object".into());
+        }
+    }
+    errors
+}
+
+/// What breaks the rules of a v2 `PaymentPayload` with an `exact` EVM `payload`.
+pub fn payment_payload_errors(v: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    let Some(obj) = v.as_object() else {
+        return vec!["PaymentPayload is not an object".into()];
+    };
+    if obj.get("x402Version") != Some(&json!(2)) {
+        errors.push("x402Version must be 2".into());
+    }
+    if let Some(r) = obj.get("resource") {
+        resource_errors(r, "resource", &mut errors);
+    }
+    match obj.get("accepted") {
+        Some(req) => requirements_errors(req, "accepted", &mut errors),
+        None => errors.push("accepted is required".into()),
+    }
+    let payload = &v["payload"];
+    if !payload["signature"].is_string() {
+        errors.push("payload.signature must be a string".into());
+    }
+    for field in ["from", "to", "value", "validAfter", "validBefore", "nonce"] {
+        if !payload["authorization"][field].is_string() {
+            errors.push(format!("payload.authorization.{field} must be a string"));
+        }
+    }
+    errors
+}
+
+/// What breaks the rules of a `SettlementResponse` (the `PAYMENT-RESPONSE` JSON):
+/// `success` a boolean, `transaction` and `network` strings (required), `payer` and
+/// `errorReason` strings when present.
+pub fn settlement_response_errors(v: &Value) -> Vec<String> {
+    let mut errors = Vec::new();
+    if !v["success"].is_boolean() {
+        errors.push("success must be a boolean".into());
+    }
+    for field in ["transaction", "network"] {
+        if !v[field].is_string() {
+            errors.push(format!("{field} must be a string"));
+        }
+    }
+    for field in ["payer", "errorReason"] {
+        if v.get(field).is_some_and(|x| !x.is_string()) {
+            errors.push(format!("{field} must be a string when present"));
+        }
+    }
+    errors
+}
+
+fn resource_errors(r: &Value, at: &str, errors: &mut Vec<String>) {
+    if !r.is_object() || !r["url"].is_string() {
+        errors.push(format!("{at} must be an object with a string url"));
+    }
+    for field in ["description", "mimeType"] {
+        if r.get(field).is_some_and(|x| !x.is_string()) {
+            errors.push(format!("{at}.{field} must be a string"));
+        }
+    }
+}
+
+fn requirements_errors(req: &Value, at: &str, errors: &mut Vec<String>) {
+    if !req.is_object() {
+        errors.push(format!("{at} must be an object"));
+        return;
+    }
+    for field in ["scheme", "network", "asset", "payTo", "amount"] {
+        if !req[field].is_string() {
+            errors.push(format!("{at}.{field} must be a string"));
+        }
+    }
+    // CAIP-2: `namespace:reference`.
+    if let Some(network) = req["network"].as_str() {
+        let caip2 = network
+            .split_once(':')
+            .is_some_and(|(ns, reference)| !ns.is_empty() && !reference.is_empty());
+        if !caip2 {
+            errors.push(format!("{at}.network {network:?} is not CAIP-2"));
+        }
+    }
+    // "Amount in atomic units, as a base-10 integer string".
+    if let Some(amount) = req["amount"].as_str() {
+        if amount.is_empty() || !amount.bytes().all(|b| b.is_ascii_digit()) {
+            errors.push(format!("{at}.amount {amount:?} is not a base-10 integer"));
+        }
+    }
+    if !req["maxTimeoutSeconds"].is_u64() {
+        errors.push(format!("{at}.maxTimeoutSeconds must be an integer >= 0"));
+    }
+    if req.get("extra").is_some_and(|x| !x.is_object()) {
+        errors.push(format!("{at}.extra must be an object when present"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // EIP-712 / EIP-3009
 // ---------------------------------------------------------------------------------------
 
@@ -893,6 +1031,14 @@ fn check(
     })
 }
 
+/// `payer` is optional: left out when the payload names none.
+fn without_null_payer(mut answer: Value) -> Value {
+    if answer["payer"].is_null() {
+        answer.as_object_mut().expect("an object").remove("payer");
+    }
+    answer
+}
+
 fn now_of(inner: &Inner) -> u64 {
     inner.now_s.unwrap_or_else(now_s)
 }
@@ -902,11 +1048,11 @@ async fn verify(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> J
     let now = now_of(&inner);
     Json(match check(&shared, &inner, &body, now) {
         Ok(ok) => json!({ "isValid": true, "payer": ok.payer }),
-        Err(why) => json!({
+        Err(why) => without_null_payer(json!({
             "isValid": false,
             "invalidReason": why,
             "payer": claimed_payer(&body["paymentPayload"]),
-        }),
+        })),
     })
 }
 
@@ -916,13 +1062,13 @@ async fn settle(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> J
     let mut inner = shared.inner();
     let now = now_of(&inner);
     let failure = |why: &str| {
-        json!({
+        without_null_payer(json!({
             "success": false,
             "errorReason": why,
             "payer": claimed_payer(&payload),
             "transaction": "",
             "network": network,
-        })
+        }))
     };
     let checked = match check(&shared, &inner, &body, now) {
         Ok(checked) => checked,
