@@ -378,3 +378,4 @@ impl TestServer {
         }
     }
 }
+pub mod x402;
