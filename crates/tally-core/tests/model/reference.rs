@@ -34,7 +34,7 @@ pub(crate) struct ModelPlan {
     pub(crate) anchor_day: u32,
 }
 
-pub(crate) const PLANS: [ModelPlan; 5] = [
+pub(crate) const PLANS: [ModelPlan; 6] = [
     ModelPlan {
         name: "free",
         bucket: None,
@@ -77,6 +77,19 @@ pub(crate) const PLANS: [ModelPlan; 5] = [
         cap_micros: Some(20_000),
         soft_pct: Some(80),
         anchor_day: 15,
+    },
+    // A cell every 333.33 ms: waits that are not whole milliseconds, so that their
+    // rounding (always up) shows.
+    ModelPlan {
+        name: "thirds",
+        bucket: Some(ModelBucket {
+            quota: 3,
+            window_ms: 1_000,
+            burst: 2,
+        }),
+        cap_micros: None,
+        soft_pct: None,
+        anchor_day: 1,
     },
 ];
 
