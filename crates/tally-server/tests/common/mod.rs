@@ -326,11 +326,7 @@ impl TestServer {
         assert_eq!(r.status, 201, "{}", r.text);
         if credit_micros > 0 {
             let r = self
-                .post(
-                    &format!("/v1/agents/{id}/credits"),
-                    &format!("credit-{id}"),
-                    serde_json::json!({"amount_micros": credit_micros}),
-                )
+                .credit(id, &format!("credit-{id}"), credit_micros)
                 .await;
             assert_eq!(r.status, 201, "{}", r.text);
         }
@@ -394,9 +390,9 @@ impl TestServer {
 
     /// The agent's balance.
     pub async fn balance(&self, agent: &str) -> u64 {
-        let r = self.get(&format!("/v1/agents/{agent}")).await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        r.body["balance_micros"].as_u64().expect("balance")
+        self.agent_state(agent).await["balance_micros"]
+            .as_u64()
+            .expect("balance")
     }
 
     // ---- the API's vocabulary: one call a route, made with the role that route asks for
