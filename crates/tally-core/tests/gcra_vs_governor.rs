@@ -95,8 +95,16 @@ fn bucket() -> impl Strategy<Value = RateBucket> {
     })
 }
 
+/// `PROPTEST_CASES` when set (a soak), else `default`: a `with_cases` would win over it.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1_000))]
+    #![proptest_config(ProptestConfig::with_cases(cases(1_000)))]
 
     #[test]
     fn core_gcra_agrees_with_governor(

@@ -1,47 +1,23 @@
-//! tally-client against the real server on 127.0.0.1:0: a 402 after exactly one request,
-//! `Retry-After` honoured under `tokio::time::pause`, and a debit whose answer is lost
-//! (connection dropped after the commit) retried with its key and charged once.
+//! tally-client against the real server on 127.0.0.1:0 (the shared `TestServer`): a 402
+//! after exactly one request, `Retry-After` honoured under `tokio::time::pause`, and a
+//! debit whose answer is lost (connection dropped after the commit) retried with its key
+//! and charged once.
+
+mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sha2::{Digest, Sha256};
+use common::*;
 use tally_client::{Client, Credit, Debit, Denial, NewAgent, Outcome, RetryPolicy};
-use tally_server::{Config, Running};
-use tally_store::{Clock, SystemClock};
+use tally_store::Clock;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 
-const TOKEN: &str = "client-real-test-token";
-
 /// A plan whose bucket allows one debit per 2 s: the second one in a row gets a 429 with
 /// `Retry-After: 2`.
-const TIGHT: &str = "[[plans]]\nname = \"default\"\n\n[[plans]]\nname = \"tight\"\n\
+const TIGHT: &str = "[[plans]]\nname = \"tight\"\n\
                      [[plans.buckets]]\nname = \"default\"\nquota = 1\nwindow_s = 2\nburst = 1\n";
-
-struct Server {
-    running: Running,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-async fn start(toml: &str, clock: Arc<dyn Clock>) -> Server {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = Config::from_toml(toml, "test").expect("valid config");
-    config.listen = "127.0.0.1:0".parse().expect("valid address");
-    config.data_dir = dir.path().join("data");
-    config
-        .add_admin_hash("test", &hex::encode(Sha256::digest(TOKEN)))
-        .expect("valid hash");
-    let mut running = tally_server::start(config, clock).await.expect("starts");
-    running.ready().await.expect("ready");
-    let url = format!("http://{}", running.addr);
-    Server {
-        running,
-        url,
-        _dir: dir,
-    }
-}
 
 fn policy() -> RetryPolicy {
     RetryPolicy {
@@ -56,7 +32,7 @@ fn policy() -> RetryPolicy {
 
 fn client(url: &str) -> Client {
     Client::builder(url)
-        .token(TOKEN)
+        .token(ADMIN)
         .retry_policy(policy())
         .pool_idle_timeout(None)
         .build()
@@ -84,8 +60,8 @@ const DEBITS: &str = "/v1/agents/{id}/debits";
 
 #[tokio::test]
 async fn insufficient_funds_after_exactly_one_request() {
-    let server = start("", Arc::new(SystemClock)).await;
-    let client = client(&server.url);
+    let server = TestServer::start().await;
+    let client = client(&server.base);
     client
         .create_agent(&NewAgent::new("poor").plan("default"))
         .await
@@ -113,7 +89,7 @@ async fn insufficient_funds_after_exactly_one_request() {
         }
         other => panic!("expected InsufficientFunds, got {other:?}"),
     }
-    assert_eq!(requests_on(&server.url, DEBITS).await, 1);
+    assert_eq!(requests_on(&server.base, DEBITS).await, 1);
     // Nothing was charged, and the denied key is not in the journal.
     let journal = client.journal_all("poor").await.expect("journal");
     assert!(journal
@@ -140,12 +116,13 @@ async fn insufficient_funds_after_exactly_one_request() {
         .into_result()
         .expect("approved after the top-up");
     assert_eq!(receipt.balance_micros, 6_000);
-    server.running.shutdown().await.expect("clean shutdown");
+    server.stop().await;
 }
 
 /// The server's clock is the paused clock of the test's runtime, read through its handle
 /// from the engine's shard threads; the server itself runs on another runtime so that
-/// its own timers run in real time.
+/// its own timers run in real time. (A `TestServer`'s `ManualClock` would not move while
+/// the client sleeps out a `Retry-After`, hence `start_on_clock`.)
 #[derive(Debug)]
 struct PausedClock {
     handle: tokio::runtime::Handle,
@@ -175,11 +152,12 @@ async fn retry_after_is_honoured_against_the_real_server() {
         .enable_all()
         .build()
         .expect("server runtime");
-    let server = server_rt
-        .spawn(async move { start(TIGHT, clock).await })
+    let (running, _dir) = server_rt
+        .spawn(async move { start_on_clock(config(TIGHT), clock).await })
         .await
         .expect("server started");
-    let client = client(&server.url);
+    let url = format!("http://{}", running.addr);
+    let client = client(&url);
     let plans = client.plans().await.expect("plans");
     assert_eq!(plans.default_plan.as_deref(), Some("default"));
     let tight = plans
@@ -217,7 +195,7 @@ async fn retry_after_is_honoured_against_the_real_server() {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(2), "waited only {waited:?}");
     assert!(waited < Duration::from_secs(3), "waited {waited:?}");
-    assert_eq!(requests_on(&server.url, DEBITS).await, 3);
+    assert_eq!(requests_on(&url, DEBITS).await, 3);
 
     // With 429 retries off, the typed denial comes back after one request.
     let no_retry = client.with_retry_policy(RetryPolicy {
@@ -239,7 +217,7 @@ async fn retry_after_is_honoured_against_the_real_server() {
         }
         other => panic!("expected RateLimited, got {other:?}"),
     }
-    assert_eq!(requests_on(&server.url, DEBITS).await, 4);
+    assert_eq!(requests_on(&url, DEBITS).await, 4);
 
     let journal = client.journal_all("busy").await.expect("journal");
     let debits: Vec<_> = journal.iter().filter(|e| e.kind == "debit").collect();
@@ -248,7 +226,7 @@ async fn retry_after_is_honoured_against_the_real_server() {
     assert_eq!(debits[1].idempotency_key.as_deref(), Some("second"));
 
     server_rt
-        .spawn(async move { server.running.shutdown().await })
+        .spawn(async move { running.shutdown().await })
         .await
         .expect("joined")
         .expect("clean shutdown");
@@ -290,8 +268,8 @@ async fn lossy_proxy(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
 
 #[tokio::test]
 async fn a_lost_answer_is_retried_with_its_key_and_charged_once() {
-    let server = start("", Arc::new(SystemClock)).await;
-    let direct = client(&server.url);
+    let server = TestServer::start().await;
+    let direct = client(&server.base);
     direct
         .create_agent(&NewAgent::new("net").plan("default"))
         .await
@@ -301,7 +279,7 @@ async fn a_lost_answer_is_retried_with_its_key_and_charged_once() {
         .await
         .expect("credited");
 
-    let proxy = lossy_proxy(server.running.addr).await;
+    let proxy = lossy_proxy(server.running.as_ref().expect("running").addr).await;
     let via_proxy = client(&format!("http://{proxy}"));
     let receipt = via_proxy
         .debit("net", &Debit::new(2_500))
@@ -312,7 +290,7 @@ async fn a_lost_answer_is_retried_with_its_key_and_charged_once() {
     // The second attempt got the first one's stored answer.
     assert!(receipt.replayed, "{receipt:?}");
     assert_eq!(receipt.balance_micros, 7_500);
-    assert_eq!(requests_on(&server.url, DEBITS).await, 2);
+    assert_eq!(requests_on(&server.base, DEBITS).await, 2);
 
     let journal = direct.journal_all("net").await.expect("journal");
     let debits: Vec<_> = journal.iter().filter(|e| e.kind == "debit").collect();
@@ -322,5 +300,5 @@ async fn a_lost_answer_is_retried_with_its_key_and_charged_once() {
         direct.get_agent("net").await.expect("agent").balance_micros,
         7_500
     );
-    server.running.shutdown().await.expect("clean shutdown");
+    server.stop().await;
 }

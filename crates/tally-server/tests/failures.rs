@@ -146,16 +146,11 @@ async fn start_faulty(extra: &str) -> (TestServer, tally_store::Engine, Arc<Faul
     (s, engine, faulty.expect("opened"))
 }
 
+/// A debit of `a1` with a deadline longer than any answer here should take: a hang fails
+/// instead of waiting forever.
 async fn debit(s: &TestServer, key: &str, amount_micros: u64) -> Resp {
-    let req = s
-        .http
-        .post(s.url("/v1/agents/a1/debits"))
-        .bearer_auth(SERVICE)
-        .header("Idempotency-Key", key)
-        .json(&json!({ "amount_micros": amount_micros }))
-        // Longer than any answer here should take: a hang fails instead of waiting forever.
-        .timeout(Duration::from_secs(10));
-    s.send(req).await
+    let req = s.debit_request("a1", key, amount_micros);
+    s.send(req.timeout(Duration::from_secs(10))).await
 }
 
 #[tokio::test]
@@ -217,14 +212,7 @@ async fn timeout_503_when_a_request_outlives_request_timeout_ms() {
     })
     .await;
     assert_eq!(created.status, 201, "{}", created.text);
-    let credited = until_answered(|| {
-        s.post(
-            "/v1/agents/a1/credits",
-            "credit-a1",
-            json!({"amount_micros": 1_000}),
-        )
-    })
-    .await;
+    let credited = until_answered(|| s.credit("a1", "credit-a1", 1_000)).await;
     assert_eq!(credited.status, 201, "{}", credited.text);
     storage.set_gate_closed(true);
     let _open_at_the_end = OpenGateOnDrop(storage.clone());
@@ -247,16 +235,7 @@ async fn timeout_503_when_a_request_outlives_request_timeout_ms() {
 async fn too_many_holds_422_one_past_open_holds_max() {
     let s = Arc::new(TestServer::start().await);
     s.agent("a1", "default", 1_000_000).await;
-    let hold = |s: Arc<TestServer>, key: String| async move {
-        s.call(
-            "POST",
-            "/v1/agents/a1/holds",
-            SERVICE,
-            Some(&key),
-            Some(json!({"amount_micros": 1, "ttl_ms": 60_000})),
-        )
-        .await
-    };
+    let hold = |s: Arc<TestServer>, key: String| async move { s.hold("a1", &key, 1, 60_000).await };
     // Exactly OPEN_HOLDS_MAX open holds: every one is placed (64 at a time).
     for chunk in (0..OPEN_HOLDS_MAX).collect::<Vec<_>>().chunks(64) {
         let tasks: Vec<_> = chunk
@@ -268,11 +247,11 @@ async fn too_many_holds_422_one_past_open_holds_max() {
             assert_eq!(r.status, 201, "{}", r.text);
         }
     }
-    let a = s.get("/v1/agents/a1").await;
-    assert_eq!(a.body["held_micros"], OPEN_HOLDS_MAX as u64, "{}", a.text);
+    let a = s.agent_state("a1").await;
+    assert_eq!(a["held_micros"], OPEN_HOLDS_MAX as u64, "{a}");
     // One past the max is refused and changes nothing.
     let r = hold(s.clone(), "one-past".into()).await;
     r.assert_problem(422, "too-many-holds");
     assert_eq!(r.body["open_holds_max"], OPEN_HOLDS_MAX as u64);
-    assert_eq!(s.get("/v1/agents/a1").await.body, a.body);
+    assert_eq!(s.agent_state("a1").await, a);
 }

@@ -100,15 +100,13 @@ async fn agent_keys_are_shown_once_listed_revoked_and_kept_across_a_restart() {
     assert_eq!(r.status, 200, "{}", r.text);
 
     // Revoke: 204, a replay 204 again, a new request 404; the key stops working at once.
-    let path = format!("/v1/agents/a1/keys/{second}");
-    let del = |k: &'static str| s.call("DELETE", &path, SERVICE, Some(k), None);
-    let r = del("rv-1").await;
+    let r = s.revoke_key("a1", &second, "rv-1").await;
     assert_eq!(r.status, 204, "{}", r.text);
-    assert_eq!(
-        del("rv-1").await.header("idempotent-replayed"),
-        Some("true")
-    );
-    del("rv-2").await.assert_problem(404, "not-found");
+    let again = s.revoke_key("a1", &second, "rv-1").await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    s.revoke_key("a1", &second, "rv-2")
+        .await
+        .assert_problem(404, "not-found");
     s.call(
         "DELETE",
         &format!("/v1/agents/a1/keys/{prefix}"),
@@ -118,15 +116,7 @@ async fn agent_keys_are_shown_once_listed_revoked_and_kept_across_a_restart() {
     )
     .await
     .assert_problem(400, "idempotency-key-missing");
-    let r = s
-        .call(
-            "DELETE",
-            &format!("/v1/agents/a1/keys/{prefix}"),
-            SERVICE,
-            Some("rv-3"),
-            None,
-        )
-        .await;
+    let r = s.revoke_key("a1", &prefix, "rv-3").await;
     assert_eq!(r.status, 204, "{}", r.text);
     s.authorize(&key, "GET", "/items/1", Some("u3"), "")
         .await
@@ -138,10 +128,9 @@ async fn agent_keys_are_shown_once_listed_revoked_and_kept_across_a_restart() {
     assert_eq!(s.get("/v1/agents/a1/keys").await.body["keys"], json!([]));
 
     // The journal says who did what.
-    let j = s.get("/v1/agents/a1/journal").await;
-    let kinds: Vec<_> = j.body["entries"]
-        .as_array()
-        .expect("entries")
+    let kinds: Vec<_> = s
+        .journal("a1")
+        .await
         .iter()
         .filter(|e| e["api_key_prefix"].is_string())
         .map(|e| e["kind"].as_str().expect("kind").to_owned())
@@ -344,15 +333,7 @@ async fn forward_auth_denials_are_the_debit_routes_own_402_and_429() {
     fa.assert_problem(402, "insufficient-funds");
     assert!(fa.header("payment-required").is_some());
     assert_eq!(fa.body["required_micros"], 500);
-    let debit = s
-        .call(
-            "POST",
-            "/v1/agents/poor/debits",
-            SERVICE,
-            Some("d1"),
-            Some(json!({"amount_micros": 500})),
-        )
-        .await;
+    let debit = s.debit("poor", "d1", 500).await;
     assert_eq!(shape(&fa), shape(&debit));
     assert_eq!(s.balance("poor").await, 100, "a 402 charges nothing");
 
@@ -369,15 +350,7 @@ async fn forward_auth_denials_are_the_debit_routes_own_402_and_429() {
     let fa = s.authorize(&key, "GET", "/items/1", Some("b2"), "").await;
     fa.assert_problem(429, "rate-limited");
     assert!(fa.header("retry-after").is_some());
-    let debit = s
-        .call(
-            "POST",
-            "/v1/agents/busy/debits",
-            SERVICE,
-            Some("d1"),
-            Some(json!({"amount_micros": 500})),
-        )
-        .await;
+    let debit = s.debit("busy", "d1", 500).await;
     assert_eq!(shape(&fa), shape(&debit));
     s.stop().await;
 }
@@ -457,11 +430,7 @@ async fn a_receipt_refunds_its_debit_in_full_or_in_part() {
     let receipt = r.header("x-tally-receipt").expect("receipt").to_owned();
     assert_eq!(s.balance("a1").await, 9_500);
 
-    let path = format!("/v1/receipts/{receipt}/refund");
-    let refund = |idem: &'static str, body: Option<serde_json::Value>| {
-        s.call("POST", &path, SERVICE, Some(idem), body)
-    };
-    let r = refund("r1", Some(json!({"amount_micros": 200}))).await;
+    let r = s.refund_receipt(&receipt, "r1", Some(200)).await;
     assert_eq!(r.status, 201, "{}", r.text);
     assert_eq!(
         (r.body["kind"].as_str(), r.body["amount_micros"].as_u64()),
@@ -469,14 +438,14 @@ async fn a_receipt_refunds_its_debit_in_full_or_in_part() {
     );
     assert_eq!(s.balance("a1").await, 9_700);
     // "All of it" is the debit's amount: more than what is left now.
-    refund("r2", None)
+    s.refund_receipt(&receipt, "r2", None)
         .await
         .assert_problem(422, "refund-exceeds-debit");
-    let r = refund("r3", Some(json!({"amount_micros": 300}))).await;
+    let r = s.refund_receipt(&receipt, "r3", Some(300)).await;
     assert_eq!(r.status, 201, "{}", r.text);
     assert_eq!(s.balance("a1").await, 10_000);
     assert_eq!(
-        refund("r3", Some(json!({"amount_micros": 300})))
+        s.refund_receipt(&receipt, "r3", Some(300))
             .await
             .header("idempotent-replayed"),
         Some("true")
@@ -486,15 +455,7 @@ async fn a_receipt_refunds_its_debit_in_full_or_in_part() {
     let r = s.authorize(&key, "GET", "/items/2", Some("c2"), "").await;
     let receipt2 = r.header("x-tally-receipt").expect("receipt").to_owned();
     for _ in 0..2 {
-        let r = s
-            .call(
-                "POST",
-                &format!("/v1/receipts/{receipt2}/refund"),
-                SERVICE,
-                Some("all"),
-                None,
-            )
-            .await;
+        let r = s.refund_receipt(&receipt2, "all", None).await;
         assert_eq!(
             (r.status, r.body["amount_micros"].as_u64()),
             (201, Some(500)),
@@ -504,24 +465,12 @@ async fn a_receipt_refunds_its_debit_in_full_or_in_part() {
     }
     assert_eq!(s.balance("a1").await, 10_000);
 
-    s.call(
-        "POST",
-        "/v1/receipts/a1~1/refund",
-        SERVICE,
-        Some("x1"),
-        None,
-    )
-    .await
-    .assert_problem(422, "unknown-debit");
-    s.call(
-        "POST",
-        "/v1/receipts/garbage/refund",
-        SERVICE,
-        Some("x2"),
-        None,
-    )
-    .await
-    .assert_problem(404, "not-found");
+    s.refund_receipt("a1~1", "x1", None)
+        .await
+        .assert_problem(422, "unknown-debit");
+    s.refund_receipt("garbage", "x2", None)
+        .await
+        .assert_problem(404, "not-found");
     s.call(
         "POST",
         &format!("/v1/receipts/{receipt}/refund"),

@@ -37,25 +37,17 @@ async fn created_201_agent_and_idempotent_replay() {
 async fn created_201_credit_and_debit_with_exact_replay() {
     let s = TestServer::start().await;
     s.agent("a1", "default", 0).await;
-    let c = s
-        .post(
-            "/v1/agents/a1/credits",
-            "c1",
-            json!({"amount_micros": 5_000_000}),
-        )
-        .await;
+    let c = s.credit("a1", "c1", 5_000_000).await;
     assert_eq!(c.status, 201, "{}", c.text);
     assert_eq!(c.body["kind"], "credit");
     assert_eq!(c.body["seq"], 2);
     assert_eq!(c.body["balance_micros"], 5_000_000);
 
     let d = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("d1"),
-            Some(json!({"amount_micros": 1_500, "task_type": "llm", "metadata": {"model": "m"}})),
+        .debit_with(
+            "a1",
+            "d1",
+            json!({"amount_micros": 1_500, "task_type": "llm", "metadata": {"model": "m"}}),
         )
         .await;
     assert_eq!(d.status, 201, "{}", d.text);
@@ -71,12 +63,10 @@ async fn created_201_credit_and_debit_with_exact_replay() {
     // The same key and body later: the stored answer, byte for byte, and nothing applied.
     s.clock.advance(5_000);
     let replay = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("d1"),
-            Some(json!({"amount_micros": 1_500, "task_type": "llm", "metadata": {"model": "m"}})),
+        .debit_with(
+            "a1",
+            "d1",
+            json!({"amount_micros": 1_500, "task_type": "llm", "metadata": {"model": "m"}}),
         )
         .await;
     assert_eq!(replay.status, 201);
@@ -102,82 +92,34 @@ async fn ok_200_reads_check_capture_void() {
     assert_eq!(rest.body["agents"][0]["id"], "a2");
     assert_eq!(rest.body["next_after"], Value::Null);
 
-    let check = s
-        .call(
-            "POST",
-            "/v1/agents/a1/check",
-            SERVICE,
-            None,
-            Some(json!({"amount_micros": 100})),
-        )
-        .await;
+    let check = s.check("a1", 100).await;
     assert_eq!(check.status, 200, "{}", check.text);
     assert_eq!(
         check.body,
         json!({"allowed": true, "amount_micros": 100, "balance_micros": 10_000})
     );
 
-    let hold = s
-        .call(
-            "POST",
-            "/v1/agents/a1/holds",
-            SERVICE,
-            Some("h1"),
-            Some(json!({"amount_micros": 3_000, "ttl_ms": 60_000})),
-        )
-        .await;
+    let hold = s.hold("a1", "h1", 3_000, 60_000).await;
     assert_eq!(hold.status, 201, "{}", hold.text);
     assert_eq!(hold.body["hold_id"], "a1~3");
     assert_eq!(hold.body["expires_at"], "2026-11-29T13:01:00.000Z");
     assert_eq!(hold.body["held_micros"], 3_000);
     assert_eq!(hold.body["balance_micros"], 7_000);
 
-    let cap = s
-        .call(
-            "POST",
-            "/v1/holds/a1~3/capture",
-            SERVICE,
-            Some("cap1"),
-            Some(json!({"amount_micros": 1_000})),
-        )
-        .await;
+    let cap = s.capture("a1~3", "cap1", 1_000).await;
     assert_eq!(cap.status, 200, "{}", cap.text);
     assert_eq!(cap.body["kind"], "capture");
     assert_eq!(cap.body["amount_micros"], 1_000);
     assert_eq!(cap.body["balance_micros"], 9_000);
     assert_eq!(cap.body["held_micros"], 0);
 
-    let h2 = s
-        .call(
-            "POST",
-            "/v1/agents/a1/holds",
-            SERVICE,
-            Some("h2"),
-            Some(json!({"amount_micros": 500, "ttl_ms": 1_000})),
-        )
-        .await;
-    let void = s
-        .send(
-            s.http
-                .post(s.url(&format!(
-                    "/v1/holds/{}/void",
-                    h2.body["hold_id"].as_str().unwrap_or("")
-                )))
-                .bearer_auth(SERVICE)
-                .header("Idempotency-Key", "v1"),
-        )
-        .await;
+    let h2 = s.hold("a1", "h2", 500, 1_000).await;
+    let void = s.void(h2.hold_id(), "v1").await;
     assert_eq!(void.status, 200, "{}", void.text);
     assert_eq!(void.body["kind"], "void");
     assert_eq!(void.body["balance_micros"], 9_000);
 
-    let refund = s
-        .post(
-            "/v1/agents/a1/refunds",
-            "r1",
-            json!({"debit_seq": 4, "amount_micros": 400}),
-        )
-        .await;
+    let refund = s.refund("a1", "r1", 4, 400).await;
     assert_eq!(refund.status, 201, "{}", refund.text);
     assert_eq!(refund.body["balance_micros"], 9_400);
 
@@ -233,22 +175,19 @@ async fn ok_200_reads_check_capture_void() {
         let r = s.send(s.http.get(s.url(path))).await;
         assert_eq!(r.status, 200, "{path}");
     }
-    let metrics = s.send(s.http.get(s.url("/metrics"))).await;
+    let metrics = s.metrics().await;
     assert!(
-        metrics
-            .text
-            .contains("tally_decisions_total{outcome=\"approved\"}"),
-        "{}",
-        metrics.text
+        metrics.contains("tally_decisions_total{outcome=\"approved\"}"),
+        "{metrics}"
     );
-    assert!(metrics.text.contains("tally_credited_micros_total 10000"));
-    assert!(metrics.text.contains("tally_debited_micros_total 1000"));
-    assert!(metrics.text.contains("route=\"/v1/agents/{id}/holds\""));
+    assert!(metrics.contains("tally_credited_micros_total 10000"));
+    assert!(metrics.contains("tally_debited_micros_total 1000"));
+    assert!(metrics.contains("route=\"/v1/agents/{id}/holds\""));
     assert!(
-        metrics.text.contains("tally_commit_seconds"),
+        metrics.contains("tally_commit_seconds"),
         "engine metrics share the registry"
     );
-    assert!(!metrics.text.contains("a1"), "no per-agent labels");
+    assert!(!metrics.contains("a1"), "no per-agent labels");
     let doc = s.send(s.http.get(s.url("/openapi.json"))).await;
     assert_eq!(doc.body["openapi"], "3.0.3");
     s.stop().await;
@@ -258,56 +197,18 @@ async fn ok_200_reads_check_capture_void() {
 async fn bad_request_400() {
     let s = TestServer::start().await;
     s.agent("a1", "default", 1_000).await;
-    let missing = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            None,
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let missing = s.debit_as(SERVICE, "a1", None, 1).await;
     missing.assert_problem(400, "idempotency-key-missing");
-    let bad_key = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("has space"),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let bad_key = s.debit("a1", "has space", 1).await;
     bad_key.assert_problem(400, "invalid-idempotency-key");
     let long_key = "k".repeat(256);
-    let long = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some(&long_key),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let long = s.debit("a1", &long_key, 1).await;
     long.assert_problem(400, "invalid-idempotency-key");
     let max_key = "k".repeat(255);
-    let ok = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some(&max_key),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let ok = s.debit("a1", &max_key, 1).await;
     assert_eq!(ok.status, 201, "a 255-byte key is fine: {}", ok.text);
     let wrong_type = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k2"),
-            Some(json!({"amount_micros": "1"})),
-        )
+        .debit_with("a1", "k2", json!({"amount_micros": "1"}))
         .await;
     wrong_type.assert_problem(400, "invalid-request");
     let page = s.get("/v1/agents?limit=1001").await;
@@ -346,15 +247,7 @@ async fn unauthorized_401() {
 async fn forbidden_403_wrong_role_and_suspended() {
     let s = TestServer::start().await;
     s.agent("a1", "default", 1_000).await;
-    let reader = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            READER,
-            Some("k"),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let reader = s.debit_as(READER, "a1", Some("k"), 1).await;
     reader.assert_problem(403, "forbidden");
     let service_credit = s
         .call(
@@ -368,25 +261,11 @@ async fn forbidden_403_wrong_role_and_suspended() {
     service_credit.assert_problem(403, "forbidden");
 
     let p = s
-        .call(
-            "PATCH",
-            "/v1/agents/a1",
-            ADMIN,
-            Some("suspend"),
-            Some(json!({"status": "suspended"})),
-        )
+        .patch_agent("a1", "suspend", json!({"status": "suspended"}))
         .await;
     assert_eq!(p.status, 200, "{}", p.text);
     assert_eq!(p.body["status"], "suspended");
-    let d = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k"),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let d = s.debit("a1", "k", 1).await;
     d.assert_problem(403, "agent-suspended");
     assert_eq!(d.header("retry-after"), None);
     s.stop().await;
@@ -396,15 +275,7 @@ async fn forbidden_403_wrong_role_and_suspended() {
 async fn payment_required_402_not_retryable() {
     let s = TestServer::start().await;
     s.agent("a1", "default", 1_000).await;
-    let d = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("big"),
-            Some(json!({"amount_micros": 5_000})),
-        )
-        .await;
+    let d = s.debit("a1", "big", 5_000).await;
     d.assert_problem(402, "insufficient-funds");
     assert_eq!(d.header("retry-after"), None);
     assert_eq!(d.header("payment-required"), None, "no x402 configured");
@@ -417,21 +288,8 @@ async fn payment_required_402_not_retryable() {
     assert!(d.body.get("accepts").is_none());
     assert!(d.body.get("retry_after_ms").is_none());
     // Denials are not stored: the same key succeeds after a top-up.
-    s.post(
-        "/v1/agents/a1/credits",
-        "topup",
-        json!({"amount_micros": 10_000}),
-    )
-    .await;
-    let again = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("big"),
-            Some(json!({"amount_micros": 5_000})),
-        )
-        .await;
+    s.credit("a1", "topup", 10_000).await;
+    let again = s.debit("a1", "big", 5_000).await;
     assert_eq!(again.status, 201, "{}", again.text);
     assert_eq!(again.header("idempotent-replayed"), None);
     s.stop().await;
@@ -441,25 +299,9 @@ async fn payment_required_402_not_retryable() {
 async fn payment_required_402_retryable_when_a_hold_expires_and_x402() {
     let s = TestServer::start_with(config(X402)).await;
     s.agent("a1", "default", 1_000).await;
-    let h = s
-        .call(
-            "POST",
-            "/v1/agents/a1/holds",
-            SERVICE,
-            Some("h"),
-            Some(json!({"amount_micros": 800, "ttl_ms": 4_500})),
-        )
-        .await;
+    let h = s.hold("a1", "h", 800, 4_500).await;
     assert_eq!(h.status, 201, "{}", h.text);
-    let d = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("d"),
-            Some(json!({"amount_micros": 500})),
-        )
-        .await;
+    let d = s.debit("a1", "d", 500).await;
     d.assert_problem(402, "insufficient-funds");
     assert_eq!(d.body["retryable"], true);
     assert_eq!(d.body["retry_after_ms"], 4_500);
@@ -506,36 +348,12 @@ async fn not_found_404() {
     s.get("/v1/nothing-here")
         .await
         .assert_problem(404, "not-found");
-    let d = s
-        .call(
-            "POST",
-            "/v1/agents/nobody/debits",
-            SERVICE,
-            Some("k"),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let d = s.debit("nobody", "k", 1).await;
     d.assert_problem(404, "not-found");
     s.agent("a1", "default", 100).await;
-    let h = s
-        .call(
-            "POST",
-            "/v1/holds/a1~99/capture",
-            SERVICE,
-            Some("k"),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let h = s.capture("a1~99", "k", 1).await;
     h.assert_problem(404, "not-found");
-    let garbage = s
-        .call(
-            "POST",
-            "/v1/holds/not-a-hold/void",
-            SERVICE,
-            Some("k"),
-            None,
-        )
-        .await;
+    let garbage = s.void("not-a-hold", "k").await;
     garbage.assert_problem(404, "not-found");
     let m = s.call("DELETE", "/v1/agents/a1", ADMIN, None, None).await;
     m.assert_problem(405, "method-not-allowed");
@@ -550,29 +368,10 @@ async fn conflict_409_agent_exists_and_hold_expired() {
         .post("/v1/agents", "another-key", json!({"id": "a1"}))
         .await;
     dup.assert_problem(409, "agent-exists");
-    let h = s
-        .call(
-            "POST",
-            "/v1/agents/a1/holds",
-            SERVICE,
-            Some("h"),
-            Some(json!({"amount_micros": 100, "ttl_ms": 1_000})),
-        )
-        .await;
+    let h = s.hold("a1", "h", 100, 1_000).await;
     assert_eq!(h.status, 201, "{}", h.text);
     s.clock.advance(1_000);
-    let c = s
-        .call(
-            "POST",
-            &format!(
-                "/v1/holds/{}/capture",
-                h.body["hold_id"].as_str().unwrap_or("")
-            ),
-            SERVICE,
-            Some("c"),
-            Some(json!({"amount_micros": 50})),
-        )
-        .await;
+    let c = s.capture(h.hold_id(), "c", 50).await;
     c.assert_problem(409, "hold-expired");
     assert_eq!(c.body["expires_at"], "2026-11-29T13:00:01.000Z");
     s.stop().await;
@@ -633,111 +432,36 @@ async fn unsupported_media_type_415() {
 async fn unprocessable_422() {
     let s = TestServer::start().await;
     s.agent("a1", "default", 1_000).await;
-    let d = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k1"),
-            Some(json!({"amount_micros": 10})),
-        )
-        .await;
+    let d = s.debit("a1", "k1", 10).await;
     assert_eq!(d.status, 201);
-    let reused = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k1"),
-            Some(json!({"amount_micros": 11})),
-        )
-        .await;
+    let reused = s.debit("a1", "k1", 11).await;
     reused.assert_problem(422, "idempotency-key-reused");
-    let zero = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k0"),
-            Some(json!({"amount_micros": 0})),
-        )
-        .await;
+    let zero = s.debit("a1", "k0", 0).await;
     zero.assert_problem(422, "invalid-amount");
-    let overflow = s
-        .post(
-            "/v1/agents/a1/credits",
-            "k-of",
-            json!({"amount_micros": u64::MAX}),
-        )
-        .await;
+    let overflow = s.credit("a1", "k-of", u64::MAX).await;
     overflow.assert_problem(422, "amount-overflow");
-    let refund = s
-        .post(
-            "/v1/agents/a1/refunds",
-            "k-r",
-            json!({"debit_seq": 3, "amount_micros": 11}),
-        )
-        .await;
+    let refund = s.refund("a1", "k-r", 3, 11).await;
     refund.assert_problem(422, "refund-exceeds-debit");
     assert_eq!(refund.body["refundable_micros"], 10);
-    let unknown = s
-        .post(
-            "/v1/agents/a1/refunds",
-            "k-u",
-            json!({"debit_seq": 2, "amount_micros": 1}),
-        )
-        .await;
+    let unknown = s.refund("a1", "k-u", 2, 1).await;
     unknown.assert_problem(422, "unknown-debit");
-    let ttl = s
-        .call(
-            "POST",
-            "/v1/agents/a1/holds",
-            SERVICE,
-            Some("k-t"),
-            Some(json!({"amount_micros": 1, "ttl_ms": 0})),
-        )
-        .await;
+    let ttl = s.hold("a1", "k-t", 1, 0).await;
     ttl.assert_problem(422, "invalid-ttl");
-    let h = s
-        .call(
-            "POST",
-            "/v1/agents/a1/holds",
-            SERVICE,
-            Some("k-h"),
-            Some(json!({"amount_micros": 5, "ttl_ms": 1_000})),
-        )
-        .await;
-    let over = s
-        .call(
-            "POST",
-            &format!(
-                "/v1/holds/{}/capture",
-                h.body["hold_id"].as_str().unwrap_or("")
-            ),
-            SERVICE,
-            Some("k-c"),
-            Some(json!({"amount_micros": 6})),
-        )
-        .await;
+    let h = s.hold("a1", "k-h", 5, 1_000).await;
+    let over = s.capture(h.hold_id(), "k-c", 6).await;
     over.assert_problem(422, "capture-exceeds-hold");
     let plan = s
         .post("/v1/agents", "k-p", json!({"id": "a2", "plan": "gold"}))
         .await;
     plan.assert_problem(422, "unknown-plan");
-    let metrics = s.send(s.http.get(s.url("/metrics"))).await;
+    let metrics = s.metrics().await;
     assert!(
-        metrics
-            .text
-            .contains("tally_decisions_total{outcome=\"key_reused\"} 1"),
-        "{}",
-        metrics.text
+        metrics.contains("tally_decisions_total{outcome=\"key_reused\"} 1"),
+        "{metrics}"
     );
     assert!(
-        metrics
-            .text
-            .contains("tally_decisions_total{outcome=\"rejected\"} 7"),
-        "{}",
-        metrics.text
+        metrics.contains("tally_decisions_total{outcome=\"rejected\"} 7"),
+        "{metrics}"
     );
     s.stop().await;
 }
@@ -747,13 +471,7 @@ async fn too_many_requests_429_rate_limit_with_headers() {
     let s = TestServer::start().await;
     s.agent("a1", "limited", 1_000_000).await;
     let debit = |key: &'static str| {
-        s.call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some(key),
-            Some(json!({"amount_micros": 1, "task_type": "llm"})),
-        )
+        s.debit_with("a1", key, json!({"amount_micros": 1, "task_type": "llm"}))
     };
     let first = debit("k1").await;
     assert_eq!(first.status, 201, "{}", first.text);
@@ -785,13 +503,10 @@ async fn too_many_requests_429_rate_limit_with_headers() {
         "the same key succeeds once the wait is over: {}",
         after.text
     );
-    let metrics = s.send(s.http.get(s.url("/metrics"))).await;
+    let metrics = s.metrics().await;
     assert!(
-        metrics
-            .text
-            .contains("tally_decisions_total{outcome=\"rate_limited\"} 2"),
-        "{}",
-        metrics.text
+        metrics.contains("tally_decisions_total{outcome=\"rate_limited\"} 2"),
+        "{metrics}"
     );
     s.stop().await;
 }
@@ -800,48 +515,18 @@ async fn too_many_requests_429_rate_limit_with_headers() {
 async fn too_many_requests_429_monthly_cap() {
     let s = TestServer::start().await;
     s.agent("a1", "capped", 1_000_000).await;
-    let d = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k1"),
-            Some(json!({"amount_micros": 700})),
-        )
-        .await;
+    let d = s.debit("a1", "k1", 700).await;
     assert_eq!(d.status, 201, "{}", d.text);
     // Past the soft threshold (800) low priority pauses; normal goes on to the cap.
     let low = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k2"),
-            Some(json!({"amount_micros": 200, "priority": "low"})),
-        )
+        .debit_with("a1", "k2", json!({"amount_micros": 200, "priority": "low"}))
         .await;
     low.assert_problem(429, "monthly-cap-reached");
     assert_eq!(low.body["soft"], true);
     assert_eq!(low.body["limit_micros"], 800);
-    let normal = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k2"),
-            Some(json!({"amount_micros": 200})),
-        )
-        .await;
+    let normal = s.debit("a1", "k2", 200).await;
     assert_eq!(normal.status, 201, "{}", normal.text);
-    let cap = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k3"),
-            Some(json!({"amount_micros": 101})),
-        )
-        .await;
+    let cap = s.debit("a1", "k3", 101).await;
     cap.assert_problem(429, "monthly-cap-reached");
     assert_eq!(cap.body["cap_micros"], 1_000);
     assert_eq!(cap.body["limit_micros"], 1_000);
@@ -853,15 +538,7 @@ async fn too_many_requests_429_monthly_cap() {
     assert_eq!(cap.header("retry-after"), Some("126000"));
     assert_eq!(cap.header("ratelimit"), None);
     s.clock.set(T0_MS + 126_000_000);
-    let next_month = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k3"),
-            Some(json!({"amount_micros": 101})),
-        )
-        .await;
+    let next_month = s.debit("a1", "k3", 101).await;
     assert_eq!(next_month.status, 201, "{}", next_month.text);
     s.stop().await;
 }
@@ -869,47 +546,15 @@ async fn too_many_requests_429_monthly_cap() {
 #[tokio::test]
 async fn unavailable_503_until_the_engine_is_open() {
     // The router without an engine: what a client sees while recovery runs.
-    let cfg = config("");
-    let clock = std::sync::Arc::new(tally_store::ManualClock::new(T0_MS));
-    let state = tally_server::AppState::new(
-        &cfg,
-        clock,
-        tally_server::metrics::Metrics::new().expect("metrics"),
-        String::new(),
-    );
-    let app = tally_server::router(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let http = reqwest::Client::new();
-    let ready = http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), 503);
-    assert_eq!(ready.headers()["retry-after"], "1");
-    let body: Value = ready.json().await.expect("json");
-    assert_eq!(body["type"], "urn:tally:problem:not-ready");
-    let health = http
-        .get(format!("http://{addr}/healthz"))
-        .send()
-        .await
-        .expect("healthz");
-    assert_eq!(health.status(), 200);
-    let debit = http
-        .post(format!("http://{addr}/v1/agents/a1/debits"))
-        .bearer_auth(SERVICE)
-        .header("Idempotency-Key", "k")
-        .json(&json!({"amount_micros": 1}))
-        .send()
-        .await
-        .expect("debit");
-    assert_eq!(debit.status(), 503);
-    assert_eq!(debit.headers()["content-type"], "application/problem+json");
-    server.abort();
+    let s = TestServer::start_without_engine(config("")).await;
+    let ready = s.send(s.http.get(s.url("/readyz"))).await;
+    ready.assert_problem(503, "not-ready");
+    assert_eq!(ready.header("retry-after"), Some("1"));
+    let health = s.send(s.http.get(s.url("/healthz"))).await;
+    assert_eq!(health.status, 200);
+    let debit = s.debit("a1", "k", 1).await;
+    assert_eq!(debit.status, 503, "{}", debit.text);
+    assert_eq!(debit.content_type(), "application/problem+json");
 }
 
 #[tokio::test]
@@ -919,16 +564,9 @@ async fn concurrent_duplicates_apply_once() {
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let s = s.clone();
-        tasks.push(tokio::spawn(async move {
-            s.call(
-                "POST",
-                "/v1/agents/a1/debits",
-                SERVICE,
-                Some("same"),
-                Some(json!({"amount_micros": 1_000})),
-            )
-            .await
-        }));
+        tasks.push(tokio::spawn(
+            async move { s.debit("a1", "same", 1_000).await },
+        ));
     }
     let mut bodies = Vec::new();
     let mut replayed = 0;
@@ -940,7 +578,7 @@ async fn concurrent_duplicates_apply_once() {
     }
     assert_eq!(replayed, 15);
     assert!(bodies.windows(2).all(|w| w[0] == w[1]));
-    assert_eq!(s.get("/v1/agents/a1").await.body["balance_micros"], 999_000);
+    assert_eq!(s.balance("a1").await, 999_000);
 }
 
 #[tokio::test]
@@ -949,27 +587,11 @@ async fn rate_limit_policy_lists_every_bucket_of_the_plan() {
     s.agent("a1", "two", 1_000_000).await;
     let both = "\"second\";q=5;w=1, \"minute\";q=6;w=60";
     for i in 0..5 {
-        let r = s
-            .call(
-                "POST",
-                "/v1/agents/a1/debits",
-                SERVICE,
-                Some(&format!("k{i}")),
-                Some(json!({"amount_micros": 1})),
-            )
-            .await;
+        let r = s.debit("a1", &format!("k{i}"), 1).await;
         assert_eq!(r.status, 201, "{}", r.text);
         assert_eq!(r.header("ratelimit-policy"), Some(both));
     }
-    let limited = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k5"),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let limited = s.debit("a1", "k5", 1).await;
     limited.assert_problem(429, "rate-limited");
     assert_eq!(limited.body["bucket"], "second");
     assert_eq!(limited.body["retry_after_ms"], 200);
@@ -977,26 +599,10 @@ async fn rate_limit_policy_lists_every_bucket_of_the_plan() {
     assert_eq!(limited.header("ratelimit-policy"), Some(both));
     assert_eq!(limited.header("ratelimit"), Some("\"second\";r=0;t=1"));
     s.clock.advance(200);
-    let sixth = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k5"),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let sixth = s.debit("a1", "k5", 1).await;
     assert_eq!(sixth.status, 201, "{}", sixth.text);
     s.clock.advance(200);
-    let minute = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("k6"),
-            Some(json!({"amount_micros": 1})),
-        )
-        .await;
+    let minute = s.debit("a1", "k6", 1).await;
     minute.assert_problem(429, "rate-limited");
     assert_eq!(minute.body["bucket"], "minute");
     assert_eq!(minute.body["retry_after_ms"], 9_600);
@@ -1020,14 +626,7 @@ async fn unavailable_503_overloaded_when_a_shard_queue_is_full() {
         for i in 0..64 {
             let s = s.clone();
             tasks.push(tokio::spawn(async move {
-                s.call(
-                    "POST",
-                    "/v1/agents/a1/debits",
-                    SERVICE,
-                    Some(&format!("r{round}-{i}")),
-                    Some(json!({"amount_micros": 1})),
-                )
-                .await
+                s.debit("a1", &format!("r{round}-{i}"), 1).await
             }));
         }
         for (i, t) in tasks.into_iter().enumerate() {
@@ -1055,17 +654,14 @@ async fn unavailable_503_overloaded_when_a_shard_queue_is_full() {
         .is_some_and(|v| v.parse::<u64>().is_ok_and(|n| n >= 1)));
     assert!(r.body["retry_after_ms"].is_u64());
     // Whatever was answered 201 was debited; nothing else was (each debit is 1 micro).
-    let a = s.get("/v1/agents/a1").await;
     assert_eq!(
-        a.body["debited_total_micros"],
+        s.agent_state("a1").await["debited_total_micros"],
         created_keys.len() as u64,
         "debited total = the test's count of 201s"
     );
-    let j = s.get("/v1/agents/a1/journal?limit=1000").await;
-    assert!(j.body["next_after"].is_null(), "one page holds every entry");
-    let debited_keys: std::collections::BTreeSet<String> = j.body["entries"]
-        .as_array()
-        .expect("entries")
+    let debited_keys: std::collections::BTreeSet<String> = s
+        .journal("a1")
+        .await
         .iter()
         .filter(|e| e["kind"] == "debit")
         .map(|e| e["idempotency_key"].as_str().expect("keyed").to_owned())
@@ -1082,15 +678,7 @@ async fn payment_required_402_omits_x402_extra_when_none_is_configured() {
     assert_ne!(no_extra, X402);
     let s = TestServer::start_with(config(&no_extra)).await;
     s.agent("a1", "default", 100).await;
-    let d = s
-        .call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some("d"),
-            Some(json!({"amount_micros": 500})),
-        )
-        .await;
+    let d = s.debit("a1", "d", 500).await;
     d.assert_problem(402, "insufficient-funds");
     // x402 v2: `extra` is an optional object, absent when unset (never null).
     let accepts = &d.body["accepts"][0];
@@ -1113,20 +701,11 @@ async fn ratelimit_t_is_the_wait_for_the_next_request_on_a_201_and_on_the_429_af
     let s = TestServer::start().await;
     // `limited`: 2 per 60 s, so one more request every 30 s.
     s.agent("a1", "limited", 1_000_000).await;
-    let debit = |key: &'static str| {
-        s.call(
-            "POST",
-            "/v1/agents/a1/debits",
-            SERVICE,
-            Some(key),
-            Some(json!({"amount_micros": 1})),
-        )
-    };
-    let first = debit("k1").await;
+    let first = s.debit("a1", "k1", 1).await;
     assert_eq!(first.header("ratelimit"), Some("\"default\";r=1;t=30"));
-    let emptied = debit("k2").await;
+    let emptied = s.debit("a1", "k2", 1).await;
     assert_eq!(emptied.status, 201, "{}", emptied.text);
-    let limited = debit("k3").await;
+    let limited = s.debit("a1", "k3", 1).await;
     limited.assert_problem(429, "rate-limited");
     // The same bucket at the same instant: the same answer, and t is when the next
     // request will be admitted (not when the bucket is full again, 60 s away).

@@ -415,7 +415,7 @@ fn run(ops: Vec<Op>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: proptest_cases(48), max_shrink_iters: 200, ..ProptestConfig::default() })]
 
     #[test]
     fn engine_with_restarts_agrees_with_the_core(ops in proptest::collection::vec(op(), 1..80)) {

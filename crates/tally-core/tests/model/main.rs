@@ -7,8 +7,10 @@
 //! τ = T × (burst − 1)), which is a different formulation from the core's. No core
 //! function computes an expected value; core types are used only to name the answers.
 //!
-//! After every step: the answer agrees (approved with the same receipt, or the same
-//! denial with the same fields, or the same error), every agent's balance, held, holds,
+//! After every step: the answer agrees (approved with the same receipt: seqs, time, the
+//! amount moved, balance and held after, a new hold's expiry; or the same denial with the
+//! same fields, or the same error), the `RateLimit` status of a debit, hold or check
+//! agrees with the model's GCRA asked on a copy of its state, every agent's balance, held, holds,
 //! refundable debits, totals and current-period spend agree, money is conserved per agent
 //! and globally, `check_invariants()` passes, and replaying the agent's journal from
 //! nothing gives exactly the live state. A `Restart` op rebuilds every agent from its
@@ -23,7 +25,9 @@
 //! test, which runs the same ops through the durable engine with real restarts.
 
 use proptest::prelude::*;
-use tally_core::{decide, evolve, AgentId, AgentState, Command, Event, PlanBook, RateState};
+use tally_core::{
+    decide, evolve, AgentId, AgentState, Command, Event, Outcome, PlanBook, RateState,
+};
 
 mod ops;
 mod reference;
@@ -87,7 +91,7 @@ impl World {
                 prop_assert_eq!(&before, &self.states[agent]);
             }
             (Ok(want), Ok(decision)) => {
-                let got = expect_of(&decision.outcome);
+                let got = expect_of(&decision.outcome, decision.rate.as_ref());
                 prop_assert_eq!(want, &got, "{:?} at {}", kind, now_ms);
                 prop_assert_eq!(
                     decision.events.len(),
@@ -97,6 +101,14 @@ impl World {
                     }
                 );
                 let first_seq = before.as_ref().map_or(1, |s| s.last_seq + 1);
+                if let Outcome::Approved(r) = &decision.outcome {
+                    prop_assert_eq!(r.at_ms, now_ms, "receipt's time");
+                    let seqs = match r.events {
+                        0 => (0, 0),
+                        n => (first_seq, first_seq + u64::from(n) - 1),
+                    };
+                    prop_assert_eq!((r.first_seq, r.last_seq), seqs, "receipt's seqs");
+                }
                 for (i, event) in decision.events.iter().enumerate() {
                     prop_assert_eq!(event.seq, first_seq + i as u64, "dense seqs");
                     prop_assert_eq!(event.at_ms, now_ms);
@@ -131,7 +143,7 @@ fn replay(id: &AgentId, journal: &[Event]) -> Result<Option<AgentState>, TestCas
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1_000))]
+    #![proptest_config(ProptestConfig::with_cases(cases(1_000)))]
 
     #[test]
     fn core_agrees_with_the_reference_model(

@@ -11,6 +11,15 @@ use crate::reference::{HOLD_TTL_MAX_MS, MS_PER_DAY, PLANS, PLAN_MOVES};
 /// How many agents the operations name.
 pub(crate) const AGENTS: usize = 4;
 
+/// A test's number of cases: `PROPTEST_CASES` when set (a soak), else `default`. A
+/// `cases` written into a `ProptestConfig` would otherwise win over the variable.
+pub(crate) fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 // ---- random operations ----------------------------------------------------------------------
 
 #[derive(Debug, Clone)]

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 
 use tally_core::{
-    CommandError, CommandKind, Denial, Plan, PlanBook, PlanName, Priority, RateBucket, Status,
+    CommandError, CommandKind, Denial, Plan, PlanBook, PlanName, Priority, RateBucket, RateStatus,
+    Status,
 };
 
 pub(crate) const MS_PER_DAY: u64 = 86_400_000;
@@ -33,7 +34,7 @@ pub(crate) struct ModelPlan {
     pub(crate) anchor_day: u32,
 }
 
-pub(crate) const PLANS: [ModelPlan; 5] = [
+pub(crate) const PLANS: [ModelPlan; 6] = [
     ModelPlan {
         name: "free",
         bucket: None,
@@ -76,6 +77,19 @@ pub(crate) const PLANS: [ModelPlan; 5] = [
         cap_micros: Some(20_000),
         soft_pct: Some(80),
         anchor_day: 15,
+    },
+    // A cell every 333.33 ms: waits that are not whole milliseconds, so that their
+    // rounding (always up) shows.
+    ModelPlan {
+        name: "thirds",
+        bucket: Some(ModelBucket {
+            quota: 3,
+            window_ms: 1_000,
+            burst: 2,
+        }),
+        cap_micros: None,
+        soft_pct: None,
+        anchor_day: 1,
     },
 ];
 
@@ -184,19 +198,40 @@ pub(crate) struct ModelAgent {
     pub(crate) tat_ns: Option<u64>,
 }
 
-/// What the model expects a command to answer.
+/// What the model expects a command to answer: the outcome, and the `RateLimit` status
+/// (`rate`) that comes with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Expect {
     Approved {
         events: u32,
+        /// The receipt's amount: the money the first event moves (the captured part of a
+        /// capture, the released amount of a void or of the first expiry).
+        amount: u64,
         balance: u64,
         held: u64,
+        /// A new hold's expiry.
+        hold_expires_at_ms: Option<u64>,
+        /// The agent's bucket after a debit or a hold took its cell.
+        rate: Option<RateStatus>,
     },
     WouldApprove {
         amount: u64,
         balance: u64,
+        /// The agent's bucket as the check found it (a check takes no cell).
+        rate: Option<RateStatus>,
     },
-    Denied(Denial),
+    /// A denial carries no status of its own: a 429's `RateLimit` header is made from the
+    /// denial's bucket and wait, which the denial itself is compared on.
+    Denied {
+        denial: Denial,
+        rate: Option<RateStatus>,
+    },
+}
+
+impl Expect {
+    pub(crate) fn denied(denial: Denial) -> Self {
+        Expect::Denied { denial, rate: None }
+    }
 }
 
 pub(crate) const U64_MAX: u128 = u64::MAX as u128;
@@ -209,6 +244,23 @@ pub(crate) fn fits(a: u128, b: u128) -> Result<u128, CommandError> {
     } else {
         Ok(sum)
     }
+}
+
+/// GCRA as governor 0.10 writes it (TAT starts at `now`, τ = T × (burst − 1)): one request
+/// at `now_ms`, refused with the whole milliseconds to wait; `take` uses the cell on admit.
+fn gcra(b: ModelBucket, tat_ns: &mut Option<u64>, now_ms: u64, take: bool) -> Result<(), u64> {
+    let t = b.window_ms * NANOS_PER_MS / u64::from(b.quota);
+    let tau = t * u64::from(b.burst - 1);
+    let now = now_ms * NANOS_PER_MS;
+    let tat = tat_ns.unwrap_or(now);
+    let earliest = tat.saturating_sub(tau);
+    if now < earliest {
+        return Err((earliest - now).div_ceil(NANOS_PER_MS));
+    }
+    if take {
+        *tat_ns = Some(tat.max(now) + t);
+    }
+    Ok(())
 }
 
 impl ModelAgent {
@@ -239,37 +291,68 @@ impl ModelAgent {
         u64::try_from(self.held()).expect("model held fits u64")
     }
 
-    pub(crate) fn approved(&mut self, events: u32) -> Expect {
+    /// An approval that moved `amount` (see [`Expect::Approved`]), of no hold and no
+    /// rate-limited spend.
+    pub(crate) fn approved(&mut self, events: u32, amount: u64) -> Expect {
+        self.approved_with(events, amount, None, None)
+    }
+
+    pub(crate) fn approved_with(
+        &mut self,
+        events: u32,
+        amount: u64,
+        hold_expires_at_ms: Option<u64>,
+        rate: Option<RateStatus>,
+    ) -> Expect {
         self.seq += u64::from(events);
         Expect::Approved {
             events,
+            amount,
             balance: self.balance_u64(),
             held: self.held_u64(),
+            hold_expires_at_ms,
+            rate,
         }
     }
 
-    /// GCRA as governor 0.10 writes it. `take` uses the cell on admit.
+    /// The plan's bucket, if any, asked for a request at `now_ms`.
     pub(crate) fn rate(&mut self, now_ms: u64, take: bool) -> Result<(), Denial> {
         let Some(b) = self.plan().bucket else {
             return Ok(());
         };
-        let t = b.window_ms * NANOS_PER_MS / u64::from(b.quota);
-        let tau = t * u64::from(b.burst - 1);
-        let now = now_ms * NANOS_PER_MS;
-        let tat = self.tat_ns.unwrap_or(now);
-        let earliest = tat.saturating_sub(tau);
-        if now < earliest {
-            return Err(Denial::RateLimited {
-                bucket: "default".into(),
-                quota: b.quota,
-                window_ms: b.window_ms,
-                retry_after_ms: (earliest - now).div_ceil(NANOS_PER_MS),
-            });
-        }
-        if take {
-            self.tat_ns = Some(tat.max(now) + t);
-        }
-        Ok(())
+        gcra(b, &mut self.tat_ns, now_ms, take).map_err(|retry_after_ms| Denial::RateLimited {
+            bucket: "default".into(),
+            quota: b.quota,
+            window_ms: b.window_ms,
+            retry_after_ms,
+        })
+    }
+
+    /// The `RateLimit` status of the plan's bucket at `now_ms`, found by asking the
+    /// model's GCRA on a copy of the agent's TAT rather than by a formula of its own:
+    /// `remaining` is how many requests it would still admit at this instant, one after
+    /// another; `next_refill_ms` is the wait the next one would then be told (0 when the
+    /// bucket is full), which is when one request more than `remaining` is available.
+    pub(crate) fn rate_status(&self, now_ms: u64) -> Option<RateStatus> {
+        let b = self.plan().bucket?;
+        let mut probe = self.tat_ns;
+        let mut remaining = 0u32;
+        let next_refill_ms = loop {
+            if remaining == b.burst {
+                break 0;
+            }
+            match gcra(b, &mut probe, now_ms, true) {
+                Ok(()) => remaining += 1,
+                Err(wait_ms) => break wait_ms,
+            }
+        };
+        Some(RateStatus {
+            bucket: "default".into(),
+            quota: b.quota,
+            window_ms: b.window_ms,
+            remaining: u64::from(remaining),
+            next_refill_ms,
+        })
     }
 
     /// Suspended → rate limit → monthly cap (and the soft threshold for low) → funds.
@@ -376,7 +459,7 @@ impl ModelAgent {
                 if let Some(s) = status {
                     self.suspended = s == Status::Suspended;
                 }
-                Ok(self.approved(1))
+                Ok(self.approved(1, 0))
             }
             CommandKind::Credit { amount_micros: a } => {
                 if a == 0 {
@@ -386,20 +469,21 @@ impl ModelAgent {
                 fits(self.balance as u128, a.into())?;
                 self.credited += u128::from(a);
                 self.balance += i128::from(a);
-                Ok(self.approved(1))
+                Ok(self.approved(1, a))
             }
             CommandKind::Debit { amount_micros: a } => {
                 if a == 0 {
                     return Err(CommandError::ZeroAmount);
                 }
                 if let Err(d) = self.gate(a, prio, now, true) {
-                    return Ok(Expect::Denied(d));
+                    return Ok(Expect::denied(d));
                 }
                 fits(self.debited, a.into())?;
                 fits(self.spent_at(now), a.into())?;
                 self.balance -= i128::from(a);
                 self.spend(a, now, next);
-                Ok(self.approved(1))
+                let rate = self.rate_status(now);
+                Ok(self.approved_with(1, a, None, rate))
             }
             CommandKind::Check { amount_micros: a } => {
                 if a == 0 {
@@ -409,8 +493,9 @@ impl ModelAgent {
                     Ok(()) => Expect::WouldApprove {
                         amount: a,
                         balance: self.balance_u64(),
+                        rate: self.rate_status(now),
                     },
-                    Err(d) => Expect::Denied(d),
+                    Err(d) => Expect::denied(d),
                 })
             }
             CommandKind::Hold {
@@ -427,18 +512,20 @@ impl ModelAgent {
                     });
                 }
                 if let Err(d) = self.gate(a, prio, now, true) {
-                    return Ok(Expect::Denied(d));
+                    return Ok(Expect::denied(d));
                 }
                 fits(self.held(), a.into())?;
                 self.balance -= i128::from(a);
+                let expires_at_ms = now + ttl_ms;
                 self.holds.insert(
                     next,
                     ModelHold {
                         amount: a,
-                        expires_at_ms: now + ttl_ms,
+                        expires_at_ms,
                     },
                 );
-                Ok(self.approved(1))
+                let rate = self.rate_status(now);
+                Ok(self.approved_with(1, a, Some(expires_at_ms), rate))
             }
             CommandKind::Capture {
                 hold_seq,
@@ -467,7 +554,7 @@ impl ModelAgent {
                 self.holds.remove(&hold_seq);
                 self.balance += i128::from(released);
                 self.spend(a, now, next);
-                Ok(self.approved(1))
+                Ok(self.approved(1, a))
             }
             CommandKind::Void { hold_seq } => {
                 let hold = *self
@@ -477,7 +564,7 @@ impl ModelAgent {
                 fits(self.balance as u128, hold.amount.into())?;
                 self.holds.remove(&hold_seq);
                 self.balance += i128::from(hold.amount);
-                Ok(self.approved(1))
+                Ok(self.approved(1, hold.amount))
             }
             CommandKind::ExpireHolds => {
                 let due: Vec<u64> = self
@@ -488,11 +575,13 @@ impl ModelAgent {
                     .collect();
                 let freed: u128 = due.iter().map(|s| u128::from(self.holds[s].amount)).sum();
                 fits(self.balance as u128, freed)?;
+                // Expired in order of their seqs; the receipt names the first one's amount.
+                let first = due.first().map_or(0, |s| self.holds[s].amount);
                 for s in &due {
                     let h = self.holds.remove(s).expect("due hold is open");
                     self.balance += i128::from(h.amount);
                 }
-                Ok(self.approved(due.len() as u32))
+                Ok(self.approved(due.len() as u32, first))
             }
             // API keys move no money; tests/edges/api_keys.rs covers them.
             CommandKind::IssueApiKey { .. } | CommandKind::RevokeApiKey { .. } => {
@@ -522,7 +611,7 @@ impl ModelAgent {
                 self.debits.get_mut(&debit_seq).expect("exists").remaining -= a;
                 let spent = self.spend.entry(debit.period).or_default();
                 *spent = spent.saturating_sub(u128::from(a));
-                Ok(self.approved(1))
+                Ok(self.approved(1, a))
             }
         }
     }

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use tally_core::{
-    AgentId, AgentState, CommandError, CommandKind, Outcome, PeriodKey, Priority, Status,
+    AgentId, AgentState, CommandError, CommandKind, Outcome, PeriodKey, Priority, RateStatus,
+    Status,
 };
 
 use crate::ops::{Op, Part, Pick, AGENTS};
@@ -28,13 +29,19 @@ pub(crate) struct ModelWorld {
     refunded: u128,
 }
 
-/// The model's name for an answer of the system under test.
-pub(crate) fn expect_of(outcome: &Outcome) -> Expect {
+/// The model's name for an answer of the system under test: its outcome and the
+/// `RateLimit` status that came with it. Of a receipt, the seqs and the time are left to
+/// the harness, which knows the agent's last seq and the clock.
+pub(crate) fn expect_of(outcome: &Outcome, rate: Option<&RateStatus>) -> Expect {
+    let rate = rate.cloned();
     match outcome {
         Outcome::Approved(r) => Expect::Approved {
             events: r.events,
+            amount: r.amount_micros,
             balance: r.balance_after_micros,
             held: r.held_after_micros,
+            hold_expires_at_ms: r.hold_expires_at_ms,
+            rate,
         },
         Outcome::WouldApprove {
             amount_micros,
@@ -42,8 +49,12 @@ pub(crate) fn expect_of(outcome: &Outcome) -> Expect {
         } => Expect::WouldApprove {
             amount: *amount_micros,
             balance: *balance_micros,
+            rate,
         },
-        Outcome::Denied(d) => Expect::Denied(d.clone()),
+        Outcome::Denied(d) => Expect::Denied {
+            denial: d.clone(),
+            rate,
+        },
     }
 }
 
@@ -235,7 +246,7 @@ impl ModelWorld {
                         plan,
                         ..ModelAgent::default()
                     };
-                    let e = fresh.approved(1);
+                    let e = fresh.approved(1, 0);
                     self.model.insert(key, fresh);
                     Ok(e)
                 }

@@ -12,6 +12,15 @@ use tally_store::{Engine, EngineConfig, ManualClock, Reply};
 
 pub const T0_MS: u64 = 1_795_000_000_000; // 2026-11-17
 
+/// A property test's number of cases: `PROPTEST_CASES` when set (a soak), else `default`.
+/// A `cases` written into a `ProptestConfig` would otherwise win over the variable.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn plans() -> PlanBook {
     let default = Plan::unlimited(PlanName::new("default").expect("valid"));
     let mut capped = Plan::unlimited(PlanName::new("capped").expect("valid"));
