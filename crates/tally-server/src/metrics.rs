@@ -21,6 +21,12 @@ pub struct Metrics {
     /// `upstream_failed`, `upstream_timeout`, `client_error_refunded`, `body_too_large`,
     /// `busy`, `settle_failed`.
     pub proxy_requests_total: IntCounterVec,
+    /// x402 payments by outcome: `verified`, `settled`, `invalid` (the facilitator said
+    /// no), `refused` (malformed, v1, not what was asked, in use), `facilitator_error`,
+    /// `settle_failed` (a served call whose payment did not settle: alert on it).
+    pub x402_payments_total: IntCounterVec,
+    /// Micros (the asset's atomic units) settled through x402.
+    pub x402_settled_micros_total: IntCounter,
 }
 
 impl Metrics {
@@ -55,6 +61,16 @@ impl Metrics {
             &["route", "outcome"],
         )?;
         registry.register(Box::new(proxy_requests_total.clone()))?;
+        let x402_payments_total = IntCounterVec::new(
+            Opts::new("tally_x402_payments_total", "x402 payments by outcome."),
+            &["outcome"],
+        )?;
+        let x402_settled_micros_total = IntCounter::new(
+            "tally_x402_settled_micros_total",
+            "Micros (atomic units) settled through x402.",
+        )?;
+        registry.register(Box::new(x402_payments_total.clone()))?;
+        registry.register(Box::new(x402_settled_micros_total.clone()))?;
         registry.register(Box::new(decisions_total.clone()))?;
         registry.register(Box::new(debited_micros_total.clone()))?;
         registry.register(Box::new(credited_micros_total.clone()))?;
@@ -66,6 +82,8 @@ impl Metrics {
             credited_micros_total,
             http_request_duration_seconds,
             proxy_requests_total,
+            x402_payments_total,
+            x402_settled_micros_total,
         })
     }
 

@@ -7,10 +7,11 @@
 //! the body has ended. Every request runs in its own task, so a client that hangs up
 //! cannot cancel a settlement half-way.
 
+use std::collections::HashSet;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tally_core::{AgentId, Command, CommandKind, IdempotencyKey, Metadata};
+use tally_core::{AgentId, Command, CommandError, CommandKind, IdempotencyKey, Metadata};
 use tally_store::{Engine, Reply};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -34,14 +35,19 @@ use crate::authorize::{
     agent_of, X_TALLY_AGENT, X_TALLY_BALANCE_MICROS, X_TALLY_CHARGED_MICROS, X_TALLY_RECEIPT,
     X_TALLY_ROUTE,
 };
-use crate::config::{Price, ProxyConfig, Route};
+use crate::config::{Price, ProxyConfig, Route, X402};
 use crate::problem::Problem;
-use crate::respond::{classify, rate_headers, Success};
+use crate::respond::{classify, rate_headers, submit_error, Success};
 use crate::serve;
+use crate::x402::{self, Facilitator, PAYMENT_RESPONSE, PAYMENT_SIGNATURE};
 
 /// The hold a variable-price call runs under (`<agent>~<seq>`), and its amount.
 pub const X_TALLY_HOLD: HeaderName = HeaderName::from_static("x-tally-hold");
 pub const X_TALLY_HOLD_MICROS: HeaderName = HeaderName::from_static("x-tally-hold-micros");
+/// The identity of the x402 payment a call was bought with.
+pub const X_TALLY_PAYMENT: HeaderName = HeaderName::from_static("x-tally-payment");
+/// The official x402 clients mark their paid retry with it; not for the upstream.
+const PAYMENT_RETRY: HeaderName = HeaderName::from_static("payment-retry");
 
 /// Response frames queued between the upstream and a slow client: the proxy never holds
 /// more than this many of a body (hyper reads at most ~16 KiB a frame).
@@ -73,6 +79,46 @@ pub struct Proxy {
     client: UpstreamClient,
     /// One permit per upstream request in flight, held until its charge is settled.
     permits: Arc<Semaphore>,
+    /// The x402 facilitator, when `[x402]` names one.
+    facilitator: Option<Facilitator>,
+    /// Payments being used by a request now: the same payment sent twice at once buys
+    /// one call (afterwards the facilitator knows it is spent).
+    paying: Arc<Mutex<HashSet<String>>>,
+}
+
+/// A payment claimed by one request, released when the request is done with it.
+#[derive(Debug)]
+struct InUse {
+    paying: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl InUse {
+    fn claim(paying: &Arc<Mutex<HashSet<String>>>, id: &str) -> Option<Self> {
+        let fresh = paying
+            .lock()
+            .map(|mut set| set.insert(id.to_owned()))
+            .unwrap_or(false);
+        fresh.then(|| Self {
+            paying: paying.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.paying.lock() {
+            set.remove(&self.id);
+        }
+    }
+}
+
+fn header_values(pairs: &[(HeaderName, String)]) -> Vec<(HeaderName, HeaderValue)> {
+    pairs
+        .iter()
+        .filter_map(|(n, v)| HeaderValue::from_str(v).ok().map(|v| (n.clone(), v)))
+        .collect()
 }
 
 /// What was charged before forwarding, to be settled after.
@@ -109,11 +155,20 @@ impl Proxy {
             .pool_max_idle_per_host(POOL_IDLE_PER_HOST_MAX)
             .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
             .build(connector);
+        let facilitator = st.x402().and_then(|x| match Facilitator::new(x) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, "the x402 facilitator client could not be built");
+                None
+            }
+        });
         Arc::new(Self {
             st,
             permits: Arc::new(Semaphore::new(cfg.concurrency_max)),
             cfg,
             client,
+            facilitator,
+            paying: Arc::default(),
         })
     }
 
@@ -176,18 +231,25 @@ impl Proxy {
     async fn call(self: Arc<Self>, req: Request) -> Result<Response, Problem> {
         let st = &self.st;
         let (parts, body) = req.into_parts();
-        let agent = agent_of(st, &parts.headers)?;
         let route = st
             .routes()
             .find(&parts.method, parts.uri.path())
-            .map(|m| m.route.clone())
-            .ok_or_else(|| {
-                Problem::not_found(format!(
-                    "no priced route for {} {}",
-                    parts.method,
-                    parts.uri.path()
-                ))
-            })?;
+            .map(|m| m.route.clone());
+        // A caller with no agent key may pay per call where the route takes x402.
+        let pays =
+            route.as_ref().is_some_and(|r| r.x402) && !self.carries_agent_key(&parts.headers);
+        let agent = if pays {
+            None
+        } else {
+            Some(agent_of(st, &parts.headers)?)
+        };
+        let route = route.ok_or_else(|| {
+            Problem::not_found(format!(
+                "no priced route for {} {}",
+                parts.method,
+                parts.uri.path()
+            ))
+        })?;
         if let Some(len) = content_length(&parts.headers)? {
             if len > self.cfg.body_bytes_max {
                 self.count(&route.name, "body_too_large");
@@ -216,14 +278,71 @@ impl Proxy {
             .retry_after_ms(1_000));
         };
         let engine = st.engine()?.clone();
-        let (charge, receipt_headers) = match self.charge(&engine, agent, route).await {
-            Ok(c) => c,
-            Err(p) => return Err(p),
+        let Some(agent) = agent else {
+            return self
+                .paid_call(engine, parts, body, route, target, permit)
+                .await;
         };
+        let (charge, receipt_headers) = self.charge(&engine, agent, route).await?;
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.upstream_timeout_ms);
+        match self
+            .forward(parts, body, target, &receipt_headers, deadline)
+            .await
+        {
+            Ok(resp) => Ok(self.stream_back(
+                engine,
+                Some(charge),
+                resp,
+                deadline,
+                receipt_headers,
+                permit,
+            )),
+            Err(problem) => {
+                let reason = match problem.status {
+                    StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
+                    StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+                    _ => "upstream_failed",
+                };
+                self.settle(&engine, &charge, Ending::Failed(reason)).await;
+                drop(permit);
+                Err(problem)
+            }
+        }
+    }
 
+    /// Whether the request carries an agent key (valid or not): then it is that agent's
+    /// call, never a payment.
+    fn carries_agent_key(&self, headers: &HeaderMap) -> bool {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+        bearer
+            || self
+                .st
+                .forward_auth()
+                .key_header
+                .as_ref()
+                .is_some_and(|h| headers.contains_key(h))
+    }
+
+    /// Sends the call upstream with `extra` headers; an upstream 5xx, a refused
+    /// connection, a time-out or a body past the limit is the problem to answer (after
+    /// undoing whatever was charged).
+    async fn forward(
+        &self,
+        parts: axum::http::request::Parts,
+        body: axum::body::Body,
+        target: Uri,
+        extra: &[(HeaderName, HeaderValue)],
+        deadline: Instant,
+    ) -> Result<hyper::Response<Incoming>, Problem> {
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         self.strip_agent_key(&mut headers);
+        for h in [&PAYMENT_SIGNATURE, &x402::X_PAYMENT, &PAYMENT_RETRY] {
+            headers.remove(h);
+        }
         let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -241,7 +360,7 @@ impl Proxy {
         // A variable price may come in a trailer, which hyper's servers send only to a
         // client that accepts them.
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        for (name, value) in &receipt_headers {
+        for (name, value) in extra {
             headers.insert(name.clone(), value.clone());
         }
         let over_limit = Arc::new(AtomicBool::new(false));
@@ -255,53 +374,31 @@ impl Proxy {
         *up.uri_mut() = target;
         *up.headers_mut() = headers;
 
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.upstream_timeout_ms);
-        let answer = tokio::time::timeout_at(deadline, self.client.request(up)).await;
-        let failure = match answer {
-            Ok(Ok(resp)) if resp.status().is_server_error() => Some(
-                Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-error",
-                    "Upstream error",
-                    format!(
-                        "the upstream answered {}; the charge was undone",
-                        resp.status().as_u16()
-                    ),
-                )
-                .field("upstream_status", resp.status().as_u16()),
-            ),
-            Ok(Ok(resp)) => {
-                return Ok(self.stream_back(
-                    engine,
-                    charge,
-                    resp,
-                    deadline,
-                    receipt_headers,
-                    permit,
-                ));
-            }
-            Ok(Err(_)) if over_limit.load(Ordering::SeqCst) => Some(self.body_too_large()),
-            Ok(Err(e)) if timed_out(&e) => Some(upstream_timeout()),
-            Ok(Err(e)) => Some(Problem::new(
+        match tokio::time::timeout_at(deadline, self.client.request(up)).await {
+            Ok(Ok(resp)) if resp.status().is_server_error() => Err(Problem::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream-error",
+                "Upstream error",
+                format!(
+                    "the upstream answered {}; nothing is charged for it",
+                    resp.status().as_u16()
+                ),
+            )
+            .field("upstream_status", resp.status().as_u16())),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(_)) if over_limit.load(Ordering::SeqCst) => Err(self.body_too_large()),
+            Ok(Err(e)) if timed_out(&e) => Err(upstream_timeout()),
+            Ok(Err(e)) => Err(Problem::new(
                 StatusCode::BAD_GATEWAY,
                 "upstream-unreachable",
                 "Upstream unreachable",
                 format!(
-                    "the upstream could not be reached ({}); the charge was undone",
+                    "the upstream could not be reached ({}); nothing is charged for it",
                     error_chain(&e)
                 ),
             )),
-            Err(_) => Some(upstream_timeout()),
-        };
-        let problem = failure.unwrap_or_else(upstream_timeout);
-        let reason = match problem.status {
-            StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
-            StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-            _ => "upstream_failed",
-        };
-        self.settle(&engine, &charge, Ending::Failed(reason)).await;
-        drop(permit);
-        Err(problem)
+            Err(_) => Err(upstream_timeout()),
+        }
     }
 
     fn body_too_large(&self) -> Problem {
@@ -398,10 +495,7 @@ impl Proxy {
                 amount_micros: receipt.amount_micros,
             }
         };
-        let mut values: Vec<(HeaderName, HeaderValue)> = headers
-            .into_iter()
-            .filter_map(|(n, v)| HeaderValue::from_str(&v).ok().map(|v| (n, v)))
-            .collect();
+        let mut values = header_values(&headers);
         // The RateLimit headers of the charge, for the client.
         let mut carrier = Response::new(axum::body::Body::empty());
         rate_headers(&mut carrier, self.st.plans(), rate.as_ref());
@@ -424,7 +518,7 @@ impl Proxy {
     fn stream_back(
         self: Arc<Self>,
         engine: Engine,
-        charge: Charge,
+        charge: Option<Charge>,
         resp: hyper::Response<Incoming>,
         deadline: Instant,
         receipt_headers: Vec<(HeaderName, HeaderValue)>,
@@ -432,8 +526,13 @@ impl Proxy {
     ) -> Response {
         let (mut head, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut head.headers);
-        let refund_4xx = head.status.is_client_error() && !charge.route.charge_client_errors;
-        let usage_in_head = usage_micros(&charge.route.price, &head.headers);
+        let refund_4xx = head.status.is_client_error()
+            && charge
+                .as_ref()
+                .is_some_and(|c| !c.route.charge_client_errors);
+        let usage_in_head = charge
+            .as_ref()
+            .and_then(|c| usage_micros(&c.route.price, &head.headers));
         for (name, value) in receipt_headers {
             if refund_4xx && name == X_TALLY_CHARGED_MICROS {
                 head.headers.insert(name, HeaderValue::from_static("0"));
@@ -448,18 +547,296 @@ impl Proxy {
             aborted: aborted.clone(),
         };
         tokio::spawn(async move {
-            let ending = match pump(incoming, tx, deadline, aborted).await {
-                Err(why) => Ending::Failed(why),
-                Ok(_) if refund_4xx => Ending::Failed("client_error_refunded"),
-                Ok(trailers) => Ending::Served {
-                    usage_micros: usage_in_head
-                        .or_else(|| trailers.and_then(|t| usage_micros(&charge.route.price, &t))),
-                },
-            };
-            self.settle(&engine, &charge, ending).await;
+            let pumped = pump(incoming, tx, deadline, aborted).await;
+            // A paid call's money moved before its head was sent: nothing to settle.
+            if let Some(charge) = charge {
+                let ending = match pumped {
+                    Err(why) => Ending::Failed(why),
+                    Ok(_) if refund_4xx => Ending::Failed("client_error_refunded"),
+                    Ok(trailers) => Ending::Served {
+                        usage_micros: usage_in_head.or_else(|| {
+                            trailers.and_then(|t| usage_micros(&charge.route.price, &t))
+                        }),
+                    },
+                };
+                self.settle(&engine, &charge, ending).await;
+            }
             drop(permit);
         });
         Response::from_parts(head, axum::body::Body::new(body))
+    }
+
+    fn count_payment(&self, outcome: &str) {
+        self.st
+            .metrics()
+            .x402_payments_total
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
+    /// A call paid with x402 by a caller with no agent key: ask (402), check the payment
+    /// against the route's price, verify it with the facilitator, check the payer's rate
+    /// limits and cap, forward, and settle only when the upstream answered well (the
+    /// spec's order: verify, serve, settle); the payment then shows in the payer's journal
+    /// as a credit and the call as a debit, both keyed by the payment's identity.
+    async fn paid_call(
+        self: Arc<Self>,
+        engine: Engine,
+        parts: axum::http::request::Parts,
+        body: axum::body::Body,
+        route: Route,
+        target: Uri,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Response, Problem> {
+        let st = &self.st;
+        let (Some(x), Some(facilitator)) = (st.x402(), self.facilitator.as_ref()) else {
+            return Err(Problem::not_found(
+                "this route takes x402 payments but no facilitator is configured",
+            ));
+        };
+        let price = route.price.fixed_micros().unwrap_or_default();
+        let want = x402::requirement(x, price);
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost");
+        let resource = format!(
+            "http://{host}{}",
+            parts.uri.path_and_query().map_or("/", |p| p.as_str())
+        );
+        let ask = |error: &str| x402::payment_problem(x, error, &resource, want.clone());
+        let payment = match x402::read_payment(&parts.headers) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                self.count(&route.name, "payment_required");
+                return Err(ask("payment required"));
+            }
+            Err(e) => {
+                self.count_payment("refused");
+                return Err(ask(&e.to_string()));
+            }
+        };
+        if let Err(e) = payment.check(&want) {
+            self.count_payment("refused");
+            return Err(ask(&e.to_string()));
+        }
+        let Some(_in_use) = InUse::claim(&self.paying, &payment.id) else {
+            self.count_payment("refused");
+            return Err(ask("this payment is being used by another request"));
+        };
+        let verdict = facilitator.verify(&payment, &want).await.map_err(|e| {
+            self.count_payment("facilitator_error");
+            e.problem()
+        })?;
+        if !verdict.ok {
+            self.count_payment("invalid");
+            let reason = verdict.reason.as_deref().unwrap_or("no reason given");
+            return Err(ask(&format!(
+                "the facilitator refused the payment: {reason}"
+            )));
+        }
+        let payer = verdict
+            .payer
+            .clone()
+            .or_else(|| {
+                payment
+                    .payload
+                    .pointer("/payload/authorization/from")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        let Some(agent) = x402::payer_agent(&x.network, &payer) else {
+            self.count_payment("invalid");
+            return Err(ask("the payer's address cannot name an agent"));
+        };
+        self.count_payment("verified");
+        self.ensure_payer(&engine, &agent, x).await?;
+        // The payer's status, rate limits and cap hold before anything is served; its
+        // funds come with the payment.
+        let mut check = Command::new(
+            agent.clone(),
+            CommandKind::Check {
+                amount_micros: price,
+            },
+        )
+        .with_priority(route.priority);
+        check.task_type = route.task_type.clone();
+        let checked = engine.submit(check.clone()).await;
+        match classify(st, &check, checked) {
+            Ok(_) => {}
+            Err(p) if p.kind == "insufficient-funds" => {}
+            Err(p) => {
+                self.count(&route.name, "denied");
+                return Err(p);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.upstream_timeout_ms);
+        let agent_headers = header_values(&[
+            (X_TALLY_AGENT, agent.to_string()),
+            (X_TALLY_ROUTE, route.name.clone()),
+            (X_TALLY_PAYMENT, payment.id.clone()),
+        ]);
+        let resp = match self
+            .forward(parts, body, target, &agent_headers, deadline)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(problem) => {
+                // Not served: the payment is not settled and may be sent again.
+                self.count(&route.name, "upstream_failed");
+                return Err(problem);
+            }
+        };
+        if resp.status().is_client_error() && !route.charge_client_errors {
+            self.count(&route.name, "client_error_not_settled");
+            return Ok(self.stream_back(engine, None, resp, deadline, agent_headers, permit));
+        }
+        let settled = match facilitator.settle(&payment, &want).await {
+            Ok(v) if v.ok => v,
+            Ok(v) => {
+                self.settle_failed(&route, &agent, &payment, v.reason.as_deref());
+                let reason = v.reason.as_deref().unwrap_or("no reason given");
+                return Err(ask(&format!("the payment could not be settled: {reason}")));
+            }
+            Err(e) => {
+                self.settle_failed(&route, &agent, &payment, Some(&e.to_string()));
+                return Err(e.problem());
+            }
+        };
+        let amount_micros = payment.amount_micros(&want);
+        self.count_payment("settled");
+        st.metrics().x402_settled_micros_total.inc_by(amount_micros);
+        self.journal_payment(
+            &engine,
+            &agent,
+            &route,
+            &payment,
+            &settled,
+            amount_micros,
+            price,
+        )
+        .await;
+        let mut headers = agent_headers;
+        headers.push((X_TALLY_CHARGED_MICROS, HeaderValue::from(price)));
+        if let Ok(v) = HeaderValue::from_str(&x402::payment_response(&settled)) {
+            headers.push((PAYMENT_RESPONSE, v));
+        }
+        self.count(&route.name, "served_paid");
+        Ok(self.stream_back(engine, None, resp, deadline, headers, permit))
+    }
+
+    /// Makes the payer's agent on first payment (on `[x402] payer_plan`).
+    async fn ensure_payer(
+        &self,
+        engine: &Engine,
+        agent: &AgentId,
+        x: &X402,
+    ) -> Result<(), Problem> {
+        if engine.agent(agent).await.map_err(submit_error)?.is_some() {
+            return Ok(());
+        }
+        let plan = x
+            .payer_plan
+            .clone()
+            .unwrap_or_else(|| self.st.default_plan().clone());
+        let cmd = Command::new(
+            agent.clone(),
+            CommandKind::CreateAgent {
+                plan,
+                status: tally_core::Status::Active,
+            },
+        );
+        match engine.submit(cmd).await.map_err(submit_error)? {
+            Reply::Decided { .. } | Reply::Rejected(CommandError::AgentExists) => Ok(()),
+            other => Err(Problem::invalid(format!(
+                "the payer's agent could not be made: {other:?}"
+            ))),
+        }
+    }
+
+    /// The settled payment as a credit, and the call as a debit of its price, in the
+    /// payer's journal; both keyed by the payment's identity, so neither lands twice.
+    /// The money has arrived: a debit refused now (a concurrent call took the last rate
+    /// cell) leaves it as the payer's prepaid balance.
+    #[allow(clippy::too_many_arguments)]
+    async fn journal_payment(
+        &self,
+        engine: &Engine,
+        agent: &AgentId,
+        route: &Route,
+        payment: &x402::Payment,
+        settled: &x402::Verdict,
+        amount_micros: u64,
+        price: u64,
+    ) {
+        let transaction = settled
+            .raw
+            .get("transaction")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("")
+            .chars()
+            .take(128)
+            .collect::<String>();
+        let mut credit = Command::new(agent.clone(), CommandKind::Credit { amount_micros });
+        credit.metadata = Metadata::new(std::collections::BTreeMap::from([
+            (
+                "x402_payment".to_owned(),
+                payment.id.chars().take(128).collect(),
+            ),
+            ("x402_transaction".to_owned(), transaction),
+        ]))
+        .unwrap_or_default();
+        let mut debit = Command::new(
+            agent.clone(),
+            CommandKind::Debit {
+                amount_micros: price,
+            },
+        )
+        .with_priority(route.priority);
+        debit.task_type = route.task_type.clone();
+        debit.metadata = route_metadata(route).unwrap_or_default();
+        let keyed = [
+            (credit, payment.id.clone()),
+            (debit, format!("{}:call", payment.id)),
+        ];
+        for (cmd, key) in keyed {
+            let Ok(key) = idempotency_key(&key) else {
+                continue;
+            };
+            let cmd = cmd.with_key(key);
+            let answer = engine.submit(cmd.clone()).await;
+            if let Err(p) = classify(&self.st, &cmd, answer) {
+                tracing::error!(
+                    agent = %agent,
+                    payment = %payment.id,
+                    problem = %p.to_json(),
+                    "a settled x402 payment could not be journaled in full"
+                );
+            }
+        }
+    }
+
+    /// A call was served and its payment could not be settled: counted and logged at
+    /// error (alert on `tally_x402_payments_total{outcome="settle_failed"}`); the client
+    /// gets a 402 or 502 instead of the answer.
+    fn settle_failed(
+        &self,
+        route: &Route,
+        agent: &AgentId,
+        payment: &x402::Payment,
+        why: Option<&str>,
+    ) {
+        self.count_payment("settle_failed");
+        self.count(&route.name, "settle_failed");
+        tracing::error!(
+            route = %route.name,
+            agent = %agent,
+            payment = %payment.id,
+            reason = why.unwrap_or("none given"),
+            "x402 settlement failed after the upstream served the call; the answer was withheld"
+        );
     }
 
     /// Keeps, refunds, voids or captures the charge, once. A failure here is logged and
@@ -532,7 +909,7 @@ fn upstream_timeout() -> Problem {
         StatusCode::GATEWAY_TIMEOUT,
         "upstream-timeout",
         "Upstream timed out",
-        "the upstream did not answer in time (proxy.connect_timeout_ms / proxy.upstream_timeout_ms); the charge was undone",
+        "the upstream did not answer in time (proxy.connect_timeout_ms / proxy.upstream_timeout_ms); nothing is charged for it",
     )
 }
 

@@ -58,12 +58,7 @@ pub fn payment_required(
 }
 
 /// A 402 asking for `requirement` at `resource_url`, with `error` saying why.
-pub fn payment_problem(
-    x: &X402,
-    error: &str,
-    resource_url: &str,
-    requirement: Value,
-) -> Problem {
+pub fn payment_problem(x: &X402, error: &str, resource_url: &str, requirement: Value) -> Problem {
     let accepts = json!([requirement]);
     let (_, encoded) = payment_required(error, resource_url, &x.description, &accepts);
     Problem::new(
@@ -348,9 +343,12 @@ impl Facilitator {
             }
             match self.post("/settle", &body).await {
                 Ok(answer) => {
-                    let ok = answer.get("success").and_then(Value::as_bool).ok_or_else(|| {
-                        FacilitatorError("answered /settle without success".into())
-                    })?;
+                    let ok = answer
+                        .get("success")
+                        .and_then(Value::as_bool)
+                        .ok_or_else(|| {
+                            FacilitatorError("answered /settle without success".into())
+                        })?;
                     return Ok(verdict(ok, "errorReason", answer));
                 }
                 Err(e) => last = e,
@@ -452,10 +450,16 @@ mod tests {
         let elsewhere = read_payment(&header(&paying(&want, "500", "0xSomeoneElse")))
             .expect("reads")
             .expect("a payment");
-        assert!(matches!(elsewhere.check(&want), Err(PaymentError::Mismatch(_))));
+        assert!(matches!(
+            elsewhere.check(&want),
+            Err(PaymentError::Mismatch(_))
+        ));
         let mut other_asset = want.clone();
         other_asset["asset"] = json!("0xOther");
-        assert!(matches!(p.check(&other_asset), Err(PaymentError::Mismatch(_))));
+        assert!(matches!(
+            p.check(&other_asset),
+            Err(PaymentError::Mismatch(_))
+        ));
     }
 
     #[test]
@@ -463,14 +467,24 @@ mod tests {
         let mut h = HeaderMap::new();
         assert!(read_payment(&h).expect("reads").is_none(), "no payment");
         h.insert(X_PAYMENT, "e30=".parse().expect("header"));
-        assert_eq!(read_payment(&h).map(|_| ()), Err(PaymentError::V1NotAccepted));
-        let v1 = json!({"x402Version": 1, "scheme": "exact", "network": "base-sepolia", "payload": {}});
-        assert_eq!(read_payment(&header(&v1)).map(|_| ()), Err(PaymentError::V1NotAccepted));
+        assert_eq!(
+            read_payment(&h).map(|_| ()),
+            Err(PaymentError::V1NotAccepted)
+        );
+        let v1 =
+            json!({"x402Version": 1, "scheme": "exact", "network": "base-sepolia", "payload": {}});
+        assert_eq!(
+            read_payment(&header(&v1)).map(|_| ()),
+            Err(PaymentError::V1NotAccepted)
+        );
         let mut h = HeaderMap::new();
         h.insert(PAYMENT_SIGNATURE, "%%%".parse().expect("header"));
         assert!(matches!(read_payment(&h), Err(PaymentError::Malformed(_))));
         let no_accepted = json!({"x402Version": 2, "payload": {}});
-        assert!(matches!(read_payment(&header(&no_accepted)), Err(PaymentError::Malformed(_))));
+        assert!(matches!(
+            read_payment(&header(&no_accepted)),
+            Err(PaymentError::Malformed(_))
+        ));
     }
 
     #[test]

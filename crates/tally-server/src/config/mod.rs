@@ -575,7 +575,8 @@ impl Config {
                     None => None,
                     Some(u) => {
                         let ok = (u.starts_with("http://") || u.starts_with("https://"))
-                            && u.parse::<axum::http::Uri>().is_ok_and(|p| p.authority().is_some());
+                            && u.parse::<axum::http::Uri>()
+                                .is_ok_and(|p| p.authority().is_some());
                         if !ok {
                             return Err(lines.err(
                                 "x402.facilitator_url",
@@ -627,7 +628,12 @@ impl Config {
             cfg.forward_auth = gateway::forward_auth(&lines, &span, f.into_inner())?;
         }
         if let Some(r) = cfg.routes.routes().iter().find(|r| r.x402) {
-            let why = if cfg.x402.as_ref().and_then(|x| x.facilitator_url.as_ref()).is_none() {
+            let why = if cfg
+                .x402
+                .as_ref()
+                .and_then(|x| x.facilitator_url.as_ref())
+                .is_none()
+            {
                 Some("needs [x402] with a facilitator_url")
             } else if r.price.fixed_micros().is_none() {
                 Some("needs a fixed price (a variable price cannot be paid up front)")

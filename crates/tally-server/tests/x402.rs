@@ -1,0 +1,315 @@
+//! x402 pay-per-call through the metering proxy, against the mock facilitator of
+//! `common::x402` (it recovers EIP-712 / EIP-3009 signatures): a caller with no agent key
+//! is asked (402 + `PAYMENT-REQUIRED` valid against the v2 rules), pays, and is served and
+//! settled once even when it sends the same payment three times; a payment for too little,
+//! to someone else, expired or signed by another key gets 402 and the upstream sees
+//! nothing; a facilitator that is down gets 502 and no money moves; an upstream 500 is not
+//! settled; a v1 `X-PAYMENT` is refused with a reason; the payer is an agent whose rate
+//! limits apply and whose journal shows the payment and the call.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Router;
+use common::x402::{self as kit, Facilitator, Wallet};
+use common::*;
+use serde_json::Value;
+
+const PRICE: u64 = 10_000;
+
+struct Paid {
+    s: TestServer,
+    fac: Facilitator,
+    hits: Arc<AtomicUsize>,
+}
+
+async fn upstream() -> (String, Arc<AtomicUsize>) {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = Router::new().fallback(move |uri: axum::http::Uri| {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            match uri.path() {
+                "/broken" => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+                _ => "the paid answer".into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, hits)
+}
+
+async fn paid(extra_x402: &str) -> Paid {
+    let fac = Facilitator::start().await;
+    let (up, hits) = upstream().await;
+    let text = format!(
+        "{X402}facilitator_url = \"{}\"\n{extra_x402}\n\
+         [[routes]]\nname = \"paid\"\npath = \"/paid\"\nupstream = \"{up}\"\nprice_micros = {PRICE}\nx402 = true\n\
+         [[routes]]\nname = \"broken\"\npath = \"/broken\"\nupstream = \"{up}\"\nprice_micros = {PRICE}\nx402 = true\n",
+        fac.url
+    );
+    let s = TestServer::start_with(config(&text)).await;
+    Paid { s, fac, hits }
+}
+
+impl Paid {
+    async fn get(&self, path: &str, header: Option<(&str, String)>) -> Resp {
+        let mut req = self.s.http.get(self.s.proxy_url(path));
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
+        }
+        self.s.send(req).await
+    }
+
+    /// The 402 for `path`, its decoded `PAYMENT-REQUIRED` checked against the v2 rules.
+    async fn asked(&self, path: &str) -> Value {
+        let r = self.get(path, None).await;
+        r.assert_problem(402, "payment-required");
+        let required = kit::decode_header(r.header("payment-required").expect("PAYMENT-REQUIRED"));
+        assert_eq!(
+            kit::payment_required_errors(&required),
+            Vec::<String>::new()
+        );
+        assert_eq!(required["accepts"][0]["amount"], PRICE.to_string());
+        required
+    }
+
+    async fn pay(&self, path: &str, payment: &Value) -> Resp {
+        self.get(path, Some(("payment-signature", kit::header(payment))))
+            .await
+    }
+}
+
+fn payer_agent(w: &Wallet) -> String {
+    format!("x402:{}:{}", kit::NETWORK, w.address().to_ascii_lowercase())
+}
+
+#[tokio::test]
+async fn a_payment_buys_one_call_settled_once_even_sent_three_times() {
+    let p = paid("").await;
+    let required = p.asked("/paid").await;
+    assert_eq!(p.hits.load(Ordering::SeqCst), 0, "asking reaches nobody");
+    let wallet = Wallet::from_seed(1);
+    let payment = wallet.pay(
+        &required["resource"],
+        &required["accepts"][0],
+        kit::now_s() + 60,
+        kit::nonce(1),
+    );
+    let r = p.pay("/paid", &payment).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.text, "the paid answer");
+    let settled = kit::decode_header(r.header("payment-response").expect("PAYMENT-RESPONSE"));
+    assert_eq!(
+        kit::settlement_response_errors(&settled),
+        Vec::<String>::new()
+    );
+    assert_eq!(settled["success"], true);
+    let agent = payer_agent(&wallet);
+    assert_eq!(r.header("x-tally-agent"), Some(agent.as_str()));
+    for _ in 0..2 {
+        let again = p.pay("/paid", &payment).await;
+        again.assert_problem(402, "payment-required");
+    }
+    assert_eq!(p.hits.load(Ordering::SeqCst), 1, "served once");
+    assert_eq!(p.fac.settle_calls(), 1, "settled once");
+    // The payer is an agent: the payment in, the call out, keyed by the payment.
+    let journal = p.s.get(&format!("/v1/agents/{agent}/journal")).await;
+    assert_eq!(journal.status, 200, "{}", journal.text);
+    let kinds: Vec<(String, u64)> = journal.body["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or("").to_owned(),
+                e["amount_micros"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("agent_created".to_owned(), 0),
+            ("credit".to_owned(), PRICE),
+            ("debit".to_owned(), PRICE)
+        ]
+    );
+    assert_eq!(p.s.balance(&agent).await, 0);
+    let metrics = p.s.get("/metrics").await.text;
+    assert!(
+        metrics.contains("tally_x402_payments_total{outcome=\"settled\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!("tally_x402_settled_micros_total {PRICE}")));
+}
+
+#[tokio::test]
+async fn payments_for_too_little_to_another_expired_or_forged_get_402_and_reach_nobody() {
+    let p = paid("").await;
+    let required = p.asked("/paid").await;
+    let (resource, want) = (&required["resource"], &required["accepts"][0]);
+    let wallet = Wallet::from_seed(2);
+    let mut cheap = want.clone();
+    cheap["amount"] = Value::from((PRICE - 1).to_string());
+    let mut elsewhere = want.clone();
+    elsewhere["payTo"] = Value::from(Wallet::from_seed(9).address());
+    let expired = wallet.pay(resource, want, kit::now_s() - 1, kit::nonce(3));
+    let mut forged = wallet.pay(resource, want, kit::now_s() + 60, kit::nonce(4));
+    forged["payload"]["authorization"]["from"] = Value::from(Wallet::from_seed(3).address());
+    let cases = [
+        (
+            "too little",
+            wallet.pay(resource, &cheap, kit::now_s() + 60, kit::nonce(1)),
+        ),
+        (
+            "to another",
+            wallet.pay(resource, &elsewhere, kit::now_s() + 60, kit::nonce(2)),
+        ),
+        ("expired", expired),
+        ("forged", forged),
+    ];
+    for (what, payment) in cases {
+        let r = p.pay("/paid", &payment).await;
+        r.assert_problem(402, "payment-required");
+        assert!(
+            r.header("payment-required").is_some(),
+            "{what}: asked again"
+        );
+        assert!(
+            r.body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}"
+        );
+    }
+    assert_eq!(p.hits.load(Ordering::SeqCst), 0, "the upstream saw nothing");
+    assert_eq!(p.fac.settle_calls(), 0, "nothing settled");
+}
+
+#[tokio::test]
+async fn a_facilitator_that_is_down_gets_502_and_moves_no_money() {
+    let p = paid("facilitator_timeout_ms = 2000").await;
+    let required = p.asked("/paid").await;
+    let wallet = Wallet::from_seed(4);
+    let payment = wallet.pay(
+        &required["resource"],
+        &required["accepts"][0],
+        kit::now_s() + 60,
+        kit::nonce(1),
+    );
+    p.fac.set_down(true);
+    let r = p.pay("/paid", &payment).await;
+    r.assert_problem(502, "facilitator-unavailable");
+    assert_eq!(p.hits.load(Ordering::SeqCst), 0);
+    let agent =
+        p.s.get(&format!("/v1/agents/{}", payer_agent(&wallet)))
+            .await;
+    assert_eq!(agent.status, 404, "no agent, no credit: {}", agent.text);
+    // Back up: the same payment now buys the call.
+    p.fac.set_down(false);
+    let r = p.pay("/paid", &payment).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+#[tokio::test]
+async fn an_upstream_failure_or_a_failed_settlement_is_not_paid_for() {
+    let p = paid("").await;
+    let required = p.asked("/broken").await;
+    let wallet = Wallet::from_seed(5);
+    let payment = wallet.pay(
+        &required["resource"],
+        &required["accepts"][0],
+        kit::now_s() + 60,
+        kit::nonce(1),
+    );
+    let r = p.pay("/broken", &payment).await;
+    r.assert_problem(502, "upstream-error");
+    assert_eq!(p.fac.settle_calls(), 0, "not settled");
+    assert_eq!(
+        p.s.balance(&payer_agent(&wallet)).await,
+        0,
+        "nothing credited"
+    );
+
+    // Served, but the settlement fails: the answer is withheld and counted.
+    let required = p.asked("/paid").await;
+    let payment = wallet.pay(
+        &required["resource"],
+        &required["accepts"][0],
+        kit::now_s() + 60,
+        kit::nonce(2),
+    );
+    p.fac.fail_next_settle();
+    let r = p.pay("/paid", &payment).await;
+    r.assert_problem(402, "payment-required");
+    assert!(r.text.contains("could not be settled"), "{}", r.text);
+    let metrics = p.s.get("/metrics").await.text;
+    assert!(
+        metrics.contains("tally_x402_payments_total{outcome=\"settle_failed\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(p.s.balance(&payer_agent(&wallet)).await, 0);
+    // The payment was not spent: sent again, it settles and buys the call.
+    let r = p.pay("/paid", &payment).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+#[tokio::test]
+async fn a_v1_x_payment_is_refused_with_a_reason() {
+    let p = paid("").await;
+    let wallet = Wallet::from_seed(6);
+    let v1 = wallet.pay_v1(
+        &kit::requirements_v1(&PRICE.to_string(), "http://x/paid"),
+        kit::now_s() + 60,
+        kit::nonce(1),
+    );
+    let r = p.get("/paid", Some(("x-payment", kit::header(&v1)))).await;
+    r.assert_problem(402, "payment-required");
+    assert!(r.text.contains("v1"), "{}", r.text);
+    assert!(
+        r.header("payment-required").is_some(),
+        "asked for v2 instead"
+    );
+    assert_eq!(p.hits.load(Ordering::SeqCst), 0);
+    assert_eq!(p.fac.verify_calls(), 0);
+}
+
+#[tokio::test]
+async fn a_payer_is_an_agent_on_the_payer_plan_whose_rate_limit_applies() {
+    let p = paid("payer_plan = \"limited\"").await;
+    let required = p.asked("/paid").await;
+    let wallet = Wallet::from_seed(7);
+    let pay = |n: u64| {
+        wallet.pay(
+            &required["resource"],
+            &required["accepts"][0],
+            kit::now_s() + 60,
+            kit::nonce(n),
+        )
+    };
+    for n in 1..=2 {
+        let r = p.pay("/paid", &pay(n)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let r = p.pay("/paid", &pay(3)).await;
+    r.assert_problem(429, "rate-limited");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(p.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        p.fac.settle_calls(),
+        2,
+        "the refused call's payment is not taken"
+    );
+    let agent =
+        p.s.get(&format!("/v1/agents/{}", payer_agent(&wallet)))
+            .await;
+    assert_eq!(agent.body["plan"], "limited");
+}
