@@ -26,6 +26,8 @@ use crate::problem::Problem;
 use crate::proxy::{self, Proxy};
 use crate::routes;
 use crate::serve;
+use crate::topup;
+use crate::x402::{Facilitator, InUseSet};
 
 /// Everything handlers share. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -47,6 +49,8 @@ struct Shared {
     keys: KeyIndex,
     routes: Arc<RouteTable>,
     forward_auth: ForwardAuth,
+    facilitator: Option<Facilitator>,
+    payments_in_use: InUseSet,
 }
 
 impl AppState {
@@ -73,6 +77,14 @@ impl AppState {
                 keys: KeyIndex::default(),
                 routes: Arc::new(config.routes.clone()),
                 forward_auth: config.forward_auth.clone(),
+                facilitator: config.x402.as_ref().and_then(|x| match Facilitator::new(x) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the x402 facilitator client could not be built");
+                        None
+                    }
+                }),
+                payments_in_use: InUseSet::default(),
             }),
         }
     }
@@ -130,6 +142,16 @@ impl AppState {
 
     pub fn forward_auth(&self) -> &ForwardAuth {
         &self.inner.forward_auth
+    }
+
+    /// The x402 facilitator, when `[x402]` names one.
+    pub fn facilitator(&self) -> Option<&Facilitator> {
+        self.inner.facilitator.as_ref()
+    }
+
+    /// x402 payments being used by a request now.
+    pub fn payments_in_use(&self) -> &InUseSet {
+        &self.inner.payments_in_use
     }
 
     /// The caller's role, when it allows `need`.
@@ -208,10 +230,8 @@ pub fn router(st: AppState) -> Router {
                 .route_layer(read())
                 .merge(patch(routes::patch_agent).route_layer(admin())),
         )
-        .route(
-            "/v1/agents/{id}/credits",
-            post(routes::credit).route_layer(admin()),
-        )
+        // Admin credits, and x402 top-ups by the agent or a service: roles in the handler.
+        .route("/v1/agents/{id}/credits", post(topup::credit))
         .route(
             "/v1/agents/{id}/debits",
             post(routes::debit).route_layer(service()),
@@ -414,6 +434,23 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         };
         tracing::info!(keys, "agent API key index built");
         opener_state.set_engine(engine.clone());
+        if let (Some(x), Some(f)) = (opener_state.x402(), opener_state.facilitator()) {
+            let (f, scheme, network) = (f.clone(), x.scheme.clone(), x.network.clone());
+            // A warning, not a refusal to start: the facilitator may come up later.
+            tokio::spawn(async move {
+                match f.supports(&scheme, &network).await {
+                    Ok(true) => {
+                        tracing::info!(%scheme, %network, "the x402 facilitator supports the configured payment kind")
+                    }
+                    Ok(false) => {
+                        tracing::warn!(%scheme, %network, "the x402 facilitator does not list the configured scheme and network in /supported")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the x402 facilitator's /supported could not be read")
+                    }
+                }
+            });
+        }
         tracing::info!(data_dir = %config.data_dir.display(), "engine open; ready");
         serving.await??;
         if let Some((proxy, serving)) = proxy {

@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod respond;
 pub mod routes;
 pub mod serve;
+pub mod topup;
 pub mod x402;
 
 pub use app::{router, start, AppState, Running};

@@ -7,11 +7,10 @@
 //! the body has ended. Every request runs in its own task, so a client that hangs up
 //! cannot cancel a settlement half-way.
 
-use std::collections::HashSet;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,7 +38,7 @@ use crate::config::{Price, ProxyConfig, Route, X402};
 use crate::problem::Problem;
 use crate::respond::{classify, rate_headers, submit_error, Success};
 use crate::serve;
-use crate::x402::{self, Facilitator, PAYMENT_RESPONSE, PAYMENT_SIGNATURE};
+use crate::x402::{self, PAYMENT_RESPONSE, PAYMENT_SIGNATURE};
 
 /// The hold a variable-price call runs under (`<agent>~<seq>`), and its amount.
 pub const X_TALLY_HOLD: HeaderName = HeaderName::from_static("x-tally-hold");
@@ -79,39 +78,6 @@ pub struct Proxy {
     client: UpstreamClient,
     /// One permit per upstream request in flight, held until its charge is settled.
     permits: Arc<Semaphore>,
-    /// The x402 facilitator, when `[x402]` names one.
-    facilitator: Option<Facilitator>,
-    /// Payments being used by a request now: the same payment sent twice at once buys
-    /// one call (afterwards the facilitator knows it is spent).
-    paying: Arc<Mutex<HashSet<String>>>,
-}
-
-/// A payment claimed by one request, released when the request is done with it.
-#[derive(Debug)]
-struct InUse {
-    paying: Arc<Mutex<HashSet<String>>>,
-    id: String,
-}
-
-impl InUse {
-    fn claim(paying: &Arc<Mutex<HashSet<String>>>, id: &str) -> Option<Self> {
-        let fresh = paying
-            .lock()
-            .map(|mut set| set.insert(id.to_owned()))
-            .unwrap_or(false);
-        fresh.then(|| Self {
-            paying: paying.clone(),
-            id: id.to_owned(),
-        })
-    }
-}
-
-impl Drop for InUse {
-    fn drop(&mut self) {
-        if let Ok(mut set) = self.paying.lock() {
-            set.remove(&self.id);
-        }
-    }
 }
 
 fn header_values(pairs: &[(HeaderName, String)]) -> Vec<(HeaderName, HeaderValue)> {
@@ -155,20 +121,11 @@ impl Proxy {
             .pool_max_idle_per_host(POOL_IDLE_PER_HOST_MAX)
             .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
             .build(connector);
-        let facilitator = st.x402().and_then(|x| match Facilitator::new(x) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!(error = %e, "the x402 facilitator client could not be built");
-                None
-            }
-        });
         Arc::new(Self {
             st,
             permits: Arc::new(Semaphore::new(cfg.concurrency_max)),
             cfg,
             client,
-            facilitator,
-            paying: Arc::default(),
         })
     }
 
@@ -589,7 +546,7 @@ impl Proxy {
         permit: OwnedSemaphorePermit,
     ) -> Result<Response, Problem> {
         let st = &self.st;
-        let (Some(x), Some(facilitator)) = (st.x402(), self.facilitator.as_ref()) else {
+        let (Some(x), Some(facilitator)) = (st.x402(), st.facilitator()) else {
             return Err(Problem::not_found(
                 "this route takes x402 payments but no facilitator is configured",
             ));
@@ -621,7 +578,7 @@ impl Proxy {
             self.count_payment("refused");
             return Err(ask(&e.to_string()));
         }
-        let Some(_in_use) = InUse::claim(&self.paying, &payment.id) else {
+        let Some(_in_use) = x402::InUse::claim(st.payments_in_use(), &payment.id) else {
             self.count_payment("refused");
             return Err(ask("this payment is being used by another request"));
         };

@@ -4,6 +4,8 @@
 //! payment buys or credits once), and the facilitator client (`POST /verify`,
 //! `POST /settle` with bounded retries of the same payload, `GET /supported`).
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderName, StatusCode};
@@ -388,6 +390,39 @@ fn verdict(ok: bool, reason_field: &str, answer: Value) -> Verdict {
         reason: if ok { None } else { text(reason_field) },
         payer: text("payer"),
         raw: answer,
+    }
+}
+
+/// Payments being used by a request now: the same payment sent twice at once buys or
+/// credits once (afterwards the facilitator knows it is spent).
+pub type InUseSet = Arc<Mutex<HashSet<String>>>;
+
+/// A payment claimed by one request, released when the request is done with it.
+#[derive(Debug)]
+pub struct InUse {
+    set: InUseSet,
+    id: String,
+}
+
+impl InUse {
+    /// `None` when another request holds the payment.
+    pub fn claim(set: &InUseSet, id: &str) -> Option<Self> {
+        let fresh = set
+            .lock()
+            .map(|mut s| s.insert(id.to_owned()))
+            .unwrap_or(false);
+        fresh.then(|| Self {
+            set: set.clone(),
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.set.lock() {
+            s.remove(&self.id);
+        }
     }
 }
 

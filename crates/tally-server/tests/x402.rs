@@ -313,3 +313,156 @@ async fn a_payer_is_an_agent_on_the_payer_plan_whose_rate_limit_applies() {
             .await;
     assert_eq!(agent.body["plan"], "limited");
 }
+
+/// A top-up `POST /v1/agents/a1/credits` of `amount` with `token`, paid with `payment`.
+async fn top_up(s: &TestServer, token: &str, amount: u64, payment: Option<&Value>) -> Resp {
+    let mut req = s
+        .http
+        .post(s.url("/v1/agents/a1/credits"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "amount_micros": amount }));
+    if let Some(p) = payment {
+        req = req.header("payment-signature", kit::header(p));
+    }
+    s.send(req).await
+}
+
+#[tokio::test]
+async fn a_top_up_paid_with_x402_credits_once_across_retries_and_a_restart() {
+    let mut p = paid("").await;
+    p.s.agent("a1", "default", 0).await;
+    let (key, _) = p.s.issue_key("a1", "wallet-key").await;
+    // Asked: the agent's own key, no payment, gets the 402 for the amount it wants.
+    let asked = top_up(&p.s, &key, 5_000, None).await;
+    asked.assert_problem(402, "payment-required");
+    let required = kit::decode_header(asked.header("payment-required").expect("asked"));
+    assert_eq!(
+        kit::payment_required_errors(&required),
+        Vec::<String>::new()
+    );
+    assert_eq!(required["accepts"][0]["amount"], "5000");
+    let wallet = Wallet::from_seed(8);
+    let payment = wallet.pay(
+        &required["resource"],
+        &required["accepts"][0],
+        kit::now_s() + 60,
+        kit::nonce(1),
+    );
+    let r = top_up(&p.s, &key, 5_000, Some(&payment)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["kind"], "credit");
+    assert_eq!(r.body["balance_micros"], 5_000);
+    let settled = kit::decode_header(r.header("payment-response").expect("PAYMENT-RESPONSE"));
+    assert_eq!(settled["success"], true);
+    // The same payment again, by the agent or a service: the same receipt, no new money,
+    // and the facilitator is not asked again.
+    for token in [key.as_str(), SERVICE] {
+        let again = top_up(&p.s, token, 5_000, Some(&payment)).await;
+        assert_eq!(again.status, 201, "{}", again.text);
+        assert_eq!(again.header("idempotent-replayed"), Some("true"));
+        assert_eq!(again.body["seq"], r.body["seq"]);
+    }
+    assert_eq!(p.fac.settle_calls(), 1);
+    let cfg_text = format!("{X402}facilitator_url = \"{}\"\n", p.fac.url);
+    p.s.restart(config(&cfg_text)).await;
+    let after = top_up(&p.s, &key, 5_000, Some(&payment)).await;
+    assert_eq!(after.status, 201, "{}", after.text);
+    assert_eq!(after.header("idempotent-replayed"), Some("true"));
+    assert_eq!(p.s.balance("a1").await, 5_000, "credited once");
+    assert_eq!(p.fac.settle_calls(), 1);
+}
+
+#[tokio::test]
+async fn top_ups_refuse_readers_bad_payments_and_a_facilitator_that_is_down() {
+    let p = paid("").await;
+    p.s.agent("a1", "default", 0).await;
+    top_up(&p.s, READER, 5_000, None)
+        .await
+        .assert_problem(403, "forbidden");
+    top_up(&p.s, "no-such-token", 5_000, None)
+        .await
+        .assert_problem(401, "unauthorized");
+    let required = top_up(&p.s, SERVICE, 5_000, None).await;
+    required.assert_problem(402, "payment-required");
+    let required = kit::decode_header(required.header("payment-required").expect("asked"));
+    let wallet = Wallet::from_seed(10);
+    let payment = wallet.pay(
+        &required["resource"],
+        &required["accepts"][0],
+        kit::now_s() + 60,
+        kit::nonce(1),
+    );
+    // Paying for 5,000 and asking to be credited 6,000: not what was paid.
+    top_up(&p.s, SERVICE, 6_000, Some(&payment))
+        .await
+        .assert_problem(402, "payment-required");
+    p.fac.set_down(true);
+    top_up(&p.s, SERVICE, 5_000, Some(&payment))
+        .await
+        .assert_problem(502, "facilitator-unavailable");
+    assert_eq!(p.s.balance("a1").await, 0, "no money moved");
+    p.fac.set_down(false);
+    let r = top_up(&p.s, SERVICE, 5_000, Some(&payment)).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    // An admin's plain credit is as before.
+    let r =
+        p.s.post(
+            "/v1/agents/a1/credits",
+            "admin-credit",
+            serde_json::json!({"amount_micros": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(p.s.balance("a1").await, 5_001);
+}
+
+/// The official x402 Python client (PyPI `x402`, installed by
+/// scripts/x402-client-setup.sh; the test skips without it unless X402_CLIENT_REQUIRED=1,
+/// as in CI) against tally itself: it gets the proxy's 402, pays, and receives the
+/// upstream's answer; then tops up an agent's balance through the credits route, once.
+#[tokio::test]
+async fn the_official_x402_client_buys_a_call_through_the_proxy_and_tops_up_once() {
+    let Some(python) = kit::client_python() else {
+        return;
+    };
+    let p = paid("").await;
+    let wallet = Wallet::from_seed(11);
+    let key = wallet.private_key_hex();
+
+    let url = p.s.proxy_url("/paid");
+    let (out, code) = kit::run_client(&python, &key, &[&url]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["status"], 200, "{out}");
+    assert_eq!(out["body"], "the paid answer", "{out}");
+    assert_eq!(out["payment_response"]["success"], true, "{out}");
+    assert_eq!(p.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(p.fac.settle_calls(), 1);
+    let agent = payer_agent(&wallet);
+    assert_eq!(p.s.balance(&agent).await, 0, "paid in, spent on the call");
+
+    p.s.agent("a1", "default", 0).await;
+    let (agent_key, _) = p.s.issue_key("a1", "python-wallet").await;
+    let credits = p.s.url("/v1/agents/a1/credits");
+    let auth = format!("Authorization: Bearer {agent_key}");
+    let args = [
+        credits.as_str(),
+        "--method",
+        "POST",
+        "--json",
+        "{\"amount_micros\": 25000}",
+        "-H",
+        auth.as_str(),
+    ];
+    let (out, code) = kit::run_client(&python, &key, &args).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["status"], 201, "{out}");
+    assert_eq!(p.s.balance("a1").await, 25_000);
+    // The client's payment, sent again by hand: replayed, not credited twice.
+    let signed = out["payment_signature"].clone();
+    assert!(signed.is_object(), "the client reports what it sent: {out}");
+    let again = top_up(&p.s, &agent_key, 25_000, Some(&signed)).await;
+    assert_eq!(again.status, 201, "{}", again.text);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(p.s.balance("a1").await, 25_000, "credited exactly once");
+    assert_eq!(p.fac.settle_calls(), 2);
+}

@@ -1093,3 +1093,48 @@ async fn settle(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> J
         "amount": checked.value,
     }))
 }
+
+// ---------------------------------------------------------------------------------------
+// The official x402 Python client (scripts/x402-client.py)
+// ---------------------------------------------------------------------------------------
+
+/// The python of the venv made by scripts/x402-client-setup.sh: `X402_CLIENT_PYTHON`, else
+/// the script's default venv. `None` (the test skips) when absent, unless
+/// `X402_CLIENT_REQUIRED=1`, where its absence fails the test.
+pub fn client_python() -> Option<String> {
+    let python = std::env::var("X402_CLIENT_PYTHON").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap_or_default();
+        format!("{home}/.cache/tally-x402-venv/bin/python")
+    });
+    if std::path::Path::new(&python).exists() {
+        return Some(python);
+    }
+    assert!(
+        std::env::var("X402_CLIENT_REQUIRED").as_deref() != Ok("1"),
+        "X402_CLIENT_REQUIRED=1 but no x402 client at {python}: run scripts/x402-client-setup.sh"
+    );
+    eprintln!("skipped: no x402 client at {python} (scripts/x402-client-setup.sh installs it)");
+    None
+}
+
+/// Runs scripts/x402-client.py; its stdout's JSON lines merged into one object, and its
+/// exit code.
+pub async fn run_client(python: &str, key: &str, args: &[&str]) -> (Value, i32) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/x402-client.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args(args)
+        .env("X402_PRIVATE_KEY", key)
+        .output()
+        .await
+        .expect("runs the client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut merged = serde_json::Map::new();
+    for line in stdout.lines() {
+        let obj: Value = serde_json::from_str(line).expect("a JSON line");
+        merged.extend(obj.as_object().expect("an object").clone());
+    }
+    eprintln!("client {args:?}: {stdout}{stderr}");
+    (Value::Object(merged), out.status.code().unwrap_or(-1))
+}
