@@ -69,6 +69,17 @@ impl Metrics {
             "tally_x402_settled_micros_total",
             "Micros (atomic units) settled through x402.",
         )?;
+        // Every outcome from the start, so that rates and alerts see a 0, not no series.
+        for outcome in [
+            "verified",
+            "settled",
+            "invalid",
+            "refused",
+            "facilitator_error",
+            "settle_failed",
+        ] {
+            x402_payments_total.with_label_values(&[outcome]);
+        }
         registry.register(Box::new(x402_payments_total.clone()))?;
         registry.register(Box::new(x402_settled_micros_total.clone()))?;
         registry.register(Box::new(decisions_total.clone()))?;
