@@ -85,6 +85,11 @@ pub async fn credit(State(st): State<AppState>, req: Request) -> Result<Response
         return Err(ask(&e.to_string()));
     }
     let engine = st.engine()?;
+    // Before any money moves: a payment settled for an agent that cannot be credited
+    // would be lost.
+    if engine.agent(&id).await.map_err(submit_error)?.is_none() {
+        return Err(Problem::not_found(format!("no agent {id}")));
+    }
     let mut metadata = body.metadata.entries().clone();
     metadata.insert(
         "x402_payment".into(),

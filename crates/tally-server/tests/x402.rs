@@ -392,6 +392,19 @@ async fn top_ups_refuse_readers_bad_payments_and_a_facilitator_that_is_down() {
         kit::now_s() + 60,
         kit::nonce(1),
     );
+    // No such agent: refused before the facilitator is asked, so no money can be lost.
+    let r =
+        p.s.send(
+            p.s.http
+                .post(p.s.url("/v1/agents/ghost/credits"))
+                .bearer_auth(SERVICE)
+                .header("payment-signature", kit::header(&payment))
+                .json(&serde_json::json!({ "amount_micros": 5_000 })),
+        )
+        .await;
+    r.assert_problem(404, "not-found");
+    assert_eq!(p.fac.verify_calls(), 0);
+    assert_eq!(p.fac.settle_calls(), 0);
     // Paying for 5,000 and asking to be credited 6,000: not what was paid.
     top_up(&p.s, SERVICE, 6_000, Some(&payment))
         .await
