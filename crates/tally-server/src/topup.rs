@@ -59,6 +59,14 @@ pub async fn credit(State(st): State<AppState>, req: Request) -> Result<Response
     };
     let ApiJson(body) =
         ApiJson::<CreditBody>::from_request(Request::from_parts(parts.clone(), body), &st).await?;
+    if body.amount_micros == 0 {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-amount",
+            "Invalid amount",
+            "a top-up is at least 1 micro",
+        ));
+    }
     let want = x402::requirement(x, body.amount_micros);
     let resource = format!("{}/v1/agents/{id}/credits", st.public_url());
     let ask = |error: &str| x402::payment_problem(x, error, &resource, want.clone());

@@ -392,6 +392,9 @@ async fn top_ups_refuse_readers_bad_payments_and_a_facilitator_that_is_down() {
         kit::now_s() + 60,
         kit::nonce(1),
     );
+    top_up(&p.s, SERVICE, 0, Some(&payment))
+        .await
+        .assert_problem(422, "invalid-amount");
     // No such agent: refused before the facilitator is asked, so no money can be lost.
     let r =
         p.s.send(
