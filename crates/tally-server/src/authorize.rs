@@ -19,6 +19,7 @@ use crate::app::AppState;
 use crate::config::DenyMode;
 use crate::dto::{parse_hold_id, receipt_json};
 use crate::extract::{ApiQuery, IdemKey, OptionalJson};
+use crate::payments;
 use crate::problem::Problem;
 use crate::respond::{classify, json_response, rate_headers, submit_error, Success};
 
@@ -167,14 +168,72 @@ pub async fn authorize(
     }
 }
 
+/// Whether the request carries an agent key (valid or not): then it is that agent's
+/// call, never an x402 payment.
+pub(crate) fn carries_agent_key(st: &AppState, headers: &HeaderMap) -> bool {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+    bearer
+        || st
+            .forward_auth()
+            .key_header
+            .as_ref()
+            .is_some_and(|h| headers.contains_key(h))
+}
+
+/// A call on an `x402 = true` route by a caller with no agent key: the payment is taken
+/// and settled before the gateway forwards the call (forward-auth never sees the
+/// upstream's answer, so it cannot settle after it, as the proxy does).
+async fn paid(
+    st: &AppState,
+    route: &crate::config::Route,
+    headers: &HeaderMap,
+    target: &str,
+) -> Result<Response, Problem> {
+    let engine = st.engine()?;
+    let resource = match (
+        single(headers, "x-forwarded-proto")?,
+        single(headers, "x-forwarded-host")?,
+    ) {
+        (Some(proto), Some(host)) => format!("{proto}://{host}{target}"),
+        _ => format!("{}{target}", st.public_url()),
+    };
+    let taken = payments::take(st, engine, route, headers, &resource).await?;
+    let paid_headers = payments::settle(st, engine, route, &taken, &resource).await?;
+    let mut resp = json_response(
+        StatusCode::OK,
+        json!({
+            "allowed": true, "agent_id": taken.agent.as_str(), "route": route.name,
+            "charged_micros": taken.price_micros, "payment": taken.payment.id,
+        }),
+        None,
+        false,
+    );
+    for (name, value) in paid_headers {
+        resp.headers_mut().insert(name, value);
+    }
+    Ok(resp)
+}
+
 async fn decide(
     st: &AppState,
     own_method: &Method,
     headers: &HeaderMap,
     path: &str,
 ) -> Result<Response, Problem> {
+    let call = original_call(st, own_method, headers, path);
+    if let Ok((method, target)) = &call {
+        if let Some(found) = st.routes().find(method, target) {
+            if found.route.x402 && !carries_agent_key(st, headers) {
+                let route = found.route.clone();
+                return paid(st, &route, headers, target).await;
+            }
+        }
+    }
     let agent = agent_of(st, headers)?;
-    let (method, target) = original_call(st, own_method, headers, path)?;
+    let (method, target) = call?;
     let found = st
         .routes()
         .find(&method, &target)

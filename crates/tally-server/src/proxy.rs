@@ -24,27 +24,26 @@ use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tally_core::{AgentId, Command, CommandError, CommandKind, IdempotencyKey, Metadata};
+use tally_core::{AgentId, Command, CommandKind, IdempotencyKey, Metadata};
 use tally_store::{Engine, Reply};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::authorize::{
-    agent_of, X_TALLY_AGENT, X_TALLY_BALANCE_MICROS, X_TALLY_CHARGED_MICROS, X_TALLY_RECEIPT,
-    X_TALLY_ROUTE,
+    agent_of, carries_agent_key, X_TALLY_AGENT, X_TALLY_BALANCE_MICROS, X_TALLY_CHARGED_MICROS,
+    X_TALLY_RECEIPT, X_TALLY_ROUTE,
 };
-use crate::config::{Price, ProxyConfig, Route, X402};
+use crate::config::{Price, ProxyConfig, Route};
+use crate::payments;
 use crate::problem::Problem;
-use crate::respond::{classify, rate_headers, submit_error, Success};
+use crate::respond::{classify, rate_headers, Success};
 use crate::serve;
-use crate::x402::{self, PAYMENT_RESPONSE, PAYMENT_SIGNATURE};
+use crate::x402::{self, PAYMENT_SIGNATURE};
 
 /// The hold a variable-price call runs under (`<agent>~<seq>`), and its amount.
 pub const X_TALLY_HOLD: HeaderName = HeaderName::from_static("x-tally-hold");
 pub const X_TALLY_HOLD_MICROS: HeaderName = HeaderName::from_static("x-tally-hold-micros");
-/// The identity of the x402 payment a call was bought with.
-pub const X_TALLY_PAYMENT: HeaderName = HeaderName::from_static("x-tally-payment");
 /// The official x402 clients mark their paid retry with it; not for the upstream.
 const PAYMENT_RETRY: HeaderName = HeaderName::from_static("payment-retry");
 
@@ -78,13 +77,6 @@ pub struct Proxy {
     client: UpstreamClient,
     /// One permit per upstream request in flight, held until its charge is settled.
     permits: Arc<Semaphore>,
-}
-
-fn header_values(pairs: &[(HeaderName, String)]) -> Vec<(HeaderName, HeaderValue)> {
-    pairs
-        .iter()
-        .filter_map(|(n, v)| HeaderValue::from_str(v).ok().map(|v| (n.clone(), v)))
-        .collect()
 }
 
 /// What was charged before forwarding, to be settled after.
@@ -193,8 +185,7 @@ impl Proxy {
             .find(&parts.method, parts.uri.path())
             .map(|m| m.route.clone());
         // A caller with no agent key may pay per call where the route takes x402.
-        let pays =
-            route.as_ref().is_some_and(|r| r.x402) && !self.carries_agent_key(&parts.headers);
+        let pays = route.as_ref().is_some_and(|r| r.x402) && !carries_agent_key(st, &parts.headers);
         let agent = if pays {
             None
         } else {
@@ -265,22 +256,6 @@ impl Proxy {
                 Err(problem)
             }
         }
-    }
-
-    /// Whether the request carries an agent key (valid or not): then it is that agent's
-    /// call, never a payment.
-    fn carries_agent_key(&self, headers: &HeaderMap) -> bool {
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
-        bearer
-            || self
-                .st
-                .forward_auth()
-                .key_header
-                .as_ref()
-                .is_some_and(|h| headers.contains_key(h))
     }
 
     /// Sends the call upstream with `extra` headers; an upstream 5xx, a refused
@@ -452,7 +427,7 @@ impl Proxy {
                 amount_micros: receipt.amount_micros,
             }
         };
-        let mut values = header_values(&headers);
+        let mut values = payments::header_values(&headers);
         // The RateLimit headers of the charge, for the client.
         let mut carrier = Response::new(axum::body::Body::empty());
         rate_headers(&mut carrier, self.st.plans(), rate.as_ref());
@@ -523,19 +498,11 @@ impl Proxy {
         Response::from_parts(head, axum::body::Body::new(body))
     }
 
-    fn count_payment(&self, outcome: &str) {
-        self.st
-            .metrics()
-            .x402_payments_total
-            .with_label_values(&[outcome])
-            .inc();
-    }
-
-    /// A call paid with x402 by a caller with no agent key: ask (402), check the payment
-    /// against the route's price, verify it with the facilitator, check the payer's rate
-    /// limits and cap, forward, and settle only when the upstream answered well (the
-    /// spec's order: verify, serve, settle); the payment then shows in the payer's journal
-    /// as a credit and the call as a debit, both keyed by the payment's identity.
+    /// A call paid with x402 by a caller with no agent key: the payment taken (asked,
+    /// checked, verified, the payer's limits checked), the call forwarded, and the payment
+    /// settled only when the upstream answered well (the spec's order: verify, serve,
+    /// settle).
+    #[allow(clippy::too_many_arguments)]
     async fn paid_call(
         self: Arc<Self>,
         engine: Engine,
@@ -545,14 +512,6 @@ impl Proxy {
         target: Uri,
         permit: OwnedSemaphorePermit,
     ) -> Result<Response, Problem> {
-        let st = &self.st;
-        let (Some(x), Some(facilitator)) = (st.x402(), st.facilitator()) else {
-            return Err(Problem::not_found(
-                "this route takes x402 payments but no facilitator is configured",
-            ));
-        };
-        let price = route.price.fixed_micros().unwrap_or_default();
-        let want = x402::requirement(x, price);
         let host = parts
             .headers
             .get(header::HOST)
@@ -562,79 +521,9 @@ impl Proxy {
             "http://{host}{}",
             parts.uri.path_and_query().map_or("/", |p| p.as_str())
         );
-        let ask = |error: &str| x402::payment_problem(x, error, &resource, want.clone());
-        let payment = match x402::read_payment(&parts.headers) {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                self.count(&route.name, "payment_required");
-                return Err(ask("payment required"));
-            }
-            Err(e) => {
-                self.count_payment("refused");
-                return Err(ask(&e.to_string()));
-            }
-        };
-        if let Err(e) = payment.check(&want) {
-            self.count_payment("refused");
-            return Err(ask(&e.to_string()));
-        }
-        let Some(_in_use) = x402::InUse::claim(st.payments_in_use(), &payment.id) else {
-            self.count_payment("refused");
-            return Err(ask("this payment is being used by another request"));
-        };
-        let verdict = facilitator.verify(&payment, &want).await.map_err(|e| {
-            self.count_payment("facilitator_error");
-            e.problem()
-        })?;
-        if !verdict.ok {
-            self.count_payment("invalid");
-            let reason = verdict.reason.as_deref().unwrap_or("no reason given");
-            return Err(ask(&format!(
-                "the facilitator refused the payment: {reason}"
-            )));
-        }
-        let payer = verdict
-            .payer
-            .clone()
-            .or_else(|| {
-                payment
-                    .payload
-                    .pointer("/payload/authorization/from")
-                    .and_then(serde_json::Value::as_str)
-                    .map(str::to_owned)
-            })
-            .unwrap_or_default();
-        let Some(agent) = x402::payer_agent(&x.network, &payer) else {
-            self.count_payment("invalid");
-            return Err(ask("the payer's address cannot name an agent"));
-        };
-        self.count_payment("verified");
-        self.ensure_payer(&engine, &agent, x).await?;
-        // The payer's status, rate limits and cap hold before anything is served; its
-        // funds come with the payment.
-        let mut check = Command::new(
-            agent.clone(),
-            CommandKind::Check {
-                amount_micros: price,
-            },
-        )
-        .with_priority(route.priority);
-        check.task_type = route.task_type.clone();
-        let checked = engine.submit(check.clone()).await;
-        match classify(st, &check, checked) {
-            Ok(_) => {}
-            Err(p) if p.kind == "insufficient-funds" => {}
-            Err(p) => {
-                self.count(&route.name, "denied");
-                return Err(p);
-            }
-        }
+        let taken = payments::take(&self.st, &engine, &route, &parts.headers, &resource).await?;
         let deadline = Instant::now() + Duration::from_millis(self.cfg.upstream_timeout_ms);
-        let agent_headers = header_values(&[
-            (X_TALLY_AGENT, agent.to_string()),
-            (X_TALLY_ROUTE, route.name.clone()),
-            (X_TALLY_PAYMENT, payment.id.clone()),
-        ]);
+        let agent_headers = taken.headers(&route);
         let resp = match self
             .forward(parts, body, target, &agent_headers, deadline)
             .await
@@ -650,150 +539,16 @@ impl Proxy {
             self.count(&route.name, "client_error_not_settled");
             return Ok(self.stream_back(engine, None, resp, deadline, agent_headers, permit));
         }
-        let settled = match facilitator.settle(&payment, &want).await {
-            Ok(v) if v.ok => v,
-            Ok(v) => {
-                self.settle_failed(&route, &agent, &payment, v.reason.as_deref());
-                let reason = v.reason.as_deref().unwrap_or("no reason given");
-                return Err(ask(&format!("the payment could not be settled: {reason}")));
-            }
-            Err(e) => {
-                self.settle_failed(&route, &agent, &payment, Some(&e.to_string()));
-                return Err(e.problem());
-            }
-        };
-        let amount_micros = payment.amount_micros(&want);
-        self.count_payment("settled");
-        st.metrics().x402_settled_micros_total.inc_by(amount_micros);
-        self.journal_payment(
-            &engine,
-            &agent,
-            &route,
-            &payment,
-            &settled,
-            amount_micros,
-            price,
-        )
-        .await;
-        let mut headers = agent_headers;
-        headers.push((X_TALLY_CHARGED_MICROS, HeaderValue::from(price)));
-        if let Ok(v) = HeaderValue::from_str(&x402::payment_response(&settled)) {
-            headers.push((PAYMENT_RESPONSE, v));
-        }
-        self.count(&route.name, "served_paid");
-        Ok(self.stream_back(engine, None, resp, deadline, headers, permit))
-    }
-
-    /// Makes the payer's agent on first payment (on `[x402] payer_plan`).
-    async fn ensure_payer(
-        &self,
-        engine: &Engine,
-        agent: &AgentId,
-        x: &X402,
-    ) -> Result<(), Problem> {
-        if engine.agent(agent).await.map_err(submit_error)?.is_some() {
-            return Ok(());
-        }
-        let plan = x
-            .payer_plan
-            .clone()
-            .unwrap_or_else(|| self.st.default_plan().clone());
-        let cmd = Command::new(
-            agent.clone(),
-            CommandKind::CreateAgent {
-                plan,
-                status: tally_core::Status::Active,
-            },
-        );
-        match engine.submit(cmd).await.map_err(submit_error)? {
-            Reply::Decided { .. } | Reply::Rejected(CommandError::AgentExists) => Ok(()),
-            other => Err(Problem::invalid(format!(
-                "the payer's agent could not be made: {other:?}"
-            ))),
-        }
-    }
-
-    /// The settled payment as a credit, and the call as a debit of its price, in the
-    /// payer's journal; both keyed by the payment's identity, so neither lands twice.
-    /// The money has arrived: a debit refused now (a concurrent call took the last rate
-    /// cell) leaves it as the payer's prepaid balance.
-    #[allow(clippy::too_many_arguments)]
-    async fn journal_payment(
-        &self,
-        engine: &Engine,
-        agent: &AgentId,
-        route: &Route,
-        payment: &x402::Payment,
-        settled: &x402::Verdict,
-        amount_micros: u64,
-        price: u64,
-    ) {
-        let transaction = settled
-            .raw
-            .get("transaction")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("")
-            .chars()
-            .take(128)
-            .collect::<String>();
-        let mut credit = Command::new(agent.clone(), CommandKind::Credit { amount_micros });
-        credit.metadata = Metadata::new(std::collections::BTreeMap::from([
-            (
-                "x402_payment".to_owned(),
-                payment.id.chars().take(128).collect(),
-            ),
-            ("x402_transaction".to_owned(), transaction),
-        ]))
-        .unwrap_or_default();
-        let mut debit = Command::new(
-            agent.clone(),
-            CommandKind::Debit {
-                amount_micros: price,
-            },
-        )
-        .with_priority(route.priority);
-        debit.task_type = route.task_type.clone();
-        debit.metadata = route_metadata(route).unwrap_or_default();
-        let keyed = [
-            (credit, payment.id.clone()),
-            (debit, format!("{}:call", payment.id)),
-        ];
-        for (cmd, key) in keyed {
-            let Ok(key) = idempotency_key(&key) else {
-                continue;
+        let paid_headers =
+            match payments::settle(&self.st, &engine, &route, &taken, &resource).await {
+                Ok(h) => h,
+                Err(p) => {
+                    self.count(&route.name, "settle_failed");
+                    return Err(p);
+                }
             };
-            let cmd = cmd.with_key(key);
-            let answer = engine.submit(cmd.clone()).await;
-            if let Err(p) = classify(&self.st, &cmd, answer) {
-                tracing::error!(
-                    agent = %agent,
-                    payment = %payment.id,
-                    problem = %p.to_json(),
-                    "a settled x402 payment could not be journaled in full"
-                );
-            }
-        }
-    }
-
-    /// A call was served and its payment could not be settled: counted and logged at
-    /// error (alert on `tally_x402_payments_total{outcome="settle_failed"}`); the client
-    /// gets a 402 or 502 instead of the answer.
-    fn settle_failed(
-        &self,
-        route: &Route,
-        agent: &AgentId,
-        payment: &x402::Payment,
-        why: Option<&str>,
-    ) {
-        self.count_payment("settle_failed");
-        self.count(&route.name, "settle_failed");
-        tracing::error!(
-            route = %route.name,
-            agent = %agent,
-            payment = %payment.id,
-            reason = why.unwrap_or("none given"),
-            "x402 settlement failed after the upstream served the call; the answer was withheld"
-        );
+        self.count(&route.name, "served_paid");
+        Ok(self.stream_back(engine, None, resp, deadline, paid_headers, permit))
     }
 
     /// Keeps, refunds, voids or captures the charge, once. A failure here is logged and

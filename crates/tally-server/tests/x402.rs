@@ -482,3 +482,62 @@ async fn the_official_x402_client_buys_a_call_through_the_proxy_and_tops_up_once
     assert_eq!(p.s.balance("a1").await, 25_000, "credited exactly once");
     assert_eq!(p.fac.settle_calls(), 2);
 }
+
+/// Forward-auth on an `x402 = true` route: a caller with no agent key is asked, pays, and
+/// the gateway is told to allow (200) once the payment is settled (forward-auth never
+/// sees the upstream, so it settles before the call); the same payment again is refused;
+/// in nginx mode the 402 becomes a 401 that still carries `PAYMENT-REQUIRED`.
+#[tokio::test]
+async fn forward_auth_sells_a_call_for_a_payment_settled_before_it_is_allowed() {
+    let p = paid("").await;
+    let authorize = |payment: Option<&Value>, query: &str| {
+        let mut req =
+            p.s.http
+                .get(p.s.url(&format!("/v1/authorize{query}")))
+                .header("x-forwarded-method", "GET")
+                .header("x-forwarded-uri", "/paid")
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "api.example.com");
+        if let Some(pm) = payment {
+            req = req.header("payment-signature", kit::header(pm));
+        }
+        p.s.send(req)
+    };
+    let asked = authorize(None, "").await;
+    asked.assert_problem(402, "payment-required");
+    let required = kit::decode_header(asked.header("payment-required").expect("asked"));
+    assert_eq!(
+        kit::payment_required_errors(&required),
+        Vec::<String>::new()
+    );
+    assert_eq!(required["resource"]["url"], "https://api.example.com/paid");
+    let nginx = authorize(None, "?mode=nginx").await;
+    assert_eq!(nginx.status, 401, "{}", nginx.text);
+    assert!(nginx.header("payment-required").is_some());
+    assert_eq!(nginx.header("x-tally-status"), Some("402"));
+
+    let wallet = Wallet::from_seed(12);
+    let payment = wallet.pay(
+        &required["resource"],
+        &required["accepts"][0],
+        kit::now_s() + 60,
+        kit::nonce(1),
+    );
+    let allowed = authorize(Some(&payment), "").await;
+    assert_eq!(allowed.status, 200, "{}", allowed.text);
+    let agent = payer_agent(&wallet);
+    assert_eq!(allowed.header("x-tally-agent"), Some(agent.as_str()));
+    assert_eq!(allowed.header("x-tally-charged-micros"), Some("10000"));
+    assert!(allowed.header("payment-response").is_some());
+    assert_eq!(p.fac.settle_calls(), 1);
+    authorize(Some(&payment), "")
+        .await
+        .assert_problem(402, "payment-required");
+    assert_eq!(p.fac.settle_calls(), 1, "one payment, one call");
+    assert_eq!(
+        p.hits.load(Ordering::SeqCst),
+        0,
+        "forward-auth never calls the upstream"
+    );
+    assert_eq!(p.s.balance(&agent).await, 0);
+}
