@@ -25,12 +25,7 @@ wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$ROOT/benches/wrk/
 echo "== POST /v1/batch, $BATCH debits a request, $BATCH_CONNECTIONS connections"
 wrk -t"$THREADS" -c"$BATCH_CONNECTIONS" -d"$DURATION" --latency -s "$ROOT/benches/wrk/batch.lua" "$BASE" | tee "$WORK/batch.txt"
 
-total=0
-for i in $(seq 0 $((AGENTS - 1))); do
-  b="$(curl -fsS "$BASE/v1/agents/bench-$i" -H "Authorization: Bearer $TALLY_TOKEN" \
-    | sed -n 's/.*"balance_micros":\([0-9]*\).*/\1/p')"
-  total=$((total + 1000000000000 - b))
-done
+total="$(debited_micros "$BASE")"
 S_REQ="$(field "$WORK/single.txt" requests)"; B_REQ="$(field "$WORK/batch.txt" requests)"
 echo
 echo "summary (wrk -t$THREADS -c$CONNECTIONS -d$DURATION, loopback, $(nproc) cores, $AGENTS agents)"

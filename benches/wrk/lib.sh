@@ -59,6 +59,16 @@ fund_agents() { # base url: creates and credits bench-0 .. bench-(AGENTS-1)
   done
 }
 
+debited_micros() { # base url -> micros the bench agents spent (fund_agents gave each 10^12)
+  local total=0 b
+  for i in $(seq 0 $((AGENTS - 1))); do
+    b="$(curl -fsS "$1/v1/agents/bench-$i" -H "Authorization: Bearer $TALLY_TOKEN" \
+      | sed -n 's/.*"balance_micros":\([0-9]*\).*/\1/p')"
+    total=$((total + 1000000000000 - b))
+  done
+  echo "$total"
+}
+
 rss_mib() { # pid -> resident MiB
   awk '/^VmRSS:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"
 }

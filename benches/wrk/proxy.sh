@@ -71,10 +71,5 @@ done
 awk -v d="$(field "$WORK/direct.txt" rps)" -v p="$(field "$WORK/proxied.txt" rps)" \
   'BEGIN { printf "  proxied / direct: %.2f\n", p / d }'
 # Every proxied and authorized call was charged once: the agents' debits add up.
-total=0
-for i in $(seq 0 $((AGENTS - 1))); do
-  b="$(curl -fsS "$BASE/v1/agents/bench-$i" -H "Authorization: Bearer $TALLY_TOKEN" \
-    | sed -n 's/.*"balance_micros":\([0-9]*\).*/\1/p')"
-  total=$((total + 1000000000000 - b))
-done
+total="$(debited_micros "$BASE")"
 echo "  micros charged over all agents: $total (each proxied or authorized call: 1)"

@@ -227,26 +227,18 @@ async fn the_envelope_limits_answer_at_their_edges() {
         )
         .await;
     r.assert_problem(413, "body-too-large");
-    let r = s
-        .send(
-            s.http
-                .post(s.url("/v1/batch"))
-                .bearer_auth(SERVICE)
-                .header("content-type", "application/json")
-                .body("{\"items\": [}"),
-        )
-        .await;
-    r.assert_problem(400, "invalid-request");
-    let r = s
-        .send(
-            s.http
-                .post(s.url("/v1/batch"))
-                .bearer_auth(SERVICE)
-                .header("content-type", "application/json")
-                .body("{\"things\": []}"),
-        )
-        .await;
-    r.assert_problem(400, "invalid-request");
+    for bad in ["{\"items\": [}", "{\"things\": []}", "[]"] {
+        let r = s
+            .send(
+                s.http
+                    .post(s.url("/v1/batch"))
+                    .bearer_auth(SERVICE)
+                    .header("content-type", "application/json")
+                    .body(bad),
+            )
+            .await;
+        r.assert_problem(400, "invalid-request");
+    }
     assert_eq!(
         s.balance("a1").await,
         997,
