@@ -168,6 +168,12 @@ pub async fn authorize(
     }
 }
 
+/// `{"route": <name>}`: the metadata of every charge made for a priced route.
+pub(crate) fn route_metadata(route: &crate::config::Route) -> Result<Metadata, Problem> {
+    Metadata::new(BTreeMap::from([("route".to_owned(), route.name.clone())]))
+        .map_err(|e| Problem::invalid(e.to_string()))
+}
+
 /// Whether the request carries an agent key (valid or not): then it is that agent's
 /// call, never an x402 payment.
 pub(crate) fn carries_agent_key(st: &AppState, headers: &HeaderMap) -> bool {
@@ -250,8 +256,7 @@ async fn decide(
         .with_key(key)
         .with_priority(route.priority);
     cmd.task_type = route.task_type.clone();
-    cmd.metadata = Metadata::new(BTreeMap::from([("route".to_owned(), route.name.clone())]))
-        .map_err(|e| Problem::invalid(e.to_string()))?;
+    cmd.metadata = route_metadata(route)?;
     let result = st.engine()?.submit(cmd.clone()).await;
     let Success::Applied {
         receipt,

@@ -19,6 +19,7 @@ use crate::dto::{
 use crate::extract::{check_json_content_type, idempotency_key, parse_json, too_large};
 use crate::problem::Problem;
 use crate::respond::{classify, json_response, Success};
+use crate::routes::spend_command;
 
 /// The fields of an item that say what and whom it is for; the rest is the single route's
 /// body.
@@ -173,12 +174,6 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
             role.name()
         )));
     }
-    let spend = |kind: CommandKind, body: DebitBody, id: AgentId| {
-        let mut cmd = Command::new(id, kind).with_priority(body.priority);
-        cmd.task_type = body.task_type;
-        cmd.metadata = body.metadata;
-        cmd
-    };
     let (cmd, status, kind) = match op {
         "debit" => {
             let body: DebitBody = fields(item)?;
@@ -186,7 +181,7 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
                 amount_micros: body.amount_micros,
             };
             (
-                spend(kind, body, agent(item)?),
+                spend_command(agent(item)?, kind, body),
                 StatusCode::CREATED,
                 "debit",
             )
@@ -196,7 +191,11 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
             let kind = CommandKind::Check {
                 amount_micros: body.amount_micros,
             };
-            (spend(kind, body, agent(item)?), StatusCode::OK, "check")
+            (
+                spend_command(agent(item)?, kind, body),
+                StatusCode::OK,
+                "check",
+            )
         }
         "credit" => {
             let body: CreditBody = fields(item)?;

@@ -13,7 +13,7 @@ use tally_core::{AgentId, Command, CommandError, CommandKind, Metadata};
 use tally_store::{Engine, Reply};
 
 use crate::app::AppState;
-use crate::authorize::{X_TALLY_AGENT, X_TALLY_CHARGED_MICROS, X_TALLY_ROUTE};
+use crate::authorize::{route_metadata, X_TALLY_AGENT, X_TALLY_CHARGED_MICROS, X_TALLY_ROUTE};
 use crate::config::{Route, X402};
 use crate::problem::Problem;
 use crate::respond::{classify, submit_error};
@@ -268,8 +268,7 @@ async fn journal(
     )
     .with_priority(route.priority);
     debit.task_type = route.task_type.clone();
-    debit.metadata = Metadata::new(BTreeMap::from([("route".to_owned(), route.name.clone())]))
-        .unwrap_or_default();
+    debit.metadata = route_metadata(route).unwrap_or_default();
     let keyed = [
         (credit, taken.payment.id.clone()),
         (debit, format!("{}:call", taken.payment.id)),

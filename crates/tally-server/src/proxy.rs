@@ -24,15 +24,15 @@ use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tally_core::{AgentId, Command, CommandKind, IdempotencyKey, Metadata};
+use tally_core::{AgentId, Command, CommandKind, IdempotencyKey};
 use tally_store::{Engine, Reply};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::app::AppState;
 use crate::authorize::{
-    agent_of, carries_agent_key, X_TALLY_AGENT, X_TALLY_BALANCE_MICROS, X_TALLY_CHARGED_MICROS,
-    X_TALLY_RECEIPT, X_TALLY_ROUTE,
+    agent_of, carries_agent_key, route_metadata, X_TALLY_AGENT, X_TALLY_BALANCE_MICROS,
+    X_TALLY_CHARGED_MICROS, X_TALLY_RECEIPT, X_TALLY_ROUTE,
 };
 use crate::config::{Price, ProxyConfig, Route};
 use crate::payments;
@@ -627,14 +627,6 @@ fn upstream_timeout() -> Problem {
 
 fn idempotency_key(raw: &str) -> Result<IdempotencyKey, Problem> {
     IdempotencyKey::new(raw).map_err(|e| Problem::invalid(e.to_string()))
-}
-
-fn route_metadata(route: &Route) -> Result<Metadata, Problem> {
-    Metadata::new(std::collections::BTreeMap::from([(
-        "route".to_owned(),
-        route.name.clone(),
-    )]))
-    .map_err(|e| Problem::invalid(e.to_string()))
 }
 
 /// Copies the upstream body to the client, frame by frame, until it ends (its trailers,

@@ -156,7 +156,8 @@ pub async fn credit(
     submit_receipt(&st, cmd, StatusCode::CREATED, "credit").await
 }
 
-fn spend_command(id: AgentId, kind: CommandKind, body: DebitBody) -> Command {
+/// A debit or check command with the body's priority, task type and metadata.
+pub(crate) fn spend_command(id: AgentId, kind: CommandKind, body: DebitBody) -> Command {
     let mut cmd = Command::new(id, kind).with_priority(body.priority);
     cmd.task_type = body.task_type;
     cmd.metadata = body.metadata;

@@ -181,11 +181,18 @@ async fn closed_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// The test routes; `[proxy]` gets `proxy_extra`, and a 500 ms upstream time-out (the
+/// time-out test waits that long) unless `proxy_extra` sets its own.
 fn routes(upstream: &str, refused: u16, proxy_extra: &str) -> String {
+    let timeout = if proxy_extra.contains("upstream_timeout_ms") {
+        ""
+    } else {
+        "upstream_timeout_ms = 500"
+    };
     format!(
         r#"
 [proxy]
-upstream_timeout_ms = 500
+{timeout}
 body_bytes_max = 1000
 {proxy_extra}
 
@@ -521,7 +528,8 @@ async fn an_upstream_4xx_is_passed_through_and_charged_unless_the_route_refunds_
 
 #[tokio::test]
 async fn ten_megabytes_stream_through_intact_without_being_buffered_whole() {
-    let f = fixture("", "").await;
+    // 10 MB must not race the fixture's 500 ms time-out on a loaded machine.
+    let f = fixture("upstream_timeout_ms = 30000", "").await;
     let mut resp =
         f.s.http
             .get(f.s.proxy_url("/big"))
