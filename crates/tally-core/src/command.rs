@@ -131,6 +131,11 @@ pub enum CommandKind {
     RevokeApiKey {
         prefix: String,
     },
+    /// Record in the journal that a call was served but its payment (x402) could not be
+    /// settled: `amount_micros` was owed and not collected. Moves no money.
+    RecordUnsettledPayment {
+        amount_micros: u64,
+    },
 }
 
 impl CommandKind {
@@ -245,6 +250,9 @@ impl Command {
                 field(b'n', &[u8::from(name.is_some())]);
             }
             CommandKind::RevokeApiKey { prefix } => field(b'R', prefix.as_bytes()),
+            CommandKind::RecordUnsettledPayment { amount_micros } => {
+                field(b'u', &num(*amount_micros))
+            }
         }
         field(
             b'T',

@@ -291,6 +291,15 @@ pub fn decide(
             let event = stamp.event(next_seq, kind, s.balance_micros, s.held_micros);
             approved(vec![event], s.balance_micros, s.held_micros, now_ms, None)
         }
+        // A fact about money that did not arrive: recorded whatever the agent's status,
+        // rate limits or cap say, since the call it paid for already happened.
+        CommandKind::RecordUnsettledPayment { amount_micros } => {
+            let kind = EventKind::PaymentUnsettled {
+                amount_micros: nonzero(*amount_micros)?,
+            };
+            let event = stamp.event(next_seq, kind, s.balance_micros, s.held_micros);
+            approved(vec![event], s.balance_micros, s.held_micros, now_ms, None)
+        }
     };
     #[cfg(debug_assertions)]
     check_against_evolve(s, &decision.events);

@@ -78,6 +78,12 @@ pub enum EventKind {
     ApiKeyRevoked {
         prefix: String,
     },
+    /// A call was served and its x402 payment could not be settled: `amount_micros` was
+    /// owed and not collected. Balances do not change; the event is the audit record
+    /// (with the payment's identity and the reason in its metadata).
+    PaymentUnsettled {
+        amount_micros: u64,
+    },
 }
 
 impl EventKind {
@@ -95,11 +101,13 @@ impl EventKind {
             EventKind::Refunded { .. } => "refund",
             EventKind::ApiKeyIssued { .. } => "api_key_issued",
             EventKind::ApiKeyRevoked { .. } => "api_key_revoked",
+            EventKind::PaymentUnsettled { .. } => "payment_unsettled",
         }
     }
 
     /// The money this event moved, in micros (captured amount for captures, released
-    /// amount for voids and expiries, 0 for agent changes).
+    /// amount for voids and expiries, 0 for agent changes; for an unsettled payment the
+    /// amount owed, which moved nothing).
     pub fn amount_micros(&self) -> u64 {
         match *self {
             EventKind::AgentCreated { .. }
@@ -109,7 +117,8 @@ impl EventKind {
             EventKind::Credited { amount_micros }
             | EventKind::Debited { amount_micros, .. }
             | EventKind::HoldPlaced { amount_micros, .. }
-            | EventKind::Refunded { amount_micros, .. } => amount_micros,
+            | EventKind::Refunded { amount_micros, .. }
+            | EventKind::PaymentUnsettled { amount_micros } => amount_micros,
             EventKind::HoldCaptured {
                 captured_micros, ..
             } => captured_micros,

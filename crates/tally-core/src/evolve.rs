@@ -185,6 +185,7 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
                 return Err(err("revoke of an unknown API key"));
             }
         }
+        EventKind::PaymentUnsettled { .. } => {}
     }
     if s.balance_micros != event.balance_after_micros || s.held_micros != event.held_after_micros {
         return Err(err(

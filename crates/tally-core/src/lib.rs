@@ -28,7 +28,7 @@ pub mod pricing;
 pub mod rate;
 mod state;
 
-pub use command::{Command, CommandKind, Metadata, Priority};
+pub use command::{Command, CommandKind, Metadata, Priority, METADATA_VALUE_LEN_MAX};
 pub use decide::{decide, Decision};
 pub use error::{CommandError, InvariantError, ValidationError};
 pub use event::{Event, EventKind};

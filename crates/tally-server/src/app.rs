@@ -51,6 +51,9 @@ struct Shared {
     forward_auth: ForwardAuth,
     facilitator: Option<Facilitator>,
     payments_in_use: InUseSet,
+    /// The facilitator's address `upto` payments bind: configured, or learned once from
+    /// its `/supported`.
+    upto_address: OnceLock<String>,
 }
 
 impl AppState {
@@ -85,6 +88,12 @@ impl AppState {
                     }
                 }),
                 payments_in_use: InUseSet::default(),
+                upto_address: config
+                    .x402
+                    .as_ref()
+                    .and_then(|x| x.facilitator_address.clone())
+                    .map(OnceLock::from)
+                    .unwrap_or_default(),
             }),
         }
     }
@@ -147,6 +156,22 @@ impl AppState {
     /// The x402 facilitator, when `[x402]` names one.
     pub fn facilitator(&self) -> Option<&Facilitator> {
         self.inner.facilitator.as_ref()
+    }
+
+    /// The facilitator's address for `upto` payments, once known.
+    pub fn upto_address(&self) -> Option<&str> {
+        self.inner.upto_address.get().map(String::as_str)
+    }
+
+    /// Keeps the `upto` address learned from the facilitator's `/supported`; the first
+    /// one learned (or the configured one) stays.
+    pub fn learn_upto_address(&self, kinds: &[serde_json::Value]) -> Option<&str> {
+        if let Some(network) = self.x402().map(|x| x.network.as_str()) {
+            if let Some(a) = crate::x402::upto_address(kinds, network) {
+                let _ = self.inner.upto_address.set(a);
+            }
+        }
+        self.upto_address()
     }
 
     /// x402 payments being used by a request now.
@@ -436,14 +461,24 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         opener_state.set_engine(engine.clone());
         if let (Some(x), Some(f)) = (opener_state.x402(), opener_state.facilitator()) {
             let (f, scheme, network) = (f.clone(), x.scheme.clone(), x.network.clone());
+            let upto = config
+                .routes
+                .routes()
+                .iter()
+                .any(|r| r.x402 && r.price.fixed_micros().is_none());
+            let st = opener_state.clone();
             // A warning, not a refusal to start: the facilitator may come up later.
             tokio::spawn(async move {
-                match f.supports(&scheme, &network).await {
-                    Ok(true) => {
-                        tracing::info!(%scheme, %network, "the x402 facilitator supports the configured payment kind")
-                    }
-                    Ok(false) => {
-                        tracing::warn!(%scheme, %network, "the x402 facilitator does not list the configured scheme and network in /supported")
+                match f.kinds().await {
+                    Ok(kinds) => {
+                        if crate::x402::lists(&kinds, &scheme, &network) {
+                            tracing::info!(%scheme, %network, "the x402 facilitator supports the configured payment kind")
+                        } else {
+                            tracing::warn!(%scheme, %network, "the x402 facilitator does not list the configured scheme and network in /supported")
+                        }
+                        if upto && st.learn_upto_address(&kinds).is_none() {
+                            tracing::warn!(%network, "variable-price x402 routes need the upto scheme, and the facilitator lists no upto kind with a facilitatorAddress for the network (or set [x402] facilitator_address)")
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "the x402 facilitator's /supported could not be read")

@@ -198,6 +198,12 @@ async fn paid(
     headers: &HeaderMap,
     target: &str,
 ) -> Result<Response, Problem> {
+    if route.price.fixed_micros().is_none() {
+        return Err(Problem::not_found(format!(
+            "route {} has a variable price (x402 upto), which only the metering proxy can settle",
+            route.name
+        )));
+    }
     let engine = st.engine()?;
     let resource = match (
         single(headers, "x-forwarded-proto")?,
@@ -207,7 +213,16 @@ async fn paid(
         _ => format!("{}{target}", st.public_url()),
     };
     let taken = payments::take(st, engine, route, headers, &resource).await?;
-    let paid_headers = payments::settle(st, engine, route, &taken, &resource).await?;
+    let paid_headers = payments::settle(
+        st,
+        engine,
+        route,
+        &taken,
+        &resource,
+        false,
+        taken.price_micros,
+    )
+    .await?;
     let mut resp = json_response(
         StatusCode::OK,
         json!({

@@ -198,9 +198,9 @@ pub fn event_json(e: &Event) -> Value {
             debit_period,
             ..
         } => (None, Some(*debit_seq), Some(*debit_period), None, None),
-        EventKind::ApiKeyIssued { .. } | EventKind::ApiKeyRevoked { .. } => {
-            (None, None, None, None, None)
-        }
+        EventKind::ApiKeyIssued { .. }
+        | EventKind::ApiKeyRevoked { .. }
+        | EventKind::PaymentUnsettled { .. } => (None, None, None, None, None),
     };
     let api_key_prefix = match &e.kind {
         EventKind::ApiKeyIssued { prefix, .. } | EventKind::ApiKeyRevoked { prefix } => {

@@ -232,7 +232,7 @@ fn build() -> Value {
             &["seq", "kind", "amount_micros", "balance_micros", "held_micros", "at", "idempotency_key", "task_type", "metadata", "hold_seq", "debit_seq", "period", "plan", "status", "api_key_prefix"],
             json!({
                 "seq": u64_schema(),
-                "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked"]},
+                "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked", "payment_unsettled"]},
                 "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(), "at": time,
                 "idempotency_key": nullable(json!({"type": "string"})), "task_type": nullable(json!({"type": "string"})),
                 "metadata": {"type": "object", "additionalProperties": {"type": "string"}},

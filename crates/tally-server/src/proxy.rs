@@ -539,14 +539,28 @@ impl Proxy {
             self.count(&route.name, "client_error_not_settled");
             return Ok(self.stream_back(engine, None, resp, deadline, agent_headers, permit));
         }
-        let paid_headers =
-            match payments::settle(&self.st, &engine, &route, &taken, &resource).await {
-                Ok(h) => h,
-                Err(p) => {
-                    self.count(&route.name, "settle_failed");
-                    return Err(p);
-                }
-            };
+        // `upto`: what the upstream reported in its head, at most the maximum, the
+        // maximum when it reported nothing (the payment settles before the body streams,
+        // so a usage trailer is not waited for).
+        let charge_micros = usage_micros(&route.price, resp.headers())
+            .map_or(taken.price_micros, |u| u.min(taken.price_micros));
+        let paid_headers = match payments::settle(
+            &self.st,
+            &engine,
+            &route,
+            &taken,
+            &resource,
+            true,
+            charge_micros,
+        )
+        .await
+        {
+            Ok(h) => h,
+            Err(p) => {
+                self.count(&route.name, "settle_failed");
+                return Err(p);
+            }
+        };
         self.count(&route.name, "served_paid");
         Ok(self.stream_back(engine, None, resp, deadline, paid_headers, permit))
     }

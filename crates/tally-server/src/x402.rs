@@ -42,6 +42,31 @@ pub fn requirement(x: &X402, amount_micros: u64) -> Value {
     offer
 }
 
+/// The `upto` scheme's name: the client signs a maximum, the server settles what the call
+/// cost (≤ the maximum, 0 allowed).
+pub const UPTO: &str = "upto";
+
+/// One entry of `accepts` for a variable price: scheme `upto` with the maximum, paid with
+/// Permit2 (`extra.assetTransferMethod`), bound to the facilitator that will settle it
+/// (`extra.facilitatorAddress`, which the client's signature covers).
+pub fn requirement_upto(x: &X402, max_micros: u64, facilitator_address: &str) -> Value {
+    let mut offer = requirement(x, max_micros);
+    offer["scheme"] = json!(UPTO);
+    let mut extra = x.extra.clone().unwrap_or_default();
+    extra.insert("assetTransferMethod".into(), json!("permit2"));
+    extra.insert("facilitatorAddress".into(), json!(facilitator_address));
+    offer["extra"] = Value::Object(extra);
+    offer
+}
+
+/// `want` with `amount` replaced: what an `upto` payment is settled with (the official
+/// server's settlement override does the same).
+pub fn settling(want: &Value, amount_micros: u64) -> Value {
+    let mut want = want.clone();
+    want["amount"] = json!(amount_micros.to_string());
+    want
+}
+
 /// The `PaymentRequired` object (`x402Version: 2`) and its base64 for the header.
 pub fn payment_required(
     error: &str,
@@ -84,8 +109,55 @@ pub struct Payment {
     /// `x402:<network>:<nonce>` (EVM authorizations) or `x402:<network>:sha256:<hex>`:
     /// the idempotency key that makes one payment buy or credit once.
     pub id: String,
-    /// The authorization's amount, in atomic units, when the scheme carries one.
+    /// The authorization's amount, in atomic units, when the scheme carries one (for
+    /// `upto`, the signed maximum).
     pub value: Option<u64>,
+}
+
+/// An EVM payload's authorization: `exact`'s EIP-3009 `authorization` (value, to), or a
+/// Permit2 `permit2Authorization` (`upto`, and `exact` by Permit2: permitted.amount,
+/// witness.to).
+struct Authorization<'a> {
+    nonce: Option<&'a str>,
+    value: Option<u64>,
+    to: Option<&'a str>,
+    from: Option<&'a str>,
+}
+
+fn text<'a>(v: &'a Value, path: &str) -> Option<&'a str> {
+    v.pointer(path).and_then(Value::as_str)
+}
+
+fn authorization(inner: &Value) -> Option<Authorization<'_>> {
+    let number = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => s.parse::<u64>().ok(),
+        Some(Value::Number(n)) => n.as_u64(),
+        _ => None,
+    };
+    if let Some(a) = inner.get("authorization").filter(|a| a.is_object()) {
+        return Some(Authorization {
+            nonce: text(a, "/nonce"),
+            value: number(a.get("value")),
+            to: text(a, "/to"),
+            from: text(a, "/from"),
+        });
+    }
+    let a = inner
+        .get("permit2Authorization")
+        .filter(|a| a.is_object())?;
+    Some(Authorization {
+        nonce: text(a, "/nonce"),
+        value: number(a.pointer("/permitted/amount")),
+        to: text(a, "/witness/to"),
+        from: text(a, "/from"),
+    })
+}
+
+/// The payer's address a payload names (`authorization.from` or
+/// `permit2Authorization.from`), for when the facilitator's verdict does not say.
+pub fn payer_of(payload: &Value) -> Option<String> {
+    let inner = payload.get("payload")?;
+    authorization(inner)?.from.map(str::to_owned)
 }
 
 /// Why a payment header cannot be used, in words for the 402's `error`.
@@ -138,10 +210,10 @@ pub fn read_payment(headers: &HeaderMap) -> Result<Option<Payment>, PaymentError
         .get("network")
         .and_then(Value::as_str)
         .ok_or_else(|| bad("accepted.network missing"))?;
-    let authorization = inner.get("authorization");
-    let nonce = authorization
-        .and_then(|a| a.get("nonce"))
-        .and_then(Value::as_str)
+    let auth = authorization(inner);
+    let nonce = auth
+        .as_ref()
+        .and_then(|a| a.nonce)
         .filter(|n| n.len() <= 130 && n.bytes().all(|b| b.is_ascii_alphanumeric()));
     let id = match nonce {
         Some(n) => format!("x402:{network}:{}", n.to_ascii_lowercase()),
@@ -155,13 +227,7 @@ pub fn read_payment(headers: &HeaderMap) -> Result<Option<Payment>, PaymentError
     {
         return Err(bad("accepted.network is too long or not visible ASCII"));
     }
-    let value = authorization
-        .and_then(|a| a.get("value"))
-        .and_then(|v| match v {
-            Value::String(s) => s.parse::<u64>().ok(),
-            Value::Number(n) => n.as_u64(),
-            _ => None,
-        });
+    let value = auth.as_ref().and_then(|a| a.value);
     Ok(Some(Payment {
         payload,
         accepted,
@@ -201,13 +267,13 @@ impl Payment {
                 "accepted.amount is below the {asked} asked"
             )));
         }
-        if let Some(auth) = self.payload.pointer("/payload/authorization") {
+        if let Some(auth) = self.payload.get("payload").and_then(authorization) {
             if self.value.is_none_or(|v| v < asked) {
                 return Err(PaymentError::Mismatch(format!(
                     "the authorization's value is below the {asked} asked"
                 )));
             }
-            let to = auth.get("to").and_then(Value::as_str).unwrap_or("");
+            let to = auth.to.unwrap_or("");
             if !field(want, "payTo").is_some_and(|p| p.eq_ignore_ascii_case(to)) {
                 return Err(PaymentError::Mismatch(
                     "the authorization pays someone else".into(),
@@ -359,8 +425,9 @@ impl Facilitator {
         Err(last)
     }
 
-    /// `GET /supported`: whether `scheme` on `network` is listed.
-    pub async fn supports(&self, scheme: &str, network: &str) -> Result<bool, FacilitatorError> {
+    /// `GET /supported`: the kinds the facilitator lists (`{x402Version, scheme, network,
+    /// extra?}`).
+    pub async fn kinds(&self) -> Result<Vec<Value>, FacilitatorError> {
         let resp = self
             .http
             .get(format!("{}/supported", self.url))
@@ -371,16 +438,37 @@ impl Facilitator {
             .json()
             .await
             .map_err(|_| FacilitatorError("answered /supported without JSON".into()))?;
-        let kinds = answer
+        Ok(answer
             .get("kinds")
             .and_then(Value::as_array)
             .cloned()
-            .unwrap_or_default();
-        Ok(kinds.iter().any(|k| {
-            k.get("scheme").and_then(Value::as_str) == Some(scheme)
-                && k.get("network").and_then(Value::as_str) == Some(network)
-        }))
+            .unwrap_or_default())
     }
+}
+
+/// Whether `kinds` (from `/supported`) list `scheme` on `network`.
+pub fn lists(kinds: &[Value], scheme: &str, network: &str) -> bool {
+    kinds.iter().any(|k| {
+        k.get("scheme").and_then(Value::as_str) == Some(scheme)
+            && k.get("network").and_then(Value::as_str) == Some(network)
+    })
+}
+
+/// The facilitator's address for `upto` on `network`, from its `/supported` kinds
+/// (`extra.facilitatorAddress`), when it lists one.
+pub fn upto_address(kinds: &[Value], network: &str) -> Option<String> {
+    kinds
+        .iter()
+        .filter(|k| {
+            k.get("scheme").and_then(Value::as_str) == Some(UPTO)
+                && k.get("network").and_then(Value::as_str) == Some(network)
+        })
+        .find_map(|k| {
+            k.pointer("/extra/facilitatorAddress")
+                .and_then(Value::as_str)
+        })
+        .filter(|a| crate::config::is_evm_address(a))
+        .map(str::to_owned)
 }
 
 fn verdict(ok: bool, reason_field: &str, answer: Value) -> Verdict {
@@ -454,6 +542,7 @@ mod tests {
             facilitator_timeout_ms: 1_000,
             settle_attempts_max: 1,
             payer_plan: None,
+            facilitator_address: None,
         }
     }
 

@@ -93,6 +93,26 @@ fn payer_agent(w: &Wallet) -> String {
     format!("x402:{}:{}", kit::NETWORK, w.address().to_ascii_lowercase())
 }
 
+/// The (kind, amount) of every entry in the agent's journal.
+async fn journal_kinds(s: &TestServer, agent: &str) -> Vec<(String, u64)> {
+    journal(s, agent)
+        .await
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or("").to_owned(),
+                e["amount_micros"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+async fn journal(s: &TestServer, agent: &str) -> Vec<Value> {
+    let journal = s.get(&format!("/v1/agents/{agent}/journal")).await;
+    assert_eq!(journal.status, 200, "{}", journal.text);
+    journal.body["entries"].as_array().expect("entries").clone()
+}
+
 #[tokio::test]
 async fn a_payment_buys_one_call_settled_once_even_sent_three_times() {
     let p = paid("").await;
@@ -123,19 +143,7 @@ async fn a_payment_buys_one_call_settled_once_even_sent_three_times() {
     assert_eq!(p.hits.load(Ordering::SeqCst), 1, "served once");
     assert_eq!(p.fac.settle_calls(), 1, "settled once");
     // The payer is an agent: the payment in, the call out, keyed by the payment.
-    let journal = p.s.get(&format!("/v1/agents/{agent}/journal")).await;
-    assert_eq!(journal.status, 200, "{}", journal.text);
-    let kinds: Vec<(String, u64)> = journal.body["entries"]
-        .as_array()
-        .expect("entries")
-        .iter()
-        .map(|e| {
-            (
-                e["kind"].as_str().unwrap_or("").to_owned(),
-                e["amount_micros"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let kinds = journal_kinds(&p.s, &agent).await;
     assert_eq!(
         kinds,
         vec![
@@ -239,7 +247,8 @@ async fn an_upstream_failure_or_a_failed_settlement_is_not_paid_for() {
         "nothing credited"
     );
 
-    // Served, but the settlement fails: the answer is withheld and counted.
+    // Served, but the settlement fails (twice, the same payment): the answer is withheld,
+    // counted, and the unpaid call journaled once.
     let required = p.asked("/paid").await;
     let payment = wallet.pay(
         &required["resource"],
@@ -247,19 +256,51 @@ async fn an_upstream_failure_or_a_failed_settlement_is_not_paid_for() {
         kit::now_s() + 60,
         kit::nonce(2),
     );
-    p.fac.fail_next_settle();
-    let r = p.pay("/paid", &payment).await;
-    r.assert_problem(402, "payment-required");
-    assert!(r.text.contains("could not be settled"), "{}", r.text);
+    for _ in 0..2 {
+        p.fac.fail_next_settle();
+        let r = p.pay("/paid", &payment).await;
+        r.assert_problem(402, "payment-required");
+        assert!(r.text.contains("could not be settled"), "{}", r.text);
+    }
     let metrics = p.s.get("/metrics").await.text;
     assert!(
-        metrics.contains("tally_x402_payments_total{outcome=\"settle_failed\"} 1"),
+        metrics.contains("tally_x402_payments_total{outcome=\"settle_failed\"} 2"),
         "{metrics}"
     );
-    assert_eq!(p.s.balance(&payer_agent(&wallet)).await, 0);
+    let agent = payer_agent(&wallet);
+    assert_eq!(p.s.balance(&agent).await, 0);
+    let entries = journal(&p.s, &agent).await;
+    let unsettled: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "payment_unsettled")
+        .collect();
+    assert_eq!(unsettled.len(), 1, "{entries:?}");
+    assert_eq!(unsettled[0]["amount_micros"], PRICE);
+    assert_eq!(unsettled[0]["balance_micros"], 0);
+    assert_eq!(unsettled[0]["metadata"]["route"], "paid");
+    let id = unsettled[0]["metadata"]["x402_payment"]
+        .as_str()
+        .unwrap_or("");
+    assert!(!id.is_empty(), "{:?}", unsettled[0]);
+    assert!(
+        unsettled[0]["metadata"]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{:?}",
+        unsettled[0]
+    );
     // The payment was not spent: sent again, it settles and buys the call.
     let r = p.pay("/paid", &payment).await;
     assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        journal_kinds(&p.s, &agent).await,
+        vec![
+            ("agent_created".to_owned(), 0),
+            ("payment_unsettled".to_owned(), PRICE),
+            ("credit".to_owned(), PRICE),
+            ("debit".to_owned(), PRICE)
+        ]
+    );
 }
 
 #[tokio::test]

@@ -156,7 +156,7 @@ async fn recovery_without_clean_shutdown_replays_the_journal_tail() {
     // No shutdown: the checkpoint is the one from creation; everything after is journal.
     std::mem::forget(engine);
     let dir2 = tempfile::tempdir().expect("tempdir");
-    copy_dir(dir.path(), dir2.path());
+    common::copy_dir(dir.path(), dir2.path());
     let engine = open(dir2.path(), &clock);
     assert_eq!(
         engine.agent(&a).await.expect("reads").expect("exists"),
@@ -183,18 +183,6 @@ async fn recovery_without_clean_shutdown_replays_the_journal_tail() {
     engine.shutdown().await.expect("shuts down");
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    for entry in std::fs::read_dir(from).expect("reads dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            std::fs::create_dir_all(&target).expect("mkdir");
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copies");
-        }
-    }
-}
 
 /// The 24 h window is time, not memory: with only 1,000 keys held in memory, keys a
 /// hundred thousand requests old still replay after a restart, from the index on disk.

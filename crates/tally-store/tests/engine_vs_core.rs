@@ -209,29 +209,6 @@ impl Mirror {
     }
 }
 
-/// Copies a live data directory the way a crash would leave it: the write-ahead log first,
-/// then sled. The indexer may meanwhile move WAL records into sled and delete their
-/// segment; sled, copied after, then holds them.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    let mut entries: Vec<_> = std::fs::read_dir(from)
-        .expect("reads dir")
-        .map(|e| e.expect("entry"))
-        .collect();
-    entries.sort_by_key(|e| e.file_name() != "wal");
-    for entry in entries {
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            match std::fs::copy(entry.path(), &target) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => panic!("copying {}: {e}", entry.path().display()),
-            }
-        }
-    }
-}
 
 async fn check_agree(engine: &Engine, mirror: &Mirror) {
     for i in 0..AGENTS {
@@ -362,7 +339,7 @@ fn run(ops: Vec<Op>) {
                         for i in 0..AGENTS {
                             engine.agent(&a(i)).await.expect("reads");
                         }
-                        copy_dir(&dir_of(generation - 1), &dir_of(generation));
+                        common::copy_dir(&dir_of(generation - 1), &dir_of(generation));
                         // The old engine's directory is never opened again; stop it so
                         // its threads do not pile up over many cases.
                         engine.shutdown().await.expect("shuts down");

@@ -60,18 +60,6 @@ fn open(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
     Engine::open(config, plan_book(), clock.clone(), None).expect("engine opens")
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("reads dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copies");
-        }
-    }
-}
 
 fn replay(id: &AgentId, journal: &[Event]) -> Result<Option<AgentState>, TestCaseError> {
     let mut state = None;
@@ -288,7 +276,7 @@ impl Harness {
             // Denials and rejections are answered before the run they were decided in is
             // written, and that run may hold hold expiries: `after_step` read every agent,
             // which waits for it. Take the files as a crash would leave them.
-            copy_dir(&old, &new);
+            common::copy_dir(&old, &new);
             // The old engine then stops in its own directory, which nothing opens again:
             // the copy has none of what its shutdown writes, and its threads do not pile
             // up over hundreds of cases (as they would if it were leaked).

@@ -80,6 +80,11 @@ pub(crate) enum Op {
         debit: Pick,
         part: Part,
     },
+    /// A served call whose payment could not be settled: journaled, no money moves.
+    Unsettled {
+        agent: usize,
+        amount: u64,
+    },
     SetStatus {
         agent: usize,
         suspended: bool,
@@ -183,6 +188,8 @@ pub(crate) fn op() -> impl Strategy<Value = Op> {
         1 => (agent(), pick()).prop_map(|(agent, hold)| Op::Void { agent, hold }),
         2 => agent().prop_map(|agent| Op::Expire { agent }),
         2 => (agent(), pick(), part()).prop_map(|(agent, debit, part)| Op::Refund { agent, debit, part }),
+        1 => (agent(), prop_oneof![Just(0u64), 1u64..5_000])
+            .prop_map(|(agent, amount)| Op::Unsettled { agent, amount }),
         1 => (agent(), prop::bool::weighted(0.3))
             .prop_map(|(agent, suspended)| Op::SetStatus { agent, suspended }),
         1 => (agent(), 0..PLAN_MOVES.len()).prop_map(|(agent, plan)| Op::SetPlan { agent, plan }),

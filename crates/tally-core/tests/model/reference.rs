@@ -583,6 +583,13 @@ impl ModelAgent {
                 }
                 Ok(self.approved(due.len() as u32, first))
             }
+            // Recorded whatever the status, limits or cap: the call already happened.
+            CommandKind::RecordUnsettledPayment { amount_micros: a } => {
+                if a == 0 {
+                    return Err(CommandError::ZeroAmount);
+                }
+                Ok(self.approved(1, a))
+            }
             // API keys move no money; tests/edges/api_keys.rs covers them.
             CommandKind::IssueApiKey { .. } | CommandKind::RevokeApiKey { .. } => {
                 panic!("the model generates no API key commands")

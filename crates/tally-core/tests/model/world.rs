@@ -200,6 +200,13 @@ impl ModelWorld {
                     normal,
                 )
             }
+            Op::Unsettled { agent, amount } => (
+                *agent,
+                CommandKind::RecordUnsettledPayment {
+                    amount_micros: *amount,
+                },
+                normal,
+            ),
             Op::SetStatus { agent, suspended } => (
                 *agent,
                 CommandKind::UpdateAgent {

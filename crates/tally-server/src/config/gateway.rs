@@ -201,7 +201,8 @@ pub struct Route {
     /// client gets the upstream's answer.
     pub charge_client_errors: bool,
     /// The proxy also sells a call to a caller with no agent key for an x402 payment of
-    /// the price (fixed prices only).
+    /// the price: scheme `exact` for a fixed price, `upto` the maximum for a variable one
+    /// (settled for what the upstream reported). Forward-auth sells fixed prices only.
     pub x402: bool,
 }
 

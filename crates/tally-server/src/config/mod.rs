@@ -104,6 +104,10 @@ pub struct X402 {
     pub settle_attempts_max: u32,
     /// The plan of agents made for wallet payers (`x402:<network>:<address>`).
     pub payer_plan: Option<PlanName>,
+    /// The facilitator's address an `upto` payment's witness binds
+    /// (`extra.facilitatorAddress` of a variable-price route's requirement). When unset,
+    /// learned from the facilitator's `GET /supported` (its `upto` kind's `extra`).
+    pub facilitator_address: Option<String>,
 }
 
 /// The validated configuration the server runs with.
@@ -620,6 +624,17 @@ impl Config {
                         Some(name)
                     }
                 },
+                facilitator_address: match x.facilitator_address {
+                    None => None,
+                    Some(a) if is_evm_address(&a) => Some(a),
+                    Some(a) => {
+                        return Err(lines.err(
+                            "x402.facilitator_address",
+                            &span,
+                            format!("{a:?} must be 0x and 40 hex digits"),
+                        ))
+                    }
+                },
             });
         }
         cfg.routes = gateway::routes(&lines, raw.routes)?;
@@ -635,8 +650,6 @@ impl Config {
                 .is_none()
             {
                 Some("needs [x402] with a facilitator_url")
-            } else if r.price.fixed_micros().is_none() {
-                Some("needs a fixed price (a variable price cannot be paid up front)")
             } else {
                 None
             };
@@ -703,6 +716,11 @@ impl Config {
             .push(TokenHash::from_hex(name, Role::Admin, hex_hash.trim())?);
         Ok(())
     }
+}
+
+/// `0x` and 40 hex digits: an EVM address.
+pub(crate) fn is_evm_address(s: &str) -> bool {
+    s.len() == 42 && s.starts_with("0x") && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]

@@ -122,4 +122,5 @@ pub(super) struct RawX402 {
     pub(super) facilitator_timeout_ms: Option<u64>,
     pub(super) settle_attempts_max: Option<u32>,
     pub(super) payer_plan: Option<String>,
+    pub(super) facilitator_address: Option<String>,
 }

@@ -98,3 +98,27 @@ pub fn approved(reply: Reply) -> Receipt {
         other => panic!("expected a fresh approval, got {other:?}"),
     }
 }
+
+/// Copies a live data directory the way a crash would leave it: the write-ahead log first,
+/// then sled. The indexer may meanwhile move WAL records into sled and delete their
+/// segment; sled, copied after, then holds them.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    let mut entries: Vec<_> = std::fs::read_dir(from)
+        .expect("reads dir")
+        .map(|e| e.expect("entry"))
+        .collect();
+    entries.sort_by_key(|e| e.file_name() != "wal");
+    for entry in entries {
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            match std::fs::copy(entry.path(), &target) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("copying {}: {e}", entry.path().display()),
+            }
+        }
+    }
+}
