@@ -632,4 +632,69 @@ mod tests {
         assert!(offer["maxTimeoutSeconds"].is_u64());
         assert!(offer.get("extra").is_none(), "absent, never null");
     }
+
+    #[test]
+    fn an_upto_requirement_names_the_maximum_permit2_and_the_facilitator() {
+        let mut x = x402();
+        x.extra = Some(
+            json!({"name": "USDC", "version": "2"})
+                .as_object()
+                .cloned()
+                .expect("map"),
+        );
+        let fac = "0x00000000000000000000000000000000000fac11";
+        let want = requirement_upto(&x, 5_000, fac);
+        assert_eq!(want["scheme"], "upto");
+        assert_eq!(want["amount"], "5000", "the maximum");
+        assert_eq!(want["extra"]["assetTransferMethod"], "permit2");
+        assert_eq!(want["extra"]["facilitatorAddress"], fac);
+        assert_eq!(want["extra"]["name"], "USDC", "the configured extra stays");
+        assert_eq!(settling(&want, 1_234)["amount"], "1234");
+        let kinds = [
+            json!({"x402Version": 2, "scheme": "exact", "network": "eip155:84532"}),
+            json!({"x402Version": 2, "scheme": "upto", "network": "eip155:1", "extra": {"facilitatorAddress": "0x1111111111111111111111111111111111111111"}}),
+            json!({"x402Version": 2, "scheme": "upto", "network": "eip155:84532", "extra": {"facilitatorAddress": fac}}),
+        ];
+        assert_eq!(upto_address(&kinds, "eip155:84532").as_deref(), Some(fac));
+        assert_eq!(
+            upto_address(&kinds[..2], "eip155:84532"),
+            None,
+            "other network only"
+        );
+        assert!(lists(&kinds, "exact", "eip155:84532"));
+        assert!(!lists(&kinds, "exact", "eip155:1"));
+    }
+
+    #[test]
+    fn a_permit2_payment_is_identified_by_its_nonce_and_checked_by_its_witness() {
+        let want = requirement_upto(&x402(), 5_000, "0x00000000000000000000000000000000000fac11");
+        let paying = |amount: &str, to: &str| {
+            json!({"x402Version": 2, "accepted": want, "payload": {
+                "signature": "0x00",
+                "permit2Authorization": {
+                    "from": "0xPayer", "permitted": {"token": "0xAsset", "amount": amount},
+                    "spender": "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002", "nonce": "123456789",
+                    "deadline": "9", "witness": {"to": to, "facilitator": "0xF", "validAfter": "0"},
+                },
+            }})
+        };
+        let p = read_payment(&header(&paying("5000", "0xPAYEE")))
+            .expect("reads")
+            .expect("a payment");
+        assert_eq!(p.id, "x402:eip155:84532:123456789");
+        assert_eq!(p.value, Some(5_000), "the signed maximum");
+        assert_eq!(payer_of(&p.payload).as_deref(), Some("0xPayer"));
+        p.check(&want).expect("pays what was asked");
+        let short = read_payment(&header(&paying("4999", "0xpayee")))
+            .expect("reads")
+            .expect("a payment");
+        assert!(matches!(short.check(&want), Err(PaymentError::Mismatch(_))));
+        let elsewhere = read_payment(&header(&paying("5000", "0xSomeoneElse")))
+            .expect("reads")
+            .expect("a payment");
+        assert!(matches!(
+            elsewhere.check(&want),
+            Err(PaymentError::Mismatch(_))
+        ));
+    }
 }

@@ -183,7 +183,6 @@ async fn recovery_without_clean_shutdown_replays_the_journal_tail() {
     engine.shutdown().await.expect("shuts down");
 }
 
-
 /// The 24 h window is time, not memory: with only 1,000 keys held in memory, keys a
 /// hundred thousand requests old still replay after a restart, from the index on disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -209,7 +209,6 @@ impl Mirror {
     }
 }
 
-
 async fn check_agree(engine: &Engine, mirror: &Mirror) {
     for i in 0..AGENTS {
         let a = agent(&format!("p{i}"));

@@ -60,7 +60,6 @@ fn open(dir: &Path, clock: &Arc<ManualClock>) -> Engine {
     Engine::open(config, plan_book(), clock.clone(), None).expect("engine opens")
 }
 
-
 fn replay(id: &AgentId, journal: &[Event]) -> Result<Option<AgentState>, TestCaseError> {
     let mut state = None;
     for event in journal {

@@ -795,6 +795,19 @@ mod tests {
             .expect_err("negative")
             .to_string();
         assert!(msg.contains("line 2"), "{msg}");
+
+        let x402 = "[x402]\nnetwork = \"eip155:84532\"\nasset = \"0xa\"\npay_to = \"0xb\"\nfacilitator_url = \"http://f\"\n";
+        let msg = Config::from_toml(&format!("{x402}facilitator_address = \"0x12\"\n"), "t")
+            .expect_err("short address")
+            .to_string();
+        assert!(msg.contains("x402.facilitator_address"), "{msg}");
+        let variable = "[[routes]]\nname = \"v\"\npath = \"/v\"\nupstream = \"http://u\"\nvariable = { max_micros = 5000 }\nx402 = true\n";
+        let cfg = Config::from_toml(&format!("{x402}{variable}"), "t").expect("upto route");
+        assert!(cfg.routes.routes()[0].x402);
+        let msg = Config::from_toml(variable, "t")
+            .expect_err("no facilitator")
+            .to_string();
+        assert!(msg.contains("routes.v.x402"), "{msg}");
     }
 
     #[test]
