@@ -22,6 +22,7 @@ use crate::authorize;
 use crate::batch;
 use crate::config::{Config, ForwardAuth, Limits, RouteTable, X402};
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
 use crate::problem::Problem;
 use crate::proxy::{self, Proxy};
 use crate::routes;
@@ -54,6 +55,8 @@ struct Shared {
     /// The facilitator's address `upto` payments bind: configured, or learned once from
     /// its `/supported`.
     upto_address: OnceLock<String>,
+    /// x402 settlements in flight, on disk (with a facilitator configured).
+    outbox: Option<Outbox>,
 }
 
 impl AppState {
@@ -94,6 +97,17 @@ impl AppState {
                     .and_then(|x| x.facilitator_address.clone())
                     .map(OnceLock::from)
                     .unwrap_or_default(),
+                outbox: config
+                    .x402
+                    .as_ref()
+                    .and_then(|x| x.facilitator_url.as_ref())
+                    .and_then(|_| match Outbox::open(&config.data_dir) {
+                        Ok(o) => Some(o),
+                        Err(e) => {
+                            tracing::error!(error = %e, "the x402 settlement directory could not be opened; payments are refused");
+                            None
+                        }
+                    }),
             }),
         }
     }
@@ -156,6 +170,11 @@ impl AppState {
     /// The x402 facilitator, when `[x402]` names one.
     pub fn facilitator(&self) -> Option<&Facilitator> {
         self.inner.facilitator.as_ref()
+    }
+
+    /// x402 settlements in flight.
+    pub fn outbox(&self) -> Option<&Outbox> {
+        self.inner.outbox.as_ref()
     }
 
     /// The facilitator's address for `upto` payments, once known.
@@ -459,6 +478,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         };
         tracing::info!(keys, "agent API key index built");
         opener_state.set_engine(engine.clone());
+        if opener_state.outbox().is_some_and(|o| !o.is_empty()) {
+            let (st, engine) = (opener_state.clone(), engine.clone());
+            tokio::spawn(async move { crate::payments::recover(&st, &engine).await });
+        }
         if let (Some(x), Some(f)) = (opener_state.x402(), opener_state.facilitator()) {
             let (f, scheme, network) = (f.clone(), x.scheme.clone(), x.network.clone());
             let upto = config

@@ -17,6 +17,7 @@ pub mod extract;
 pub mod metrics;
 pub mod noop;
 pub mod openapi;
+pub mod outbox;
 pub mod payments;
 pub mod problem;
 pub mod proxy;

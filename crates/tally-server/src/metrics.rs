@@ -77,6 +77,8 @@ impl Metrics {
             "refused",
             "facilitator_error",
             "settle_failed",
+            "recovered",
+            "unresolved",
         ] {
             x402_payments_total.with_label_values(&[outcome]);
         }

@@ -7,14 +7,15 @@
 
 use std::collections::BTreeMap;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde_json::Value;
-use tally_core::{AgentId, Command, CommandError, CommandKind, Metadata};
+use tally_core::{AgentId, Command, CommandError, CommandKind, IdempotencyKey, Metadata};
 use tally_store::{Engine, Reply};
 
 use crate::app::AppState;
 use crate::authorize::{route_metadata, X_TALLY_AGENT, X_TALLY_CHARGED_MICROS, X_TALLY_ROUTE};
 use crate::config::{Price, Route, X402};
+use crate::outbox::{Outbox, Settlement};
 use crate::problem::Problem;
 use crate::respond::{classify, submit_error};
 use crate::x402::{self, InUse, Payment, PAYMENT_RESPONSE};
@@ -174,8 +175,9 @@ async fn upto_address(st: &AppState, facilitator: &x402::Facilitator) -> Result<
 
 /// Settles the payment (retried with the same payload) and journals it; the headers for
 /// the answer (`PAYMENT-RESPONSE`, `X-Tally-*`). `served`: the upstream has already done
-/// the call (the proxy), so a failure is journaled (see [`unsettled`]). A failure is a
-/// 402 with the reason, or 502 when the facilitator cannot answer.
+/// the call (the proxy), so a failure is journaled as `payment_unsettled`; forward-auth
+/// settles before the gateway forwards, so there nothing was served and nothing is owed.
+/// A failure is a 402 with the reason, or 502 when the facilitator cannot answer.
 pub async fn settle(
     st: &AppState,
     engine: &Engine,
@@ -185,63 +187,40 @@ pub async fn settle(
     served: bool,
     charge_micros: u64,
 ) -> Result<Vec<(HeaderName, HeaderValue)>, Problem> {
-    let (Some(x), Some(facilitator)) = (st.x402(), st.facilitator()) else {
+    let Some(x) = st.x402() else {
         return Err(Problem::not_found("no x402 facilitator is configured"));
     };
     // `upto` settles what the call cost; `exact` what was signed.
-    let charge_micros = if taken.upto {
-        charge_micros.min(taken.price_micros)
+    let (charge_micros, requirements, paid_micros) = if taken.upto {
+        let charge = charge_micros.min(taken.price_micros);
+        (charge, x402::settling(&taken.want, charge), charge)
     } else {
-        taken.price_micros
+        let paid = taken.payment.amount_micros(&taken.want);
+        (taken.price_micros, taken.want.clone(), paid)
     };
-    let settle_with = if taken.upto {
-        x402::settling(&taken.want, charge_micros)
-    } else {
-        taken.want.clone()
-    };
-    let settled = match facilitator.settle(&taken.payment, &settle_with).await {
-        Ok(v) if v.ok => v,
-        Ok(v) => {
-            let reason = v.reason.as_deref().unwrap_or("no reason given");
-            unsettled(st, engine, route, taken, served, charge_micros, reason).await;
-            return Err(x402::payment_problem(
-                x,
-                &format!("the payment could not be settled: {reason}"),
-                resource,
-                taken.want.clone(),
-            ));
-        }
-        Err(e) => {
-            unsettled(
-                st,
-                engine,
-                route,
-                taken,
-                served,
-                charge_micros,
-                &e.to_string(),
-            )
-            .await;
-            return Err(e.problem());
-        }
-    };
-    let amount_micros = if taken.upto {
-        charge_micros
-    } else {
-        taken.payment.amount_micros(&taken.want)
-    };
-    count(st, "settled");
-    st.metrics().x402_settled_micros_total.inc_by(amount_micros);
-    journal(
-        st,
-        engine,
+    let settlement = call_settlement(
         route,
         taken,
-        &settled,
-        amount_micros,
+        requirements,
+        paid_micros,
         charge_micros,
-    )
-    .await;
+        served,
+    );
+    let settled = match settle_recorded(st, engine, &settlement, true).await {
+        Ok(v) => v.verdict,
+        Err(e) => {
+            count(st, "settle_failed");
+            tracing::error!(
+                route = %route.name,
+                agent = %taken.agent,
+                payment = %taken.payment.id,
+                served,
+                error = %e,
+                "x402 settlement failed; the answer was withheld"
+            );
+            return Err(e.problem(x, resource, &taken.want));
+        }
+    };
     let mut headers = taken.headers(route);
     headers.push((X_TALLY_CHARGED_MICROS, HeaderValue::from(charge_micros)));
     if let Ok(v) = HeaderValue::from_str(&x402::payment_response(&settled)) {
@@ -250,85 +229,351 @@ pub async fn settle(
     Ok(headers)
 }
 
-/// A settlement that failed: counted (alert on
-/// `tally_x402_payments_total{outcome="settle_failed"}`) and logged at error. When the
-/// upstream had already served the call (the proxy), the work was done and not paid for:
-/// journaled as `payment_unsettled` in the payer's journal with the payment's identity,
-/// the route and the reason, keyed `<identity>:unsettled` so a retried request with the
-/// same payment records it once. Forward-auth settles before the gateway forwards, so
-/// there nothing was served and nothing is owed.
-async fn unsettled(
-    st: &AppState,
-    engine: &Engine,
+/// A call's settlement: the payment credited to the payer (`paid_micros`), the call
+/// debited (`charge_micros`, none when 0), and for a served call the `payment_unsettled`
+/// record of what is owed should the settlement fail. All keyed by the payment's identity.
+fn call_settlement(
     route: &Route,
     taken: &Taken,
-    served: bool,
+    requirements: Value,
+    paid_micros: u64,
     charge_micros: u64,
-    reason: &str,
-) {
-    count(st, "settle_failed");
-    tracing::error!(
-        route = %route.name,
-        agent = %taken.agent,
-        payment = %taken.payment.id,
-        served,
-        reason,
-        "x402 settlement failed; the answer was withheld"
-    );
-    // An `upto` call that cost nothing owes nothing.
-    if !served || charge_micros == 0 {
-        return;
-    }
-    let mut record = Command::new(
-        taken.agent.clone(),
-        CommandKind::RecordUnsettledPayment {
-            amount_micros: charge_micros,
+    served: bool,
+) -> Settlement {
+    let id = &taken.payment.id;
+    let agent = &taken.agent;
+    let mut credit = Command::new(
+        agent.clone(),
+        CommandKind::Credit {
+            amount_micros: paid_micros,
         },
     );
-    record.task_type = route.task_type.clone();
-    record.metadata = Metadata::new(BTreeMap::from([
-        ("route".to_owned(), clip(&route.name)),
-        ("x402_payment".to_owned(), clip(&taken.payment.id)),
-        ("reason".to_owned(), clip(reason)),
-    ]))
-    .unwrap_or_default();
-    keyed_submit(
-        st,
-        engine,
-        taken,
-        record,
-        format!("{}:unsettled", taken.payment.id),
-    )
-    .await;
-}
-
-/// At most the longest metadata value, cut on a character boundary.
-fn clip(s: &str) -> String {
-    let mut end = s.len().min(tally_core::METADATA_VALUE_LEN_MAX);
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    credit.metadata =
+        Metadata::new(BTreeMap::from([("x402_payment".to_owned(), clip(id))])).unwrap_or_default();
+    let debit = (charge_micros > 0).then(|| {
+        let mut debit = Command::new(
+            agent.clone(),
+            CommandKind::Debit {
+                amount_micros: charge_micros,
+            },
+        )
+        .with_priority(route.priority);
+        debit.task_type = route.task_type.clone();
+        debit.metadata = route_metadata(route).unwrap_or_default();
+        keyed(debit, &format!("{id}:call"))
+    });
+    // An `upto` call that cost nothing owes nothing.
+    let unsettled = (served && charge_micros > 0).then(|| {
+        let mut record = Command::new(
+            agent.clone(),
+            CommandKind::RecordUnsettledPayment {
+                amount_micros: charge_micros,
+            },
+        );
+        record.task_type = route.task_type.clone();
+        record.metadata = Metadata::new(BTreeMap::from([
+            ("route".to_owned(), clip(&route.name)),
+            ("x402_payment".to_owned(), clip(id)),
+        ]))
+        .unwrap_or_default();
+        keyed(record, &format!("{id}:unsettled"))
+    });
+    Settlement {
+        payment_id: id.clone(),
+        payload: taken.payment.payload.clone(),
+        requirements,
+        credit: keyed(credit, id),
+        debit,
+        unsettled,
+        credit_transaction: true,
     }
-    s[..end].to_owned()
 }
 
-/// Submits a command keyed by `key`; a failure is logged at error with the payment, never
-/// dropped silently (the caller has already answered or is about to).
-async fn keyed_submit(st: &AppState, engine: &Engine, taken: &Taken, cmd: Command, key: String) {
-    let cmd = match tally_core::IdempotencyKey::new(key) {
-        Ok(key) => cmd.with_key(key),
+/// `cmd` with `key` as its idempotency key (a payment identity always makes a valid key:
+/// `read_payment` checks it; one that did not would be logged, and the command unkeyed
+/// would be refused by the engine, not applied twice).
+fn keyed(cmd: Command, key: &str) -> Command {
+    match IdempotencyKey::new(key) {
+        Ok(k) => cmd.with_key(k),
         Err(e) => {
-            tracing::error!(payment = %taken.payment.id, error = %e, "a payment's key is not a valid idempotency key");
+            tracing::error!(key, error = %e, "a payment's key is not a valid idempotency key");
+            cmd
+        }
+    }
+}
+
+/// A settled payment: the facilitator's answer, and the engine's to its credit.
+#[derive(Debug)]
+pub struct Settled {
+    pub verdict: x402::Verdict,
+    pub credit: Result<Reply, tally_store::SubmitError>,
+}
+
+/// Why a recorded settlement did not settle.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    /// The facilitator said no (`errorReason`).
+    #[error("the payment could not be settled: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Unreachable(#[from] x402::FacilitatorError),
+    /// Not recorded in the outbox, so not sent: no money moved.
+    #[error("the settlement could not be recorded before it was sent: {0}")]
+    NotRecorded(String),
+}
+
+impl SettleError {
+    /// 402 asking for `want` again with the reason; 502 when the facilitator could not
+    /// answer; 503 when it was never sent.
+    pub fn problem(&self, x: &X402, resource: &str, want: &Value) -> Problem {
+        match self {
+            SettleError::Refused(_) => {
+                x402::payment_problem(x, &self.to_string(), resource, want.clone())
+            }
+            SettleError::Unreachable(e) => e.problem(),
+            SettleError::NotRecorded(_) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "settlement-unavailable",
+                "Settlement unavailable",
+                format!("{self}; the payment may be sent again"),
+            )
+            .retry_after_ms(1_000),
+        }
+    }
+}
+
+/// Records `s` in the outbox (`record`: not when recovering it from there), sends its
+/// `/settle`, and writes what followed to the journal: on success the credit (with the
+/// transaction when `credit_transaction`) and the debit, on failure the unsettled record.
+/// The outbox file goes once the journal has it; a journal write that failed leaves it
+/// for the next start.
+pub async fn settle_recorded(
+    st: &AppState,
+    engine: &Engine,
+    s: &Settlement,
+    record: bool,
+) -> Result<Settled, SettleError> {
+    let Some(facilitator) = st.facilitator() else {
+        return Err(SettleError::NotRecorded(
+            "no x402 facilitator is configured".into(),
+        ));
+    };
+    let Some(outbox) = st.outbox() else {
+        return Err(SettleError::NotRecorded(
+            "the settlement directory could not be opened".into(),
+        ));
+    };
+    if record {
+        outbox
+            .put(s)
+            .map_err(|e| SettleError::NotRecorded(e.to_string()))?;
+    }
+    let written = match facilitator.settle(&s.payload, &s.requirements).await {
+        Ok(v) if v.ok => {
+            let credited = match s.credit.kind {
+                CommandKind::Credit { amount_micros } => amount_micros,
+                _ => 0,
+            };
+            count(st, "settled");
+            st.metrics().x402_settled_micros_total.inc_by(credited);
+            let mut credit = s.credit.clone();
+            if s.credit_transaction {
+                let transaction = v.raw.get("transaction").and_then(Value::as_str);
+                let mut metadata = credit.metadata.entries().clone();
+                metadata.insert("x402_transaction".into(), clip(transaction.unwrap_or("")));
+                if let Ok(m) = Metadata::new(metadata) {
+                    credit.metadata = m;
+                }
+            }
+            let (mut written, credit_answer) =
+                journal_answer(st, engine, &s.payment_id, &credit).await;
+            if let Some(debit) = &s.debit {
+                written &= journal(st, engine, &s.payment_id, debit.clone()).await;
+            }
+            if written {
+                forget(outbox, &s.payment_id);
+            }
+            return Ok(Settled {
+                verdict: v,
+                credit: credit_answer,
+            });
+        }
+        Ok(v) => SettleError::Refused(v.reason.unwrap_or_else(|| "no reason given".into())),
+        Err(e) => SettleError::Unreachable(e),
+    };
+    let mut done = true;
+    if let Some(u) = &s.unsettled {
+        let mut u = u.clone();
+        let mut metadata = u.metadata.entries().clone();
+        metadata.insert("reason".into(), clip(&written.to_string()));
+        if let Ok(m) = Metadata::new(metadata) {
+            u.metadata = m;
+        }
+        done = journal(st, engine, &s.payment_id, u).await;
+    }
+    if done {
+        forget(outbox, &s.payment_id);
+    }
+    Err(written)
+}
+
+fn forget(outbox: &Outbox, payment_id: &str) {
+    if let Err(e) = outbox.remove(payment_id) {
+        tracing::error!(payment = payment_id, error = %e, "a finished x402 settlement's file could not be removed; the next start will find its journal entries");
+    }
+}
+
+/// Submits a keyed journal entry for a payment: whether the journal has it (applied now
+/// or before), and the engine's answer. A failure is logged at error with the payment,
+/// never dropped silently.
+async fn journal_answer(
+    st: &AppState,
+    engine: &Engine,
+    payment_id: &str,
+    cmd: &Command,
+) -> (bool, Result<Reply, tally_store::SubmitError>) {
+    let answer = engine.submit(cmd.clone()).await;
+    // The key is the payment's own: held for another request means this entry (with
+    // other metadata, e.g. the transaction) is already there.
+    if matches!(answer, Ok(Reply::KeyReused)) {
+        return (true, answer);
+    }
+    match classify(st, cmd, answer.clone()) {
+        Ok(_) => (true, answer),
+        Err(p) => {
+            tracing::error!(
+                agent = %cmd.agent,
+                payment = payment_id,
+                problem = %p.to_json(),
+                "a journal entry for an x402 payment could not be written"
+            );
+            (false, answer)
+        }
+    }
+}
+
+async fn journal(st: &AppState, engine: &Engine, payment_id: &str, cmd: Command) -> bool {
+    journal_answer(st, engine, payment_id, &cmd).await.0
+}
+
+/// Whether the journal holds a change keyed `key` for `agent`. Asked with a check (which
+/// writes nothing) under the key: the engine answers a key it holds for another request
+/// as reused.
+pub async fn keyed_already(
+    engine: &Engine,
+    agent: &AgentId,
+    key: &IdempotencyKey,
+) -> Result<bool, Problem> {
+    let probe =
+        Command::new(agent.clone(), CommandKind::Check { amount_micros: 1 }).with_key(key.clone());
+    let answer = engine.submit(probe).await.map_err(submit_error)?;
+    Ok(matches!(answer, Reply::KeyReused))
+}
+
+/// Pause between recovery rounds while the facilitator cannot be reached.
+const RECOVERY_PAUSE_MS: u64 = 30_000;
+/// Recovery rounds at most; what is left waits for the next start.
+const RECOVERY_ROUNDS_MAX: u32 = 20;
+
+/// Finishes the settlements a crash or a stop left in the outbox, after the engine opens:
+/// one already credited is only completed (its debit, keyed) and forgotten; any other is
+/// settled again with the same payload (the facilitator settles a payment once) and
+/// journaled. One the facilitator now refuses is, for a served call, the
+/// `payment_unsettled` record; for a top-up it is set aside in `unresolved/` and logged
+/// (the first attempt may have moved the money): an operator reconciles it. While the
+/// facilitator cannot be reached the rest is tried again, `RECOVERY_ROUNDS_MAX` times.
+pub async fn recover(st: &AppState, engine: &Engine) {
+    let Some(outbox) = st.outbox() else {
+        return;
+    };
+    for round in 0..RECOVERY_ROUNDS_MAX {
+        if round > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(RECOVERY_PAUSE_MS)).await;
+        }
+        let pending = match outbox.pending() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "the x402 settlements in flight could not be listed");
+                return;
+            }
+        };
+        if pending.is_empty() {
             return;
         }
-    };
-    let answer = engine.submit(cmd.clone()).await;
-    if let Err(p) = classify(st, &cmd, answer) {
-        tracing::error!(
-            agent = %taken.agent,
-            payment = %taken.payment.id,
-            problem = %p.to_json(),
-            "a journal entry for an x402 payment could not be written"
+        tracing::warn!(
+            count = pending.len(),
+            round,
+            "finishing x402 settlements left by a restart"
         );
+        let mut unreachable = 0;
+        for s in pending {
+            if !recover_one(st, engine, outbox, &s).await {
+                unreachable += 1;
+            }
+        }
+        if unreachable == 0 {
+            return;
+        }
+    }
+    tracing::error!(
+        "x402 settlements are still in flight after {RECOVERY_ROUNDS_MAX} rounds; the next start tries again"
+    );
+}
+
+/// One settlement from the outbox; false when the facilitator could not be reached.
+async fn recover_one(st: &AppState, engine: &Engine, outbox: &Outbox, s: &Settlement) -> bool {
+    let Some(_in_use) = InUse::claim(st.payments_in_use(), &s.payment_id) else {
+        return true;
+    };
+    let credited = match &s.credit.idempotency_key {
+        Some(key) => keyed_already(engine, &s.credit.agent, key).await,
+        None => Ok(false),
+    };
+    match credited {
+        Ok(true) => {
+            let done = match &s.debit {
+                Some(d) => journal(st, engine, &s.payment_id, d.clone()).await,
+                None => true,
+            };
+            if done {
+                forget(outbox, &s.payment_id);
+            }
+            count(st, "recovered");
+            return true;
+        }
+        Ok(false) => {}
+        Err(p) => {
+            tracing::error!(payment = %s.payment_id, problem = %p.to_json(), "a pending x402 settlement could not be looked up");
+            return true;
+        }
+    }
+    match settle_recorded(st, engine, s, false).await {
+        Ok(_) => {
+            count(st, "recovered");
+            true
+        }
+        Err(SettleError::Unreachable(e)) => {
+            tracing::warn!(payment = %s.payment_id, error = %e, "a pending x402 settlement waits for the facilitator");
+            false
+        }
+        Err(e) if s.unsettled.is_some() => {
+            count(st, "settle_failed");
+            tracing::error!(payment = %s.payment_id, error = %e, "a served call's x402 settlement, interrupted by a restart, failed; journaled as payment_unsettled");
+            true
+        }
+        Err(e) => {
+            count(st, "unresolved");
+            let moved = outbox.set_aside(&s.payment_id);
+            tracing::error!(
+                payment = %s.payment_id,
+                agent = %s.credit.agent,
+                error = %e,
+                moved_to = ?moved,
+                "an x402 top-up's settlement was interrupted by a restart and is now refused: \
+                 the first attempt may have moved the money; reconcile it with the facilitator"
+            );
+            true
+        }
     }
 }
 
@@ -361,52 +606,11 @@ async fn ensure_payer(
     }
 }
 
-/// The settled payment as a credit, and the call as a debit of what it cost, in the
-/// payer's journal; both keyed by the payment's identity, so neither lands twice. The
-/// money has arrived: a debit refused now (a concurrent call took the last rate cell)
-/// leaves it as the payer's prepaid balance. An `upto` call that cost 0 moved nothing and
-/// writes nothing.
-async fn journal(
-    st: &AppState,
-    engine: &Engine,
-    route: &Route,
-    taken: &Taken,
-    settled: &x402::Verdict,
-    amount_micros: u64,
-    charge_micros: u64,
-) {
-    if amount_micros == 0 {
-        return;
+/// At most the longest metadata value, cut on a character boundary.
+fn clip(s: &str) -> String {
+    let mut end = s.len().min(tally_core::METADATA_VALUE_LEN_MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
     }
-    let transaction = clip(
-        settled
-            .raw
-            .get("transaction")
-            .and_then(Value::as_str)
-            .unwrap_or(""),
-    );
-    let mut credit = Command::new(taken.agent.clone(), CommandKind::Credit { amount_micros });
-    credit.metadata = Metadata::new(BTreeMap::from([
-        ("x402_payment".to_owned(), clip(&taken.payment.id)),
-        ("x402_transaction".to_owned(), transaction),
-    ]))
-    .unwrap_or_default();
-    let mut debit = Command::new(
-        taken.agent.clone(),
-        CommandKind::Debit {
-            amount_micros: charge_micros,
-        },
-    )
-    .with_priority(route.priority);
-    debit.task_type = route.task_type.clone();
-    debit.metadata = route_metadata(route).unwrap_or_default();
-    keyed_submit(st, engine, taken, credit, taken.payment.id.clone()).await;
-    keyed_submit(
-        st,
-        engine,
-        taken,
-        debit,
-        format!("{}:call", taken.payment.id),
-    )
-    .await;
+    s[..end].to_owned()
 }

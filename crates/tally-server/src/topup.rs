@@ -8,7 +8,7 @@
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
-use tally_core::{AgentId, Command, CommandKind, Metadata};
+use tally_core::{Command, CommandKind, Metadata};
 use tally_store::Reply;
 
 use crate::app::AppState;
@@ -16,6 +16,8 @@ use crate::auth::Need;
 use crate::authorize::agent_of;
 use crate::dto::{receipt_json, CreditBody};
 use crate::extract::{AgentPath, ApiJson, IdemKey};
+use crate::outbox::Settlement;
+use crate::payments::{self, SettleError};
 use crate::problem::Problem;
 use crate::respond::{classify, json_response, submit_error, Success};
 use crate::routes;
@@ -116,7 +118,7 @@ pub async fn credit(State(st): State<AppState>, req: Request) -> Result<Response
     };
     // Credited already (a retry, before or after a restart): the same receipt again,
     // and the facilitator is not asked twice.
-    if credited_already(&st, &id, &key).await? {
+    if payments::keyed_already(engine, &id, &key).await? {
         return receipt(&st, &credit, engine.submit(credit.clone()).await, None);
     }
     let verdict = facilitator.verify(&payment, &want).await.map_err(|e| {
@@ -131,44 +133,30 @@ pub async fn credit(State(st): State<AppState>, req: Request) -> Result<Response
         )));
     }
     count("verified");
-    let settled = match facilitator.settle(&payment, &want).await {
-        Ok(v) if v.ok => v,
-        Ok(v) => {
-            count("invalid");
-            let reason = v.reason.as_deref().unwrap_or("no reason given");
-            return Err(ask(&format!("the payment could not be settled: {reason}")));
-        }
+    // Recorded on disk before /settle: a crash between the settlement and the credit is
+    // finished at the next start (`payments::recover`).
+    let settlement = Settlement {
+        payment_id: payment.id.clone(),
+        payload: payment.payload.clone(),
+        requirements: want.clone(),
+        credit: credit.clone(),
+        debit: None,
+        unsettled: None,
+        credit_transaction: false,
+    };
+    let settled = match payments::settle_recorded(&st, engine, &settlement, true).await {
+        Ok(s) => s,
         Err(e) => {
-            count("facilitator_error");
-            return Err(e.problem());
+            count(match e {
+                SettleError::Refused(_) => "invalid",
+                _ => "facilitator_error",
+            });
+            return Err(e.problem(x, &resource, &want));
         }
     };
-    count("settled");
-    st.metrics().x402_settled_micros_total.inc_by(amount_micros);
-    let answer = engine.submit(credit.clone()).await;
-    if !matches!(answer, Ok(Reply::Decided { .. })) {
-        tracing::error!(
-            agent = %id,
-            payment = %payment.id,
-            answer = ?answer,
-            "an x402 top-up was settled but could not be credited"
-        );
-    }
-    receipt(&st, &credit, answer, Some(&settled))
-}
-
-/// Whether `key` already keyed a change of `agent`. Asked with a check (which writes
-/// nothing) under the key: the engine answers a key it holds for another request as
-/// reused, and that is the credit's.
-async fn credited_already(
-    st: &AppState,
-    agent: &AgentId,
-    key: &tally_core::IdempotencyKey,
-) -> Result<bool, Problem> {
-    let probe =
-        Command::new(agent.clone(), CommandKind::Check { amount_micros: 1 }).with_key(key.clone());
-    let answer = st.engine()?.submit(probe).await.map_err(submit_error)?;
-    Ok(matches!(answer, Reply::KeyReused))
+    // The credit's receipt (a failure to write it was logged, and the next start writes
+    // it from the settlement's file).
+    receipt(&st, &credit, settled.credit, Some(&settled.verdict))
 }
 
 fn receipt(

@@ -372,10 +372,10 @@ impl Facilitator {
             .map_err(|_| FacilitatorError(format!("answered {path} with {status} and no JSON")))
     }
 
-    fn request(payment: &Payment, requirement: &Value) -> Value {
+    fn request(payload: &Value, requirement: &Value) -> Value {
         json!({
             "x402Version": 2,
-            "paymentPayload": payment.payload,
+            "paymentPayload": payload,
             "paymentRequirements": requirement,
         })
     }
@@ -387,7 +387,7 @@ impl Facilitator {
         requirement: &Value,
     ) -> Result<Verdict, FacilitatorError> {
         let answer = self
-            .post("/verify", &Self::request(payment, requirement))
+            .post("/verify", &Self::request(&payment.payload, requirement))
             .await?;
         let ok = answer
             .get("isValid")
@@ -400,10 +400,10 @@ impl Facilitator {
     /// reached or answers 5xx, at most `settle_attempts_max` times in all.
     pub async fn settle(
         &self,
-        payment: &Payment,
+        payload: &Value,
         requirement: &Value,
     ) -> Result<Verdict, FacilitatorError> {
-        let body = Self::request(payment, requirement);
+        let body = Self::request(payload, requirement);
         let mut last = FacilitatorError("was not asked".into());
         for attempt in 0..self.settle_attempts_max {
             if attempt > 0 {
