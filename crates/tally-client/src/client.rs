@@ -94,10 +94,10 @@ impl ClientBuilder {
 }
 
 /// One answer of the server, before the retry loop decides what to do with it.
-struct Attempt<T> {
-    result: Result<Outcome<T>, Error>,
+pub(crate) struct Attempt<T> {
+    pub(crate) result: Result<Outcome<T>, Error>,
     /// `None`: final. `Some(hint)`: may be retried, after `hint` when the server said so.
-    retry: Option<Option<Duration>>,
+    pub(crate) retry: Option<Option<Duration>>,
 }
 
 impl Client {
@@ -303,7 +303,7 @@ impl Client {
             .and_then(approved)
     }
 
-    fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Result<Url, Error> {
+    pub(crate) fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Result<Url, Error> {
         let mut url = self.base.clone();
         {
             let mut path = url
@@ -336,20 +336,13 @@ impl Client {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            // No attempt runs past the call's budget (but a zero budget still gets one
-            // whole attempt).
-            let left = self.policy.total_time_max.saturating_sub(started.elapsed());
-            let timeout =
-                self.policy
-                    .attempt_timeout
-                    .map(|t| if left.is_zero() { t } else { t.min(left) });
             let attempt = self
                 .attempt(
                     &method,
                     &url,
                     body.as_deref(),
                     idempotency_key.as_deref(),
-                    timeout,
+                    self.attempt_timeout(started),
                 )
                 .await;
             let result = attempt.result.map_err(|e| match e {
@@ -375,7 +368,16 @@ impl Client {
         }
     }
 
-    async fn attempt<T: DeserializeOwned + Replayable>(
+    /// The timeout of the next attempt of a call that started at `started`: no attempt
+    /// runs past the call's budget (but a zero budget still gets one whole attempt).
+    pub(crate) fn attempt_timeout(&self, started: Instant) -> Option<Duration> {
+        let left = self.policy.total_time_max.saturating_sub(started.elapsed());
+        self.policy
+            .attempt_timeout
+            .map(|t| if left.is_zero() { t } else { t.min(left) })
+    }
+
+    pub(crate) async fn attempt<T: DeserializeOwned + Replayable>(
         &self,
         method: &Method,
         url: &Url,
@@ -471,7 +473,7 @@ impl Client {
 }
 
 /// Answers that can say they were replayed from an idempotency record.
-trait Replayable {
+pub(crate) trait Replayable {
     fn set_replayed(&mut self, _replayed: bool) {}
 }
 
@@ -499,16 +501,21 @@ fn body<B: Serialize>(value: &B) -> Result<Vec<u8>, Error> {
 fn key_or_new(key: &Option<String>) -> Result<String, Error> {
     match key {
         None => Ok(Client::new_idempotency_key()),
-        Some(key)
-            if !key.is_empty()
-                && key.len() <= IDEMPOTENCY_KEY_LEN_MAX
-                && key.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
-            Ok(key.clone())
-        }
-        Some(key) => Err(Error::InvalidArgument(format!(
+        Some(key) => check_key(key).map(|()| key.clone()),
+    }
+}
+
+/// A key the server accepts: 1–255 visible ASCII characters.
+pub(crate) fn check_key(key: &str) -> Result<(), Error> {
+    if !key.is_empty()
+        && key.len() <= IDEMPOTENCY_KEY_LEN_MAX
+        && key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
             "idempotency key {key:?}: must be 1-{IDEMPOTENCY_KEY_LEN_MAX} visible ASCII characters"
-        ))),
+        )))
     }
 }
 

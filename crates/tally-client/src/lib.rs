@@ -18,6 +18,9 @@
 //!   a dropped connection can never charge twice. It is generated per call unless you give
 //!   one (`Debit::new(..).idempotency_key(..)`), which you should when you may repeat the
 //!   call later, e.g. after a top-up.
+//! - **Batches** ([`Client::batch`], `POST /v1/batch`): many debits, holds, captures,
+//!   ... in one request, each [`BatchItem`] with its own key and its own typed
+//!   [`BatchAnswer`]; safe to send again whole, since every item replays by its key.
 //! - Time goes through `tokio::time`, so tests can run it under `tokio::time::pause`.
 //!
 //! The crate also holds [`loadtest`], the engine of `tally loadtest`.
@@ -49,12 +52,14 @@
 //! `tally serve`, then `cargo run -p tally-client --example quickstart -- http://127.0.0.1:8402`
 //! with `TALLY_TOKEN` set.
 
+mod batch;
 mod client;
 mod error;
 pub mod loadtest;
 pub mod retry;
 mod types;
 
+pub use batch::{BatchAnswer, BatchItem, BatchOutcome};
 pub use client::{Client, ClientBuilder, IDEMPOTENCY_KEY_LEN_MAX, JOURNAL_PAGE_LIMIT};
 pub use error::{Denial, Error, Outcome, Problem, PROBLEM_TYPE_PREFIX};
 pub use retry::RetryPolicy;

@@ -1,6 +1,8 @@
 //! `loadtest::run` end to end against an in-memory mock of the tally contract: an honest
 //! mock passes every invariant and shows 402s and 429s; mocks with planted bugs (charging
-//! on a 402, applying a debit twice) are caught and make `run` answer `Ok(false)`.
+//! on a 402, applying a debit twice) are caught and make `run` answer `Ok(false)`; the
+//! same with `--batch` (the mock's `POST /v1/batch` runs each debit item as the debit
+//! route would).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,8 @@ enum Bug {
     DoubleDebit,
     /// Forgets idempotency keys: a duplicate request is applied again.
     NoIdempotency,
+    /// `DoubleDebit` in batch items only; single debits are honest.
+    BatchDoubleDebit,
 }
 
 #[derive(Default)]
@@ -171,26 +175,38 @@ fn keyed(
     key: &str,
     change: impl FnOnce(&mut Agent) -> (u16, Value),
 ) -> Response {
-    let mut agents = m.agents.lock().expect("not poisoned");
-    let Some(agent) = agents.get_mut(id) else {
-        return reply(problem(404, "not-found", json!({})));
-    };
-    if m.bug == Bug::NoIdempotency {
-        let answer = change(agent);
-        return reply(answer);
-    }
-    if let Some(stored) = agent.replies.get(key) {
-        let mut response = reply(stored.clone());
+    let (answer, replayed) = keyed_answer(m, id, key, change);
+    let mut response = reply(answer);
+    if replayed {
         response
             .headers_mut()
             .insert("idempotent-replayed", "true".parse().expect("valid"));
-        return response;
+    }
+    response
+}
+
+/// [`keyed`]'s answer and whether it was replayed.
+fn keyed_answer(
+    m: &Mock,
+    id: &str,
+    key: &str,
+    change: impl FnOnce(&mut Agent) -> (u16, Value),
+) -> ((u16, Value), bool) {
+    let mut agents = m.agents.lock().expect("not poisoned");
+    let Some(agent) = agents.get_mut(id) else {
+        return (problem(404, "not-found", json!({})), false);
+    };
+    if m.bug == Bug::NoIdempotency {
+        return (change(agent), false);
+    }
+    if let Some(stored) = agent.replies.get(key) {
+        return (stored.clone(), true);
     }
     let (status, body) = change(agent);
     if status < 300 {
         agent.replies.insert(key.to_owned(), (status, body.clone()));
     }
-    reply((status, body))
+    ((status, body), false)
 }
 
 async fn credit(
@@ -225,8 +241,38 @@ async fn debit(
 ) -> Response {
     let key = key(&headers);
     let amount = body["amount_micros"].as_u64().unwrap_or(0);
-    let bug = m.bug;
-    keyed(&m, &id, &key, |a| {
+    keyed(&m, &id, &key, debit_change(m.bug, &key, amount))
+}
+
+/// `POST /v1/batch` of debits: each item as the debit route would answer it.
+async fn batch(State(m): State<Mock>, Json(body): Json<Value>) -> Response {
+    let items = body["items"].as_array().cloned().unwrap_or_default();
+    let answers: Vec<Value> = items
+        .iter()
+        .map(|item| {
+            let id = item["agent_id"].as_str().unwrap_or_default();
+            let key = item["idempotency_key"].as_str().unwrap_or_default();
+            let amount = item["amount_micros"].as_u64().unwrap_or(0);
+            assert_eq!(item["op"], "debit", "the load test batches only debits");
+            let bug = match m.bug {
+                Bug::BatchDoubleDebit => Bug::DoubleDebit,
+                bug => bug,
+            };
+            let ((status, body), replayed) =
+                keyed_answer(&m, id, key, debit_change(bug, key, amount));
+            if status < 300 {
+                json!({"status": status, "replayed": replayed, "receipt": body})
+            } else {
+                json!({"status": status, "problem": body})
+            }
+        })
+        .collect();
+    reply((200, json!({ "items": answers })))
+}
+
+fn debit_change(bug: Bug, key: &str, amount: u64) -> impl FnOnce(&mut Agent) -> (u16, Value) {
+    let key = key.to_owned();
+    move |a| {
         if a.rate_limited() {
             return problem(429, "rate-limited", json!({"retry_after_ms": 1000}));
         }
@@ -245,7 +291,7 @@ async fn debit(
             a.push("debit", amount, &key);
         }
         (201, receipt)
-    })
+    }
 }
 
 async fn check(State(m): State<Mock>, Path(id): Path<String>, Json(body): Json<Value>) -> Response {
@@ -327,6 +373,7 @@ async fn start(bug: Bug) -> String {
         .route("/v1/agents/{id}/check", post(check))
         .route("/v1/agents/{id}/holds", post(hold))
         .route("/v1/holds/{hold_id}/{action}", post(settle))
+        .route("/v1/batch", post(batch))
         .with_state(mock);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -343,8 +390,12 @@ struct Cli {
 }
 
 fn args(url: &str, json: &std::path::Path) -> LoadtestArgs {
+    args_with(url, json, &[])
+}
+
+fn args_with(url: &str, json: &std::path::Path, more: &[&str]) -> LoadtestArgs {
     let json = json.to_str().expect("utf-8 temp path");
-    Cli::parse_from([
+    let base = [
         "loadtest",
         "--url",
         url,
@@ -365,8 +416,8 @@ fn args(url: &str, json: &std::path::Path) -> LoadtestArgs {
         "7",
         "--json",
         json,
-    ])
-    .args
+    ];
+    Cli::parse_from(base.iter().chain(more)).args
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,6 +500,70 @@ async fn a_duplicate_applied_twice_is_caught() {
     let report: Value =
         serde_json::from_slice(&std::fs::read(&path).expect("report written")).expect("JSON");
     assert!(!ok);
+    let failed: Vec<&str> = report["invariants"]["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert!(failed.contains(&"approved_exactly_once"), "{report:#}");
+}
+
+/// Runs against a mock with `bug` in batches of 5; the report and `run`'s verdict.
+async fn run_batched(bug: Bug) -> (bool, Value) {
+    let url = start(bug).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("report.json");
+    let ok = loadtest::run(args_with(&url, &path, &["--batch", "5"]))
+        .await
+        .expect("runs");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("report written")).expect("JSON");
+    (ok, report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_debits_pass_and_count_debits_by_their_own_status() {
+    let (ok, report) = run_batched(Bug::None).await;
+    assert!(ok, "{report:#}");
+    assert_eq!(report["batch_items"], 5);
+    let batches = report["counts_by_operation"]["batch"]["approved"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(batches > 0, "{report:#}");
+    let items: u64 = report["counts_by_operation"]["batch_debit"]
+        .as_object()
+        .expect("batch items counted")
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(items, 5 * batches, "every item of every batch: {report:#}");
+    let debits = &report["debit_counts_by_status"];
+    for code in ["201", "402", "429"] {
+        assert!(
+            debits[code].as_u64().unwrap_or(0) > 0,
+            "no {code}: {report:#}"
+        );
+    }
+    let total: u64 = debits
+        .as_object()
+        .expect("map")
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(report["debits"].as_u64(), Some(total));
+    assert!(
+        report["debits"].as_u64() > report["requests"].as_u64(),
+        "{report:#}"
+    );
+    assert_eq!(report["latency_ms_batch"]["count"].as_u64(), Some(batches));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_double_debit_in_a_batch_item_is_caught() {
+    let (ok, report) = run_batched(Bug::BatchDoubleDebit).await;
+    assert!(!ok, "{report:#}");
     let failed: Vec<&str> = report["invariants"]["checks"]
         .as_array()
         .expect("checks")

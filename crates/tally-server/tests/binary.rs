@@ -1,66 +1,21 @@
 //! Tests of the built `tally` binary as a process: SIGKILL under load and restart (every
 //! acknowledged debit is there, once), SIGTERM exits 0, the first-start admin token.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::process::spawn;
 use serde_json::{json, Value};
 
 const TOKEN: &str = "kill-test-admin-token";
 /// Debits acknowledged before the SIGKILL, and the time allowed to reach them.
 const ACKS_BEFORE_KILL: usize = 300;
 const ACKS_DEADLINE: Duration = Duration::from_secs(60);
-
-struct Proc {
-    child: Child,
-    base: String,
-    /// stdout lines before the listening line.
-    preamble: Vec<String>,
-}
-
-// The child is handed to the caller, who kills and waits for it.
-#[allow(clippy::zombie_processes)]
-fn spawn(dir: &Path, admin_env: bool) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
-    cmd.arg("serve")
-        .env("TALLY_DATA_DIR", dir)
-        .env("TALLY_LISTEN", "127.0.0.1:0")
-        .env("TALLY_LOG", "warn")
-        .env_remove("TALLY_CONFIG")
-        .env_remove("TALLY_ADMIN_TOKEN_SHA256")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    if admin_env {
-        cmd.env(
-            "TALLY_ADMIN_TOKEN_SHA256",
-            tally_server::auth::token_sha256_hex(TOKEN),
-        );
-    }
-    let mut child = cmd.spawn().expect("spawn tally");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let mut preamble = Vec::new();
-    while let Some(Ok(line)) = lines.next() {
-        if let Some(addr) = line.strip_prefix("tally listening on ") {
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return Proc {
-                child,
-                base: addr.to_owned(),
-                preamble,
-            };
-        }
-        preamble.push(line);
-    }
-    let _ = child.kill();
-    let status = child.wait();
-    panic!("tally exited before its listening line ({status:?}); stdout: {preamble:?}");
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -111,7 +66,7 @@ async fn journal(http: &reqwest::Client, base: &str, agent: &str) -> Vec<Value> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_no_acknowledged_debit() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut p = spawn(dir.path(), true);
+    let mut p = spawn(dir.path(), Some(TOKEN));
     let http = client();
     let base = p.base.clone();
     assert_eq!(
@@ -193,7 +148,7 @@ async fn sigkill_under_load_loses_no_acknowledged_debit() {
     }
     let acked = acked.lock().expect("lock").clone();
 
-    let mut p2 = spawn(dir.path(), true);
+    let mut p2 = spawn(dir.path(), Some(TOKEN));
     let entries = journal(&http, &p2.base, "k1").await;
     let mut debits: HashMap<String, u64> = HashMap::new();
     let mut sum = 0u64;
@@ -253,7 +208,7 @@ async fn sigkill_under_load_loses_no_acknowledged_debit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_start_prints_an_admin_token_once_and_sigterm_exits_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut p = spawn(dir.path(), false);
+    let mut p = spawn(dir.path(), None);
     let token = p
         .preamble
         .iter()
@@ -304,7 +259,7 @@ async fn first_start_prints_an_admin_token_once_and_sigterm_exits_zero() {
     let exit = p.child.wait().expect("wait");
     assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
 
-    let mut again = spawn(dir.path(), false);
+    let mut again = spawn(dir.path(), None);
     assert!(
         again.preamble.is_empty(),
         "no new token on later starts: {:?}",
@@ -384,7 +339,7 @@ async fn an_empty_admin_token_file_left_by_a_crash_does_not_stop_the_start() {
     // What a crash between creating the file and writing the hash left behind.
     let file = dir.path().join("admin-token.sha256");
     std::fs::write(&file, "").expect("write");
-    let mut p = spawn(dir.path(), false);
+    let mut p = spawn(dir.path(), None);
     let token = p
         .preamble
         .iter()

@@ -1,7 +1,8 @@
 //! tally-client against the real server on 127.0.0.1:0 (the shared `TestServer`): a 402
 //! after exactly one request, `Retry-After` honoured under `tokio::time::pause`, and a
 //! debit whose answer is lost (connection dropped after the commit) retried with its key
-//! and charged once.
+//! and charged once; `client.batch`: typed answers item by item, replays by key, the
+//! envelope's 413 as an error, and a lost batch answer resent whole and applied once.
 
 mod common;
 
@@ -9,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use tally_client::{Client, Credit, Debit, Denial, NewAgent, Outcome, RetryPolicy};
+use tally_client::{
+    BatchItem, BatchOutcome, Capture, Client, Credit, Debit, Denial, Error, Hold, NewAgent,
+    Outcome, Refund, RetryPolicy,
+};
 use tally_store::Clock;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -300,5 +304,178 @@ async fn a_lost_answer_is_retried_with_its_key_and_charged_once() {
         direct.get_agent("net").await.expect("agent").balance_micros,
         7_500
     );
+    server.stop().await;
+}
+
+const BATCH: &str = "/v1/batch";
+
+/// `client.batch` answers each item as its single call would: receipts, a check's result,
+/// typed denials, and problems of one item alone; sending the same items again replays
+/// them item by item, and a changed item alone gets 422.
+#[tokio::test]
+async fn a_batch_answers_item_by_item_and_replays_by_key() {
+    let server = TestServer::start().await;
+    let client = client(&server.base);
+    client
+        .create_agent(&NewAgent::new("b1").plan("default"))
+        .await
+        .expect("created");
+    client
+        .credit("b1", &Credit::new(1_000))
+        .await
+        .expect("credited");
+
+    let items = [
+        BatchItem::debit("b1", &Debit::new(100).task_type("llm")),
+        BatchItem::hold("b1", &Hold::new(300, 60_000)),
+        BatchItem::check("b1", &Debit::new(500)),
+        BatchItem::debit("b1", &Debit::new(5_000)),
+        BatchItem::debit("nobody", &Debit::new(1)),
+    ];
+    assert_eq!(items[2].idempotency_key(), None, "a check carries no key");
+    let answers = client.batch(&items).await.expect("answered");
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, [201, 201, 200, 402, 404]);
+    let debit = answers[0].outcome.receipt().expect("debited").clone();
+    assert_eq!((debit.kind.as_str(), debit.balance_micros), ("debit", 900));
+    assert!(!debit.replayed);
+    let hold_id = answers[1].outcome.receipt().expect("held").hold_id.clone();
+    let hold_id = hold_id.expect("a hold receipt names its hold");
+    match &answers[2].outcome {
+        BatchOutcome::Checked(r) => assert!(r.allowed && r.balance_micros == 600, "{r:?}"),
+        other => panic!("expected a check result, got {other:?}"),
+    }
+    match &answers[3].outcome {
+        BatchOutcome::Denied(Denial::InsufficientFunds {
+            required_micros: 5_000,
+            available_micros: 600,
+            retryable: false,
+            ..
+        }) => {}
+        other => panic!("expected InsufficientFunds, got {other:?}"),
+    }
+    match &answers[4].outcome {
+        BatchOutcome::Failed(p) => assert_eq!((p.status, p.kind()), (404, "not-found")),
+        other => panic!("expected a 404 problem, got {other:?}"),
+    }
+    assert_eq!(
+        requests_on(&server.base, BATCH).await,
+        1,
+        "a 402 is not retried"
+    );
+
+    // The same items again: the debit and the hold replay; nothing is charged twice.
+    let again = client.batch(&items).await.expect("answered");
+    let replayed = |i: usize| again[i].outcome.receipt().map(|r| (r.replayed, r.seq));
+    assert_eq!(replayed(0), Some((true, debit.seq)));
+    assert!(replayed(1).is_some_and(|(replayed, _)| replayed));
+    assert_eq!(again[3].status, 402);
+
+    // Capture and refund by batch; a changed debit under a used key is 422 for it alone.
+    let debit_key = items[0].idempotency_key().expect("keyed");
+    let settle = [
+        BatchItem::capture(&hold_id, &Capture::new(200)),
+        BatchItem::refund(
+            "b1",
+            &Refund {
+                debit_seq: debit.seq,
+                amount_micros: 40,
+                idempotency_key: None,
+            },
+        ),
+        BatchItem::debit("b1", &Debit::new(101).idempotency_key(debit_key)),
+    ];
+    let answers = client.batch(&settle).await.expect("answered");
+    assert_eq!(answers[0].status, 200);
+    assert_eq!(answers[1].status, 201);
+    match &answers[2].outcome {
+        BatchOutcome::Failed(p) => {
+            assert_eq!((p.status, p.kind()), (422, "idempotency-key-reused"))
+        }
+        other => panic!("expected 422, got {other:?}"),
+    }
+    let agent = client.get_agent("b1").await.expect("agent");
+    // 1,000 − 100 (debit) − 200 (capture; the rest of the hold released) + 40 (refund).
+    assert_eq!((agent.balance_micros, agent.held_micros), (740, 0));
+    server.stop().await;
+}
+
+/// The envelope's own problems are the client's `Error`: 413 past `batch_items_max` (at
+/// exactly the maximum it passes), not retried; no items is refused before any request.
+#[tokio::test]
+async fn a_batch_over_the_limit_is_an_error_of_the_whole_call() {
+    let server = TestServer::start_with(config("[limits]\nbatch_items_max = 3\n")).await;
+    let client = client(&server.base);
+    client
+        .create_agent(&NewAgent::new("b2").plan("default"))
+        .await
+        .expect("created");
+    let checks = |n: usize| -> Vec<BatchItem> {
+        (0..n)
+            .map(|_| BatchItem::check("b2", &Debit::new(1)))
+            .collect()
+    };
+    let at_max = client.batch(&checks(3)).await.expect("3 items pass");
+    assert_eq!(at_max.len(), 3);
+    match client.batch(&checks(4)).await {
+        Err(Error::Problem(p)) => {
+            assert_eq!((p.status, p.kind()), (413, "batch-too-large"));
+            assert_eq!(p.fields["batch_items_max"], 3);
+        }
+        other => panic!("expected 413 batch-too-large, got {other:?}"),
+    }
+    assert_eq!(
+        requests_on(&server.base, BATCH).await,
+        2,
+        "a 413 is not retried"
+    );
+    assert!(matches!(
+        client.batch(&[]).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    let bad_key = BatchItem::debit("b2", &Debit::new(1).idempotency_key("a b"));
+    assert!(matches!(
+        client.batch(&[bad_key]).await,
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(requests_on(&server.base, BATCH).await, 2);
+    server.stop().await;
+}
+
+/// A batch whose answer is lost after the commit is sent again whole by the client's retry
+/// policy with the same keys: every item is answered as a replay and charged once.
+#[tokio::test]
+async fn a_batch_whose_answer_is_lost_is_resent_and_applied_once() {
+    let server = TestServer::start().await;
+    let direct = client(&server.base);
+    for id in ["n1", "n2"] {
+        direct
+            .create_agent(&NewAgent::new(id).plan("default"))
+            .await
+            .expect("created");
+        direct
+            .credit(id, &Credit::new(10_000))
+            .await
+            .expect("credited");
+    }
+    let proxy = lossy_proxy(server.running.as_ref().expect("running").addr).await;
+    let via_proxy = client(&format!("http://{proxy}"));
+    let items = [
+        BatchItem::debit("n1", &Debit::new(1_000)),
+        BatchItem::debit("n2", &Debit::new(2_000)),
+        BatchItem::hold("n1", &Hold::new(500, 60_000)),
+    ];
+    let answers = via_proxy.batch(&items).await.expect("answered");
+    assert_eq!(requests_on(&server.base, BATCH).await, 2);
+    for answer in &answers {
+        let receipt = answer.outcome.receipt().expect("applied");
+        assert!(receipt.replayed, "the second attempt replays: {receipt:?}");
+    }
+    let n1 = direct.get_agent("n1").await.expect("agent");
+    assert_eq!((n1.balance_micros, n1.held_micros), (8_500, 500));
+    let n2 = direct.get_agent("n2").await.expect("agent");
+    assert_eq!(n2.balance_micros, 8_000);
+    let debits = direct.journal_all("n1").await.expect("journal");
+    assert_eq!(debits.iter().filter(|e| e.kind == "debit").count(), 1);
     server.stop().await;
 }

@@ -1,6 +1,7 @@
 //! `tally loadtest --spawn` as a user runs it: the real binary starts a temporary server,
 //! drives it with normal, broke and rate-limited mock agents for a few seconds, and its
-//! `--json` report must show 402s and 429s and every invariant holding.
+//! `--json` report must show 402s and 429s and every invariant holding; with `--batch`, the
+//! debits go as `POST /v1/batch` requests and the report counts them item by item.
 
 use std::process::Command;
 
@@ -65,4 +66,67 @@ fn loadtest_spawn_shows_402s_and_429s_and_every_invariant_holds() {
         "{report:#}"
     );
     assert!(stdout.contains("invariants: all hold"), "{stdout}");
+}
+
+#[test]
+fn loadtest_spawn_with_batches_counts_debits_by_item_and_every_invariant_holds() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let report_path = dir.path().join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "loadtest",
+            "--spawn",
+            "--duration-s",
+            "2",
+            "--agents",
+            "6",
+            "--broke-agents",
+            "2",
+            "--limited-agents",
+            "2",
+            "--concurrency",
+            "4",
+            "--batch",
+            "8",
+            "--quiet",
+            "--json",
+        ])
+        .arg(&report_path)
+        .env_remove("TALLY_TOKEN")
+        .output()
+        .expect("tally runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "tally loadtest --spawn --batch 8 failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&report_path).expect("report written"))
+            .expect("report is JSON");
+    assert_eq!(report["invariants"]["ok"], true, "{stdout}");
+    assert_eq!(report["batch_items"], 8);
+    let debits = |status: &str| {
+        report["debit_counts_by_status"][status]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for status in ["201", "402", "429"] {
+        assert!(debits(status) > 0, "no {status} debit: {report:#}");
+    }
+    let batches = report["latency_ms_batch"]["count"].as_u64().unwrap_or(0);
+    let items: u64 = report["counts_by_operation"]["batch_debit"]
+        .as_object()
+        .expect("batch items counted")
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert!(batches > 0, "{report:#}");
+    assert_eq!(items, 8 * batches, "{report:#}");
+    assert!(
+        report["debits_per_s"].as_f64() > report["requests_per_s"].as_f64(),
+        "{report:#}"
+    );
+    assert!(stdout.contains("in batches of 8"), "{stdout}");
 }

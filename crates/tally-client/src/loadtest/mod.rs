@@ -4,7 +4,8 @@
 //! Three kinds of mock agent share the load: normal ones (debits, checks, holds with
 //! capture or void, top-ups), broke ones (zero or low balance, never top up: 402s) and
 //! rate-limited ones (a plan with a tight bucket: 429s). `--spawn` starts a temporary
-//! `tally serve` so that one command shows the whole system.
+//! `tally serve` so that one command shows the whole system. `--batch N` sends the debits
+//! as `POST /v1/batch` requests of N debits each, every one with its own key.
 
 mod invariants;
 mod report;
@@ -44,6 +45,8 @@ pub const CONCURRENCY_MAX: u32 = 1_024;
 pub const DURATION_S_MAX: u64 = 3_600;
 /// Most requests in one run (the key logs grow with it).
 pub const REQUESTS_MAX: u64 = 20_000_000;
+/// Most debits in one `--batch` request: the server's default `limits.batch_items_max`.
+pub const BATCH_ITEMS_MAX: u32 = 1_000;
 
 /// Arguments of `tally loadtest`.
 #[derive(Debug, Clone, clap::Args)]
@@ -97,6 +100,11 @@ pub struct LoadtestArgs {
     /// With --spawn: the tally binary to start (default: this executable).
     #[arg(long)]
     pub tally_bin: Option<PathBuf>,
+    /// Debits per request: above 1, each debit a worker makes is instead a batch of this
+    /// many debits (`POST /v1/batch`) to agents picked at random, each with its own
+    /// idempotency key; checks, holds and top-ups stay single requests.
+    #[arg(long, default_value_t = 1)]
+    pub batch: u32,
     /// Seed of the agents' choices (default: random).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -130,6 +138,10 @@ impl LoadtestArgs {
                 "--requests must be 1..={REQUESTS_MAX}"
             );
         }
+        anyhow::ensure!(
+            (1..=BATCH_ITEMS_MAX).contains(&self.batch),
+            "--batch must be 1..={BATCH_ITEMS_MAX}"
+        );
         anyhow::ensure!(
             self.limited_quota_per_s >= 1,
             "--limited-quota-per-s must be at least 1"
@@ -240,6 +252,7 @@ async fn drive(
         issued: AtomicU64::new(0),
         live: Live::default(),
         key_prefix: prefix,
+        batch_items: args.batch as usize,
     });
     let started = Instant::now();
     let bar = progress_bar(args, duration);
@@ -275,6 +288,7 @@ async fn drive(
     let invariants = invariants::check(&client, &agent_logs, &setup_keys).await?;
 
     let requests = stats.total();
+    let debits: u64 = stats.debits_by_status.values().sum();
     let elapsed_s = elapsed.as_secs_f64().max(1e-9);
     let mut counts_by_outcome = BTreeMap::new();
     let mut latency_ms_by_outcome = BTreeMap::new();
@@ -292,6 +306,11 @@ async fn drive(
         agents_rate_limited: args.limited_agents,
         requests,
         requests_per_s: requests as f64 / elapsed_s,
+        batch_items: args.batch,
+        debits,
+        debits_per_s: debits as f64 / elapsed_s,
+        debit_counts_by_status: stats.debits_by_status,
+        latency_ms_batch: stats.batch_latency.as_ref().map(|h| h.summary()),
         counts_by_outcome,
         counts_by_status: stats.by_status,
         counts_by_operation: stats
@@ -454,6 +473,25 @@ async fn tick(run: Arc<Run>, bar: ProgressBar, by_requests: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_size_is_checked_at_its_edges() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: LoadtestArgs,
+        }
+        let with_batch = |n: u32| {
+            Cli::parse_from(["loadtest", "--batch", &n.to_string()])
+                .args
+                .validate()
+        };
+        assert!(with_batch(1).is_ok());
+        assert!(with_batch(BATCH_ITEMS_MAX).is_ok());
+        assert!(with_batch(BATCH_ITEMS_MAX + 1).is_err());
+        assert!(with_batch(0).is_err());
+    }
 
     #[test]
     fn only_loopback_is_accepted() {

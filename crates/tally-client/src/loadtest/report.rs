@@ -17,9 +17,21 @@ pub struct Report {
     pub agents_normal: u32,
     pub agents_broke: u32,
     pub agents_rate_limited: u32,
-    /// Logical calls (a call retried after a 503 or a dropped connection counts once).
+    /// Logical calls (a call retried after a 503 or a dropped connection counts once; a
+    /// batch is one).
     pub requests: u64,
     pub requests_per_s: f64,
+    /// Debits per request (`--batch`; 1: single debits).
+    pub batch_items: u32,
+    /// Debits answered or given up on: single debits, both of a duplicate pair, and every
+    /// item of a batch.
+    pub debits: u64,
+    pub debits_per_s: f64,
+    /// Debits by their own final status (a batch item's, not the batch's 200;
+    /// `"transport"` when there was none).
+    pub debit_counts_by_status: BTreeMap<String, u64>,
+    /// Latency of the batch requests (whole requests), with `--batch` above 1.
+    pub latency_ms_batch: Option<LatencySummary>,
     pub counts_by_outcome: BTreeMap<String, u64>,
     /// By final HTTP status (`"transport"` when there was none).
     pub counts_by_status: BTreeMap<String, u64>,
@@ -48,6 +60,21 @@ pub(super) fn render(report: &Report) -> String {
         report.url,
         if report.spawned { " (spawned)" } else { "" },
     );
+    if report.batch_items > 1 {
+        let debit_statuses: Vec<String> = report
+            .debit_counts_by_status
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "debits: {} = {:.0}/s, in batches of {}; debits by their own status: {}",
+            report.debits,
+            report.debits_per_s,
+            report.batch_items,
+            debit_statuses.join(", ")
+        );
+    }
     let statuses: Vec<String> = report
         .counts_by_status
         .iter()
@@ -69,6 +96,13 @@ pub(super) fn render(report: &Report) -> String {
             out,
             "{outcome:<20} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+        );
+    }
+    if let Some(l) = &report.latency_ms_batch {
+        let _ = writeln!(
+            out,
+            "{:<20} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            "batch requests", l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
         );
     }
     for (operation, counts) in &report.counts_by_operation {

@@ -152,6 +152,14 @@ pub struct Stats {
     pub by_operation: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     /// Approved answers marked `Idempotent-Replayed`.
     pub replayed: u64,
+    /// Debits (single, duplicate or batch items) by their own final status.
+    pub debits_by_status: BTreeMap<String, u64>,
+    /// Whole batch requests, with `--batch` above 1.
+    pub batch_latency: Option<Histogram>,
+}
+
+fn status_name(status: Option<u16>) -> String {
+    status.map_or_else(|| "transport".to_owned(), |s| s.to_string())
 }
 
 impl Stats {
@@ -163,8 +171,12 @@ impl Stats {
         latency: Duration,
     ) {
         self.latency.entry(outcome).or_default().record(latency);
-        let status = status.map_or_else(|| "transport".to_owned(), |s| s.to_string());
-        *self.by_status.entry(status).or_default() += 1;
+        *self.by_status.entry(status_name(status)).or_default() += 1;
+        self.count(operation, outcome);
+    }
+
+    /// Counts an outcome of an operation that is not a request of its own (a batch item).
+    pub fn count(&mut self, operation: &'static str, outcome: Outcome) {
         *self
             .by_operation
             .entry(operation)
@@ -173,8 +185,30 @@ impl Stats {
             .or_default() += 1;
     }
 
+    /// Counts one debit by its own final status.
+    pub fn debit(&mut self, status: Option<u16>) {
+        *self
+            .debits_by_status
+            .entry(status_name(status))
+            .or_default() += 1;
+    }
+
+    pub fn batch(&mut self, latency: Duration) {
+        self.batch_latency
+            .get_or_insert_with(Histogram::default)
+            .record(latency);
+    }
+
     pub fn merge(&mut self, other: Stats) {
         self.replayed += other.replayed;
+        for (status, n) in other.debits_by_status {
+            *self.debits_by_status.entry(status).or_default() += n;
+        }
+        if let Some(theirs) = &other.batch_latency {
+            self.batch_latency
+                .get_or_insert_with(Histogram::default)
+                .merge(theirs);
+        }
         for (outcome, histogram) in other.latency {
             self.latency.entry(outcome).or_default().merge(&histogram);
         }

@@ -1,6 +1,7 @@
 //! The mock agents' behaviour: each worker picks an agent at random and does what that
 //! kind of agent does (debit, check, hold then capture or void, top up), recording every
-//! answer for the report and every key for the invariant check.
+//! answer for the report and every key for the invariant check. With `--batch N` a debit
+//! is a batch of N debits instead, each item recorded as a single debit would be.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,7 +12,9 @@ use tokio::time::Instant;
 
 use super::invariants::{AgentLog, Applied};
 use super::stats::{Live, Outcome, Stats};
-use crate::{Capture, Client, Credit, Debit, Denial, Error, Hold, Receipt};
+use crate::{
+    BatchItem, BatchOutcome, Capture, Client, Credit, Debit, Denial, Error, Hold, Receipt,
+};
 
 /// Hold TTL used by the mock agents (they capture or void right away).
 pub const HOLD_TTL_MS: u64 = 60_000;
@@ -43,6 +46,8 @@ pub struct Run {
     pub issued: AtomicU64,
     pub live: Live,
     pub key_prefix: String,
+    /// Debits per request (1: single debits).
+    pub batch_items: usize,
 }
 
 impl Run {
@@ -137,10 +142,7 @@ impl Worker {
         let roll = self.rng.gen_range(0..100u32);
         match kind {
             Kind::Normal => match roll {
-                0..=44 => {
-                    let amount = self.rng.gen_range(100..=20_000);
-                    self.debit(agent, amount).await;
-                }
+                0..=44 => self.debits(agent).await,
                 45..=49 => {
                     let amount = self.rng.gen_range(100..=20_000);
                     self.duplicate_debit(agent, amount).await;
@@ -155,38 +157,57 @@ impl Worker {
                 }
                 _ => self.top_up(agent, 500_000).await,
             },
-            Kind::Broke => {
-                let amount = self.rng.gen_range(1_000..=20_000);
-                if roll < 85 {
-                    self.debit(agent, amount).await;
+            Kind::Broke | Kind::RateLimited => {
+                let debits_pct = if kind == Kind::Broke { 85 } else { 75 };
+                if roll < debits_pct {
+                    self.debits(agent).await;
                 } else {
-                    self.check(agent, amount).await;
-                }
-            }
-            Kind::RateLimited => {
-                let amount = self.rng.gen_range(100..=1_000);
-                if roll < 75 {
-                    self.debit(agent, amount).await;
-                } else {
+                    let amount = self.debit_amount(agent);
                     self.check(agent, amount).await;
                 }
             }
         }
     }
 
+    /// What this kind of agent spends in one debit.
+    fn debit_amount(&mut self, agent: usize) -> u64 {
+        match self.run.agents[agent].kind {
+            Kind::Normal => self.rng.gen_range(100..=20_000),
+            Kind::Broke => self.rng.gen_range(1_000..=20_000),
+            Kind::RateLimited => self.rng.gen_range(100..=1_000),
+        }
+    }
+
+    /// One debit of `agent`, or with `--batch` a batch of debits that starts with it.
+    async fn debits(&mut self, agent: usize) {
+        let amount = self.debit_amount(agent);
+        if self.run.batch_items > 1 {
+            self.debit_batch(agent, amount).await;
+        } else {
+            self.debit(agent, amount).await;
+        }
+    }
+
     /// Counts an answer, logs its key, and returns the receipt when approved.
     fn record(&mut self, call: Call, answer: Answer) -> Option<Receipt> {
+        let (operation, latency) = (call.operation, call.started.elapsed());
+        let (outcome, status, receipt) = self.log(call, answer);
+        self.out.stats.record(operation, outcome, status, latency);
+        self.run.live.add(outcome);
+        receipt
+    }
+
+    /// Logs a keyed answer for the invariant check and counts it as a debit if it is one.
+    fn log(&mut self, call: Call, answer: Answer) -> (Outcome, Option<u16>, Option<Receipt>) {
         let Call {
-            operation,
             journal_kind,
             agent,
             key,
             amount_micros,
             success_status,
-            started,
             log_denial,
+            ..
         } = call;
-        let latency = started.elapsed();
         let log = &mut self.out.logs[agent];
         let (outcome, status, receipt) = match answer {
             Ok(crate::Outcome::Approved(receipt)) => {
@@ -222,9 +243,10 @@ impl Worker {
                 (outcome, e.status(), None)
             }
         };
-        self.out.stats.record(operation, outcome, status, latency);
-        self.run.live.add(outcome);
-        receipt
+        if journal_kind == "debit" {
+            self.out.stats.debit(status);
+        }
+        (outcome, status, receipt)
     }
 
     async fn debit(&mut self, agent: usize, amount: u64) {
@@ -251,6 +273,73 @@ impl Worker {
             },
             answer,
         );
+    }
+
+    /// A batch of `batch_items` debits: `agent`'s first, then agents picked at random, each
+    /// with a fresh key. The request is timed and counted once (as `batch`); each item is
+    /// logged and counted (as `batch_debit`) as a single debit would be. When the whole
+    /// batch fails, every item's fate is unknown.
+    async fn debit_batch(&mut self, agent: usize, amount: u64) {
+        let mut calls = Vec::with_capacity(self.run.batch_items);
+        let mut items = Vec::with_capacity(self.run.batch_items);
+        let started = Instant::now();
+        for i in 0..self.run.batch_items {
+            let (agent, amount_micros) = if i == 0 {
+                (agent, amount)
+            } else {
+                let other = self.rng.gen_range(0..self.run.agents.len());
+                (other, self.debit_amount(other))
+            };
+            let key = self.key();
+            let debit = Debit::new(amount_micros)
+                .task_type("loadtest")
+                .idempotency_key(&key);
+            items.push(BatchItem::debit(&self.run.agents[agent].id, &debit));
+            calls.push(Call {
+                operation: "batch_debit",
+                journal_kind: "debit",
+                agent,
+                key,
+                amount_micros,
+                success_status: 201,
+                started,
+                log_denial: true,
+            });
+        }
+        let answers = self.run.client.batch(&items).await;
+        let latency = started.elapsed();
+        let (outcome, status) = match &answers {
+            Ok(_) => (Outcome::Approved, Some(200)),
+            Err(e @ Error::Transport { .. }) => (Outcome::Transport, e.status()),
+            Err(e) => (Outcome::Error, e.status()),
+        };
+        self.out.stats.record("batch", outcome, status, latency);
+        self.out.stats.batch(latency);
+        self.run.live.add(outcome);
+        match answers {
+            Ok(answers) => {
+                for (call, answer) in calls.into_iter().zip(answers) {
+                    let answer = match answer.outcome {
+                        BatchOutcome::Applied(receipt) => Ok(crate::Outcome::Approved(receipt)),
+                        BatchOutcome::Denied(denial) => Ok(crate::Outcome::Denied(denial)),
+                        BatchOutcome::Failed(problem) => Err(Error::Problem(problem)),
+                        BatchOutcome::Checked(_) => {
+                            Err(Error::InvalidArgument("a check's answer to a debit".into()))
+                        }
+                    };
+                    let (outcome, _, _) = self.log(call, answer);
+                    self.out.stats.count("batch_debit", outcome);
+                }
+            }
+            Err(e) => {
+                for call in calls {
+                    // Each item may or may not have been applied: at most once, then.
+                    self.out.logs[call.agent].unknown.push(call.key);
+                    self.out.stats.debit(e.status());
+                    self.out.stats.count("batch_debit", outcome);
+                }
+            }
+        }
     }
 
     /// Sends one debit twice at once, same key and body, as a client that retries too

@@ -552,4 +552,5 @@ impl TestServer {
         }
     }
 }
+pub mod process;
 pub mod x402;
