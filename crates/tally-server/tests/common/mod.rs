@@ -343,7 +343,20 @@ impl TestServer {
         }
     }
 
-    /// Shuts the server down cleanly and starts it again on the same data dir with `cfg`.
+    /// The data directory (kept across restarts).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    /// Shuts the server down cleanly, keeping its data directory for a `restart`.
+    pub async fn shut_down(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    /// Shuts the server down cleanly (when running) and starts it again on the same data
+    /// dir with `cfg`.
     pub async fn restart(&mut self, mut cfg: Config) {
         if let Some(r) = self.running.take() {
             r.shutdown().await.expect("clean shutdown");
