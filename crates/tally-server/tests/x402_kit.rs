@@ -1,12 +1,13 @@
 //! The x402 test kit itself (tests/common/x402.rs): the mock facilitator accepts exactly
-//! the payments a real one would, and the wallet's signatures match an independent
-//! EIP-712 implementation byte for byte.
+//! the payments a real one would (`exact` and `upto`), and the wallet's signatures match
+//! an independent EIP-712 implementation and the official client byte for byte.
 
 mod common;
 
 use common::x402::{
     self, checksum, client_python, decode_header, header, nonce, parse_address, parse_uint256,
-    reason, requirements, resource, run_client, Authorization, Domain, Facilitator, Wallet,
+    reason, requirements, requirements_upto, resource, run_client, uint256_decimal, Authorization,
+    Domain, Facilitator, UptoPermit, Wallet,
 };
 use serde_json::{json, Value};
 
@@ -41,6 +42,7 @@ fn later_s() -> u64 {
 }
 
 /// `verify`'s answer is invalid with `why` and names the claimed payer.
+#[track_caller]
 fn assert_invalid(answer: &Value, why: &str, payer: &str) {
     assert_eq!(answer["isValid"], false, "{answer}");
     assert_eq!(answer["invalidReason"], why, "{answer}");
@@ -219,11 +221,20 @@ async fn invalid_payments_are_refused_with_the_reference_reasons() {
     assert_eq!(verify(&f, &v01, &req).await["isValid"], true);
 
     // Scheme, network and asset of the chosen requirements must be the asked ones.
+    let mut unknown = good.clone();
+    unknown["accepted"]["scheme"] = json!("deferred");
+    assert_invalid(
+        &verify(&f, &unknown, &req).await,
+        reason::UNSUPPORTED_SCHEME,
+        &payer,
+    );
+    // An `exact` authorization offered as `upto` goes to the upto scheme, which wants a
+    // Permit2 payload.
     let mut upto = good.clone();
     upto["accepted"]["scheme"] = json!("upto");
     assert_invalid(
         &verify(&f, &upto, &req).await,
-        reason::UNSUPPORTED_SCHEME,
+        reason::UNSUPPORTED_PAYLOAD_TYPE,
         &payer,
     );
     let mut mainnet = good.clone();
@@ -306,6 +317,16 @@ async fn supported_lists_the_kinds_and_signers() {
     assert!(
         kinds.contains(&json!({ "x402Version": 1, "scheme": "exact", "network": "base-sepolia" }))
     );
+    // `upto` names the facilitator that will settle: the client signs it into the witness.
+    for network in [x402::NETWORK, "eip155:8453"] {
+        assert!(kinds.contains(&json!({
+            "x402Version": 2, "scheme": "upto", "network": network,
+            "extra": { "facilitatorAddress": x402::FACILITATOR_SIGNER },
+        })));
+    }
+    assert!(!kinds
+        .iter()
+        .any(|k| k["scheme"] == "upto" && k["x402Version"] == 1));
     assert_eq!(body["extensions"], json!([]));
     assert!(body["signers"]["eip155:*"].is_array());
     assert_eq!(f.supported_calls(), 1);
@@ -386,6 +407,269 @@ async fn a_pinned_clock_decides_expiry() {
         verify(&f, &payment, &req).await["invalidReason"],
         reason::VALID_BEFORE
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// upto (Permit2)
+// ---------------------------------------------------------------------------------------
+
+/// `requirements` with `amount` replaced: what a resource server sends to `/settle` to
+/// charge `amount` under an `upto` permit (the official server's settlement override).
+fn charging(requirements: &Value, amount: &str) -> Value {
+    let mut charged = requirements.clone();
+    charged["amount"] = json!(amount);
+    charged
+}
+
+/// `settle`'s answer is a refusal with `why`, no transaction.
+#[track_caller]
+fn assert_refused(answer: &Value, why: &str) {
+    assert_eq!(answer["success"], false, "{answer}");
+    assert_eq!(answer["errorReason"], why, "{answer}");
+    assert_eq!(answer["transaction"], "", "{answer}");
+}
+
+#[tokio::test]
+async fn an_upto_payment_settles_for_up_to_its_maximum_once() {
+    let f = Facilitator::start().await;
+    let wallet = Wallet::from_seed(4);
+    let req = requirements_upto("10000");
+    let payment = wallet.pay_upto(&resource(URL), &req, later_s(), nonce(1));
+    assert_eq!(x402::payment_payload_errors(&payment), Vec::<String>::new());
+
+    assert_eq!(
+        verify(&f, &payment, &req).await,
+        json!({ "isValid": true, "payer": wallet.address() })
+    );
+    // Verify wants the maximum itself, as `exact` wants the amount.
+    assert_invalid(
+        &verify(&f, &payment, &charging(&req, "2500")).await,
+        reason::PERMIT2_AMOUNT_MISMATCH,
+        &wallet.address(),
+    );
+
+    // More than signed for: refused, and nothing spent.
+    assert_refused(
+        &settle(&f, &payment, &charging(&req, "10001")).await,
+        reason::UPTO_SETTLEMENT_EXCEEDS_AMOUNT,
+    );
+    assert!(f.settled().is_empty());
+
+    let settled = settle(&f, &payment, &charging(&req, "2500")).await;
+    assert_eq!(settled["success"], true, "{settled}");
+    assert_eq!(settled["payer"], wallet.address());
+    assert_eq!(settled["network"], x402::NETWORK);
+    assert_eq!(settled["amount"], "2500");
+    let tx = settled["transaction"].as_str().expect("transaction");
+    assert!(tx.len() == 66 && tx.starts_with("0x"), "{tx}");
+    assert_eq!(
+        x402::settlement_response_errors(&settled),
+        Vec::<String>::new()
+    );
+    assert_eq!(f.settled(), vec![payment.clone()]);
+    assert_eq!(f.settled_amounts(), ["2500"]);
+
+    // Settled once: the permit's nonce is spent (verify finds it by simulating).
+    assert_refused(
+        &settle(&f, &payment, &charging(&req, "2500")).await,
+        reason::PERMIT2_INVALID_NONCE,
+    );
+    assert_invalid(
+        &verify(&f, &payment, &req).await,
+        reason::UPTO_TRANSACTION_FAILED,
+        &wallet.address(),
+    );
+
+    // Exactly the maximum is allowed.
+    let full = wallet.pay_upto(&resource(URL), &req, later_s(), nonce(2));
+    let settled = settle(&f, &full, &req).await;
+    assert_eq!(
+        (&settled["success"], &settled["amount"]),
+        (&json!(true), &json!("10000"))
+    );
+
+    // 0 succeeds with no transaction and spends nothing: the permit settles later.
+    let idle = wallet.pay_upto(&resource(URL), &req, later_s(), nonce(3));
+    assert_eq!(
+        settle(&f, &idle, &charging(&req, "0")).await,
+        json!({ "success": true, "payer": wallet.address(), "transaction": "",
+                "network": x402::NETWORK, "amount": "0" })
+    );
+    assert_eq!(
+        settle(&f, &idle, &charging(&req, "1")).await["success"],
+        true
+    );
+    assert_eq!(f.settled_amounts(), ["2500", "10000", "0", "1"]);
+    assert_eq!(f.settled().len(), 4);
+
+    // A failed transaction spends nothing either; the retry settles.
+    let retried = wallet.pay_upto(&resource(URL), &req, later_s(), nonce(4));
+    f.fail_next_settle();
+    assert_refused(
+        &settle(&f, &retried, &charging(&req, "7")).await,
+        reason::UPTO_TRANSACTION_FAILED,
+    );
+    assert_eq!(
+        settle(&f, &retried, &charging(&req, "7")).await["amount"],
+        "7"
+    );
+    assert_eq!(f.settled_amounts().last().map(String::as_str), Some("7"));
+
+    // `exact` settles record their amount too.
+    let exact = wallet.pay(&resource(URL), &requirements("300"), later_s(), nonce(5));
+    assert_eq!(
+        settle(&f, &exact, &requirements("300")).await["success"],
+        true
+    );
+    assert_eq!(f.settled_amounts().last().map(String::as_str), Some("300"));
+}
+
+#[tokio::test]
+async fn invalid_upto_payments_are_refused_with_the_reference_reasons() {
+    let f = Facilitator::start().await;
+    let wallet = Wallet::from_seed(4);
+    let payer = wallet.address();
+    let req = requirements_upto("10000");
+    let good = wallet.pay_upto(&resource(URL), &req, later_s(), nonce(1));
+    let signed_for = |key: &str, value: Value| {
+        let mut other_req = req.clone();
+        *other_req.pointer_mut(key).expect("a requirements field") = value;
+        let mut other = wallet.pay_upto(&resource(URL), &other_req, later_s(), nonce(2));
+        other["accepted"] = req.clone();
+        other
+    };
+
+    // Signed by another key but claiming to be from `wallet`.
+    let mut forged = Wallet::from_seed(2).pay_upto(&resource(URL), &req, later_s(), nonce(3));
+    forged["payload"]["permit2Authorization"]["from"] = json!(payer);
+    // A maximum raised after signing.
+    let mut raised = good.clone();
+    raised["payload"]["permit2Authorization"]["permitted"]["amount"] = json!("20000");
+    raised["accepted"]["amount"] = json!("20000");
+    // Another spender than the upto proxy (its witness is then not enforced).
+    let mut other_spender = good.clone();
+    other_spender["payload"]["permit2Authorization"]["spender"] =
+        json!("0x402085c248EeA27D92E8b30b2C58ed07f9E20001");
+    let expired = wallet.pay_upto(&resource(URL), &req, x402::now_s() + 3, nonce(4));
+    let mut early = good.clone();
+    early["payload"] = wallet.permit_upto(&req, x402::now_s() + 30, later_s(), nonce(5));
+    let mut exact_req = req.clone();
+    exact_req["scheme"] = json!("exact");
+    let mut other_network = good.clone();
+    other_network["accepted"]["network"] = json!("eip155:8453");
+    let cases = [
+        (&forged, &req, reason::PERMIT2_INVALID_SIGNATURE),
+        (
+            &raised,
+            &charging(&req, "20000"),
+            reason::PERMIT2_INVALID_SIGNATURE,
+        ),
+        // Signed under Base's chain id: another Permit2 domain.
+        (
+            &signed_for("/network", json!("eip155:8453")),
+            &req,
+            reason::PERMIT2_INVALID_SIGNATURE,
+        ),
+        (
+            &signed_for("/payTo", json!(Wallet::from_seed(9).address())),
+            &req,
+            reason::PERMIT2_RECIPIENT_MISMATCH,
+        ),
+        (
+            &signed_for(
+                "/extra/facilitatorAddress",
+                json!(Wallet::from_seed(9).address()),
+            ),
+            &req,
+            reason::UPTO_FACILITATOR_MISMATCH,
+        ),
+        (
+            &signed_for(
+                "/asset",
+                json!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
+            ),
+            &req,
+            reason::PERMIT2_TOKEN_MISMATCH,
+        ),
+        (&other_spender, &req, reason::PERMIT2_INVALID_SPENDER),
+        (&expired, &req, reason::PERMIT2_DEADLINE_EXPIRED),
+        (&early, &req, reason::PERMIT2_NOT_YET_VALID),
+        (&good, &exact_req, reason::UPTO_INVALID_SCHEME),
+        (&other_network, &req, reason::UPTO_NETWORK_MISMATCH),
+    ];
+    for (payment, req, why) in cases {
+        assert_invalid(&verify(&f, payment, req).await, why, &payer);
+        // Settle checks the same (for less than the maximum too) and spends nothing.
+        let charged = charging(req, "1");
+        assert_refused(&settle(&f, payment, &charged).await, why);
+    }
+    assert!(f.settled().is_empty());
+    assert_eq!(
+        settle(&f, &good, &charging(&req, "1")).await["success"],
+        true
+    );
+}
+
+/// Known answer for `upto`, computed independently with Python `eth_account` 0.14.0 and
+/// the official client's own types (x402 2.25.0 `UPTO_PERMIT2_WITNESS_TYPES`); its
+/// `_sign_upto_permit2_authorization` gives the same signature:
+///
+/// ```python
+/// from eth_account import Account
+/// from eth_account.messages import encode_typed_data
+/// from x402.mechanisms.evm.constants import UPTO_PERMIT2_WITNESS_TYPES, PERMIT2_ADDRESS
+/// acct = Account.from_key("0x" + "11" * 32)
+/// domain = {"name": "Permit2", "chainId": 84532, "verifyingContract": PERMIT2_ADDRESS}
+/// msg = {"permitted": {"token": "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+///                      "amount": 10000},
+///        "spender": "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002",
+///        "nonce": int.from_bytes(bytes([0x42] * 32), "big"), "deadline": 1795957260,
+///        "witness": {"to": "0x209693Bc6afc0C5328bA36FaF03C514EF312287C",
+///                    "facilitator": "0x00000000000000000000000000000000000Fac11",
+///                    "validAfter": 0}}
+/// signed = acct.sign_message(encode_typed_data(domain_data=domain,
+///     message_types=UPTO_PERMIT2_WITNESS_TYPES, message_data=msg))
+/// # signed.message_hash.hex(), signed.signature.hex()
+/// ```
+#[test]
+fn upto_known_answer_matches_eth_account() {
+    let wallet = Wallet::from_key(&[0x11; 32]);
+    let mut req = requirements_upto("10000");
+    req["payTo"] = json!("0x209693Bc6afc0C5328bA36FaF03C514EF312287C");
+    let payload = wallet.permit_upto(&req, 0, 1_795_957_260, [0x42; 32]);
+
+    let permit = UptoPermit::from_json(&payload["permit2Authorization"]).expect("parses");
+    assert_eq!(
+        hex::encode(permit.digest(84532)),
+        "47b2740adfd096aec888e71dc094e840d4ddd27d8bb70e2e91b2d6f0728d1040"
+    );
+    assert_eq!(
+        payload,
+        json!({
+            "signature": "0xcea372232304be343cc94571237942c14c1e1cbb50af426570585bf4ba3cd7c2\
+                          2170d261201d408147a34a33bce83ae9856be9cec411f06c621886955a28ff5b1b",
+            "permit2Authorization": {
+                "from": "0x19E7E376E7C213B7E7e7e46cc70A5dD086DAff2A",
+                "permitted": {
+                    "token": "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+                    "amount": "10000",
+                },
+                "spender": "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002",
+                "nonce": "2996971721436419175668896082577804673849340779581285186903608056\
+                          6753986495042",
+                "deadline": "1795957260",
+                "witness": {
+                    "to": "0x209693Bc6afc0C5328bA36FaF03C514EF312287C",
+                    "facilitator": "0x00000000000000000000000000000000000Fac11",
+                    "validAfter": "0",
+                },
+            },
+        })
+    );
+    // The constants are the reference's, checksum included.
+    for address in [x402::PERMIT2_ADDRESS, x402::UPTO_PROXY_ADDRESS] {
+        assert_eq!(checksum(&parse_address(address).expect("address")), address);
+    }
 }
 
 /// Known answer, computed independently with Python `eth_account` 0.14.0 (PyPI), the
@@ -481,6 +765,19 @@ fn eip55_and_uint256_encodings() {
     for bad in ["", "-1", "1.5", "0x", "1e3", " 1", "0xg1"] {
         assert_eq!(parse_uint256(bad), None, "{bad:?}");
     }
+    for decimal in [
+        "0",
+        "9",
+        "10",
+        "255",
+        "256",
+        "10000",
+        &u128::MAX.to_string(),
+        max,
+    ] {
+        let w = parse_uint256(decimal).expect("a uint256");
+        assert_eq!(uint256_decimal(&w), decimal);
+    }
 
     let payment = Wallet::from_seed(1).pay(&resource(URL), &requirements("1"), 1, nonce(1));
     assert_eq!(decode_header(&header(&payment)), payment);
@@ -493,7 +790,10 @@ fn eip55_and_uint256_encodings() {
 /// A paid resource as the spec's HTTP transport describes it: 402 with `PAYMENT-REQUIRED`
 /// (v2) or with the requirements in the body (v1, under `/v1`); a paid retry is verified
 /// and settled with the facilitator, then answered with the request's body echoed and
-/// `PAYMENT-RESPONSE`. Records the headers of every request.
+/// `PAYMENT-RESPONSE`. Under `/upto` it offers `upto` for at most 10000 and charges
+/// [`UPTO_CHARGE`]. Records the headers of every request.
+const UPTO_CHARGE: &str = "2500";
+
 struct PaidResource {
     url: String,
     seen: std::sync::Arc<std::sync::Mutex<Vec<axum::http::HeaderMap>>>,
@@ -515,8 +815,14 @@ async fn paid_handler(
     use axum::response::IntoResponse;
     st.seen.lock().expect("lock").push(headers.clone());
     let v1 = uri.path().starts_with("/v1");
+    let upto = uri.path().starts_with("/upto");
     let url = format!("{}{}", st.base, uri.path());
-    let (req, required) = if v1 {
+    let (req, required) = if upto {
+        let req = requirements_upto("10000");
+        let required = json!({ "x402Version": 2, "error": "PAYMENT-SIGNATURE header is required",
+                               "resource": resource(&url), "accepts": [req] });
+        (req, required)
+    } else if v1 {
         let req = x402::requirements_v1("10000", &url);
         let required = json!({ "x402Version": 1, "error": "X-PAYMENT header is required",
                                "accepts": [req] });
@@ -563,6 +869,10 @@ async fn paid_handler(
             axum::Json(refused),
         )
             .into_response();
+    }
+    let mut request = request;
+    if upto {
+        request["paymentRequirements"]["amount"] = json!(UPTO_CHARGE);
     }
     let settled: Value = http
         .post(format!("{}/settle", st.facilitator))
@@ -731,6 +1041,62 @@ async fn the_official_python_client_pays_and_its_signature_verifies() {
     assert_eq!(out["status"], 402);
     assert_eq!(out["body"]["error"], reason::VALID_BEFORE);
     assert_eq!(f.settled().len(), 3);
+}
+
+/// The official client's `upto` payload verifies here, and the wallet signs the same
+/// permit to the same bytes: the kit's Permit2 EIP-712 hashing is the official one. It
+/// also pays an `upto` 402 over HTTP.
+#[tokio::test]
+async fn the_official_python_clients_upto_payload_verifies() {
+    let Some(python) = client_python() else {
+        return;
+    };
+    let f = Facilitator::start().await;
+    let wallet = Wallet::from_seed(8);
+    let key = wallet.private_key_hex();
+    let req = requirements_upto("10000");
+    let required = json!({ "x402Version": 2, "resource": resource(URL), "accepts": [req] });
+    let (out, code) = run_client(&python, &key, &["--payload-for", &required.to_string()]).await;
+    assert_eq!(code, 0, "{out}");
+    let sent = &out["payment_payload"];
+    assert_eq!(x402::payment_payload_errors(sent), Vec::<String>::new());
+    assert_eq!(sent["accepted"], req);
+    assert_eq!(
+        verify(&f, sent, &req).await,
+        json!({ "isValid": true, "payer": wallet.address() })
+    );
+
+    // Its random nonce and clock-made deadline, signed by the wallet: the same payload.
+    let auth = &sent["payload"]["permit2Authorization"];
+    let number = |field: &str| auth[field].as_str().expect("a decimal string").to_owned();
+    assert!(
+        number("nonce").bytes().all(|b| b.is_ascii_digit()),
+        "{auth}"
+    );
+    let deadline_s: u64 = number("deadline").parse().expect("deadline in seconds");
+    assert!(
+        deadline_s <= x402::now_s() + 60 + 5,
+        "maxTimeoutSeconds bounds it"
+    );
+    let nonce_word = parse_uint256(&number("nonce")).expect("a uint256");
+    assert_eq!(
+        wallet.pay_upto(&resource(URL), &req, deadline_s, nonce_word),
+        *sent
+    );
+
+    let settled = settle(&f, sent, &charging(&req, "1234")).await;
+    assert_eq!(
+        (&settled["success"], &settled["amount"]),
+        (&json!(true), &json!("1234"))
+    );
+
+    // Over HTTP: the 402 offers `upto`, the client pays it, the resource charges less.
+    let site = PaidResource::start(&f).await;
+    let (out, code) = run_client(&python, &key, &[&format!("{}/upto/paid", site.url)]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["payment_signature"]["accepted"]["scheme"], "upto");
+    assert_eq!(out["payment_response"]["amount"], UPTO_CHARGE, "{out}");
+    assert_eq!(f.settled_amounts(), ["1234", UPTO_CHARGE]);
 }
 
 #[test]

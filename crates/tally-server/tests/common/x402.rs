@@ -1,6 +1,8 @@
 //! x402 test kit: a mock facilitator that really checks `exact` EVM payments (EIP-712 /
 //! EIP-3009 signatures recovered over secp256k1, recipient, amount, time window, nonce
-//! reuse) and a throwaway wallet that signs them as the official clients do.
+//! reuse) and `upto` EVM payments (Permit2 `PermitWitnessTransferFrom`, settled for any
+//! amount up to the signed maximum), and a throwaway wallet that signs both as the
+//! official clients do.
 //!
 //! Wire shapes follow coinbase/x402 `specs/x402-specification-v2.md` (§5 types, §7
 //! facilitator API). Where the spec's prose and the reference facilitator (PyPI `x402`
@@ -11,6 +13,13 @@
 //!   [`reason::VALUE_MISMATCH`]);
 //! - `validBefore` must be at least [`VALID_BEFORE_MARGIN_S`] seconds in the future;
 //! - reason strings are the reference's constants (see [`reason`]).
+//!
+//! `upto` follows the reference's `mechanisms/evm/upto/permit2_utils.py`
+//! (`verify_upto_permit2`, `settle_upto_permit2`) and the spec's
+//! `specs/schemes/upto/scheme_upto_evm.md`: verify wants `permitted.amount` EQUAL to the
+//! requirements' amount; settle takes the requirements' amount as the amount to charge
+//! (the resource server's settlement override), any amount up to `permitted.amount`, and
+//! a settle of 0 succeeds with no transaction (so it does not spend the permit's nonce).
 
 #![allow(dead_code)]
 
@@ -48,13 +57,21 @@ pub const PAY_TO: &str = "0x000000000000000000000000000000000000dEaD";
 /// about to lapse could not be mined in time.
 pub const VALID_BEFORE_MARGIN_S: u64 = 6;
 
+/// Permit2's canonical address (the same on every chain): the `verifyingContract` of the
+/// EIP-712 domain an `upto` permit is signed under.
+pub const PERMIT2_ADDRESS: &str = "0x000000000022D473030F116dDEE9F6B43aC78BA3";
+/// x402's upto Permit2 proxy (`X402_UPTO_PERMIT2_PROXY_ADDRESS`): the only `spender` an
+/// `upto` permit may name, since it is the contract that enforces the witness.
+pub const UPTO_PROXY_ADDRESS: &str = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002";
+
 /// The `invalidReason` / `errorReason` strings the mock answers: the reference
 /// facilitator's (PyPI `x402` 2.25.0, `mechanisms/evm/constants.py`), except where marked.
 pub mod reason {
     pub const UNSUPPORTED_SCHEME: &str = "unsupported_scheme";
     pub const NETWORK_MISMATCH: &str = "network_mismatch";
     /// The spec's §9 name; the reference answers an unknown chain with
-    /// `invalid_exact_evm_failed_to_get_network_config`.
+    /// `invalid_exact_evm_failed_to_get_network_config` (`upto`:
+    /// `invalid_upto_evm_failed_to_get_network_config`).
     pub const INVALID_NETWORK: &str = "invalid_network";
     /// The spec's §9 name, for a payload or request that does not parse.
     pub const INVALID_PAYLOAD: &str = "invalid_payload";
@@ -74,6 +91,34 @@ pub mod reason {
     /// What a settle answers after [`super::Facilitator::fail_next_settle`]: the
     /// reference's name for a reverted `transferWithAuthorization`.
     pub const TRANSACTION_FAILED: &str = "transaction_failed";
+
+    // `upto` (Permit2), in the order the reference checks them.
+    /// What the reference's `upto` scheme answers for a `payload` that is not an upto
+    /// permit (no `permit2Authorization.witness.facilitator`).
+    pub const UNSUPPORTED_PAYLOAD_TYPE: &str = "unsupported_payload_type";
+    pub const UPTO_INVALID_SCHEME: &str = "invalid_upto_evm_scheme";
+    pub const UPTO_NETWORK_MISMATCH: &str = "invalid_upto_evm_network_mismatch";
+    pub const PERMIT2_INVALID_SPENDER: &str = "invalid_permit2_spender";
+    pub const PERMIT2_RECIPIENT_MISMATCH: &str = "invalid_permit2_recipient_mismatch";
+    pub const UPTO_FACILITATOR_MISMATCH: &str = "upto_facilitator_mismatch";
+    /// A permit's amount, deadline or validAfter, or the amount to settle, that does not
+    /// parse (a bad `from` or nonce fails as [`PERMIT2_INVALID_SIGNATURE`], as there).
+    pub const PERMIT2_PAYLOAD_FORMAT: &str = "invalid_permit2_payload_format";
+    pub const PERMIT2_DEADLINE_EXPIRED: &str = "permit2_deadline_expired";
+    pub const PERMIT2_NOT_YET_VALID: &str = "permit2_not_yet_valid";
+    pub const PERMIT2_AMOUNT_MISMATCH: &str = "permit2_amount_mismatch";
+    pub const PERMIT2_TOKEN_MISMATCH: &str = "permit2_token_mismatch";
+    pub const PERMIT2_INVALID_SIGNATURE: &str = "invalid_permit2_signature";
+    /// A settle for more than `permitted.amount`.
+    pub const UPTO_SETTLEMENT_EXCEEDS_AMOUNT: &str =
+        "invalid_upto_evm_payload_settlement_exceeds_amount";
+    /// Verify of a permit whose nonce is spent: the reference finds it by simulating the
+    /// settle, and answers a failed simulation (balance and allowance fine) so. Also what
+    /// a settle answers after [`super::Facilitator::fail_next_settle`].
+    pub const UPTO_TRANSACTION_FAILED: &str = "invalid_upto_evm_transaction_failed";
+    /// Settle of a permit whose nonce is spent: the reference's name for Permit2's
+    /// `InvalidNonce` revert.
+    pub const PERMIT2_INVALID_NONCE: &str = "permit2_invalid_nonce";
 }
 
 /// Seconds since the Unix epoch, real clock (the facilitator's default clock).
@@ -95,6 +140,26 @@ pub fn requirements(amount: &str) -> Value {
         "payTo": PAY_TO,
         "maxTimeoutSeconds": 60,
         "extra": { "name": "USDC", "version": "2" },
+    })
+}
+
+/// v2 `upto` `PaymentRequirements` for at most `amount` atomic units, as the official
+/// server's `UptoEvmScheme` builds them from this mock's `/supported`: `extra` carries
+/// the facilitator that must settle ([`FACILITATOR_SIGNER`]) and the transfer method.
+pub fn requirements_upto(amount: &str) -> Value {
+    json!({
+        "scheme": "upto",
+        "network": NETWORK,
+        "amount": amount,
+        "asset": ASSET,
+        "payTo": PAY_TO,
+        "maxTimeoutSeconds": 60,
+        "extra": {
+            "name": "USDC",
+            "version": "2",
+            "facilitatorAddress": FACILITATOR_SIGNER,
+            "assetTransferMethod": "permit2",
+        },
     })
 }
 
@@ -179,7 +244,8 @@ pub fn payment_required_errors(v: &Value) -> Vec<String> {
     errors
 }
 
-/// What breaks the rules of a v2 `PaymentPayload` with an `exact` EVM `payload`.
+/// What breaks the rules of a v2 `PaymentPayload` with an `exact` EVM `payload`, or an
+/// `upto` one (`payload.permit2Authorization`, the reference's `UptoPermit2Payload`).
 pub fn payment_payload_errors(v: &Value) -> Vec<String> {
     let mut errors = Vec::new();
     let Some(obj) = v.as_object() else {
@@ -199,9 +265,27 @@ pub fn payment_payload_errors(v: &Value) -> Vec<String> {
     if !payload["signature"].is_string() {
         errors.push("payload.signature must be a string".into());
     }
-    for field in ["from", "to", "value", "validAfter", "validBefore", "nonce"] {
-        if !payload["authorization"][field].is_string() {
-            errors.push(format!("payload.authorization.{field} must be a string"));
+    let (object, fields): (&str, &[&str]) = if payload.get("permit2Authorization").is_some() {
+        let fields = &[
+            "from",
+            "permitted/token",
+            "permitted/amount",
+            "spender",
+            "nonce",
+            "deadline",
+            "witness/to",
+            "witness/facilitator",
+            "witness/validAfter",
+        ];
+        ("permit2Authorization", fields)
+    } else {
+        let fields = &["from", "to", "value", "validAfter", "validBefore", "nonce"];
+        ("authorization", fields)
+    };
+    for field in fields {
+        let at = format!("/payload/{object}/{field}");
+        if !v.pointer(&at).is_some_and(Value::is_string) {
+            errors.push(format!("{at} must be a string"));
         }
     }
     errors
@@ -379,6 +463,114 @@ impl Authorization {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// EIP-712 / Permit2 (`upto`)
+// ---------------------------------------------------------------------------------------
+
+/// Permit2's domain has no `version` (Permit2's own `EIP712` contract leaves it out).
+const PERMIT2_DOMAIN_TYPE: &str =
+    "EIP712Domain(string name,uint256 chainId,address verifyingContract)";
+const PERMIT_WITNESS_TRANSFER_TYPE: &str = "PermitWitnessTransferFrom(TokenPermissions permitted,\
+                                            address spender,uint256 nonce,uint256 deadline,\
+                                            Witness witness)";
+const TOKEN_PERMISSIONS_TYPE: &str = "TokenPermissions(address token,uint256 amount)";
+/// The upto witness: the exact scheme's Permit2 witness plus `facilitator`, so that only
+/// the facilitator the client chose can settle (and pick the amount).
+const UPTO_WITNESS_TYPE: &str = "Witness(address to,address facilitator,uint256 validAfter)";
+
+/// `encodeType` of the primary type: EIP-712 appends the types it references, sorted by
+/// name (`TokenPermissions` < `Witness`).
+fn permit_witness_type_hash() -> [u8; 32] {
+    keccak(
+        [
+            PERMIT_WITNESS_TRANSFER_TYPE,
+            TOKEN_PERMISSIONS_TYPE,
+            UPTO_WITNESS_TYPE,
+        ]
+        .concat()
+        .as_bytes(),
+    )
+}
+
+/// Permit2's domain separator on `chain_id`.
+pub fn permit2_domain_separator(chain_id: u64) -> [u8; 32] {
+    let permit2 = parse_address(PERMIT2_ADDRESS).expect("PERMIT2_ADDRESS is an address");
+    let mut enc = Vec::with_capacity(4 * 32);
+    enc.extend_from_slice(&keccak(PERMIT2_DOMAIN_TYPE.as_bytes()));
+    enc.extend_from_slice(&keccak(b"Permit2"));
+    enc.extend_from_slice(&word_u64(chain_id));
+    enc.extend_from_slice(&word_address(&permit2));
+    keccak(&enc)
+}
+
+/// An `upto` permit: Permit2's `PermitWitnessTransferFrom` with the upto witness, and the
+/// `from` it claims (not signed: Permit2 recovers the owner from the signature). Numbers
+/// as 32-byte big-endian words.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UptoPermit {
+    pub from: [u8; 20],
+    pub token: [u8; 20],
+    /// The most the facilitator may transfer.
+    pub amount: [u8; 32],
+    pub spender: [u8; 20],
+    pub nonce: [u8; 32],
+    pub deadline: [u8; 32],
+    pub to: [u8; 20],
+    pub facilitator: [u8; 20],
+    pub valid_after: [u8; 32],
+}
+
+impl UptoPermit {
+    /// `hashStruct(PermitWitnessTransferFrom)`, its struct members hashed with their own
+    /// `hashStruct` (EIP-712 `encodeData`).
+    pub fn struct_hash(&self) -> [u8; 32] {
+        let mut permitted = Vec::with_capacity(3 * 32);
+        permitted.extend_from_slice(&keccak(TOKEN_PERMISSIONS_TYPE.as_bytes()));
+        permitted.extend_from_slice(&word_address(&self.token));
+        permitted.extend_from_slice(&self.amount);
+        let mut witness = Vec::with_capacity(4 * 32);
+        witness.extend_from_slice(&keccak(UPTO_WITNESS_TYPE.as_bytes()));
+        witness.extend_from_slice(&word_address(&self.to));
+        witness.extend_from_slice(&word_address(&self.facilitator));
+        witness.extend_from_slice(&self.valid_after);
+        let mut enc = Vec::with_capacity(6 * 32);
+        enc.extend_from_slice(&permit_witness_type_hash());
+        enc.extend_from_slice(&keccak(&permitted));
+        enc.extend_from_slice(&word_address(&self.spender));
+        enc.extend_from_slice(&self.nonce);
+        enc.extend_from_slice(&self.deadline);
+        enc.extend_from_slice(&keccak(&witness));
+        keccak(&enc)
+    }
+
+    /// The EIP-712 digest signed on `chain_id`, under Permit2's domain.
+    pub fn digest(&self, chain_id: u64) -> [u8; 32] {
+        let mut enc = Vec::with_capacity(2 + 64);
+        enc.extend_from_slice(&[0x19, 0x01]);
+        enc.extend_from_slice(&permit2_domain_separator(chain_id));
+        enc.extend_from_slice(&self.struct_hash());
+        keccak(&enc)
+    }
+
+    /// Parses `payload.permit2Authorization` (addresses 0x-hex, numbers decimal strings,
+    /// or 0x-hex).
+    pub fn from_json(auth: &Value) -> Option<UptoPermit> {
+        let address = |v: &Value| v.as_str().and_then(parse_address);
+        let uint = |v: &Value| v.as_str().and_then(parse_uint256);
+        Some(UptoPermit {
+            from: address(&auth["from"])?,
+            token: address(&auth["permitted"]["token"])?,
+            amount: uint(&auth["permitted"]["amount"])?,
+            spender: address(&auth["spender"])?,
+            nonce: uint(&auth["nonce"])?,
+            deadline: uint(&auth["deadline"])?,
+            to: address(&auth["witness"]["to"])?,
+            facilitator: address(&auth["witness"]["facilitator"])?,
+            valid_after: uint(&auth["witness"]["validAfter"])?,
+        })
+    }
+}
+
 /// The chain id of a CAIP-2 `eip155:<id>` network, or of a v1 network name.
 pub fn chain_id(network: &str) -> Option<u64> {
     if let Some(id) = network.strip_prefix("eip155:") {
@@ -452,6 +644,27 @@ pub fn parse_uint256(s: &str) -> Option<[u8; 32]> {
     Some(w)
 }
 
+/// A `uint256` word in decimal, as Permit2 nonces and amounts travel in JSON.
+pub fn uint256_decimal(w: &[u8; 32]) -> String {
+    let mut n = *w;
+    let mut digits = Vec::new();
+    loop {
+        // n, remainder = n / 10, n % 10: long division, most significant byte first.
+        let mut remainder = 0u16;
+        for byte in n.iter_mut() {
+            let x = (remainder << 8) | u16::from(*byte);
+            *byte = (x / 10) as u8;
+            remainder = x % 10;
+        }
+        digits.push(b'0' + remainder as u8);
+        if n.iter().all(|&b| b == 0) {
+            break;
+        }
+    }
+    digits.reverse();
+    String::from_utf8(digits).expect("ASCII digits")
+}
+
 fn word_to_u64(w: &[u8; 32]) -> Option<u64> {
     if w[..24].iter().any(|&b| b != 0) {
         return None;
@@ -504,7 +717,7 @@ pub fn recover(digest: &[u8; 32], signature: &[u8]) -> Option<[u8; 20]> {
 // Wallet
 // ---------------------------------------------------------------------------------------
 
-/// A throwaway secp256k1 key that signs `exact` EVM payments.
+/// A throwaway secp256k1 key that signs `exact` and `upto` EVM payments.
 #[derive(Clone)]
 pub struct Wallet {
     key: SigningKey,
@@ -624,6 +837,74 @@ impl Wallet {
             "payload": self.authorize(requirements, 0, valid_before_s, nonce),
         })
     }
+
+    /// The `upto` scheme payload `{signature, permit2Authorization}` for `requirements`
+    /// (v2, `extra.facilitatorAddress` set), encoded as the official Python client's
+    /// `UptoPermit2Payload.to_dict`: addresses EIP-55, numbers (nonce included) decimal
+    /// strings, the maximum `permitted.amount` = `requirements.amount`.
+    pub fn permit_upto(
+        &self,
+        requirements: &Value,
+        valid_after_s: u64,
+        deadline_s: u64,
+        nonce: [u8; 32],
+    ) -> Value {
+        let chain = requirements["network"]
+            .as_str()
+            .and_then(chain_id)
+            .expect("requirements on an eip155 network");
+        let field = |name: &str| {
+            let v = requirements.pointer(name).and_then(Value::as_str);
+            v.unwrap_or_else(|| panic!("requirements{name}"))
+        };
+        let address = |name: &str| parse_address(field(name)).expect("an address");
+        let amount = field("/amount");
+        let permit = UptoPermit {
+            from: self.address_bytes(),
+            token: address("/asset"),
+            amount: parse_uint256(amount).expect("amount is a uint256"),
+            spender: parse_address(UPTO_PROXY_ADDRESS).expect("UPTO_PROXY_ADDRESS"),
+            nonce,
+            deadline: word_u64(deadline_s),
+            to: address("/payTo"),
+            facilitator: address("/extra/facilitatorAddress"),
+            valid_after: word_u64(valid_after_s),
+        };
+        let signature = self.sign_digest(&permit.digest(chain));
+        json!({
+            "signature": format!("0x{}", hex::encode(signature)),
+            "permit2Authorization": {
+                "from": self.address(),
+                "permitted": { "token": checksum(&permit.token), "amount": amount },
+                "spender": UPTO_PROXY_ADDRESS,
+                "nonce": uint256_decimal(&nonce),
+                "deadline": deadline_s.to_string(),
+                "witness": {
+                    "to": checksum(&permit.to),
+                    "facilitator": checksum(&permit.facilitator),
+                    "validAfter": valid_after_s.to_string(),
+                },
+            },
+        })
+    }
+
+    /// A v2 `upto` `PaymentPayload` for `accepted` (see [`requirements_upto`]): a permit
+    /// for at most `accepted.amount`, `validAfter` 0 as the official Python client sends
+    /// it.
+    pub fn pay_upto(
+        &self,
+        resource: &Value,
+        accepted: &Value,
+        deadline_s: u64,
+        nonce: [u8; 32],
+    ) -> Value {
+        json!({
+            "x402Version": 2,
+            "resource": resource,
+            "accepted": accepted,
+            "payload": self.permit_upto(accepted, 0, deadline_s, nonce),
+        })
+    }
 }
 
 /// A distinct nonce per `n`, for tests that need many payments.
@@ -643,8 +924,9 @@ pub struct Received {
     pub body: Value,
 }
 
-/// What identifies an EIP-3009 authorization on chain: `(chain id, token, from, nonce)`
-/// (nonces are per token contract and authorizer).
+/// What identifies an authorization on chain: `(chain id, contract, from, nonce)`. EIP-3009
+/// nonces are per token contract and authorizer; Permit2 nonces per owner, in the one
+/// Permit2 contract ([`PERMIT2_ADDRESS`]) whatever the token.
 type NonceKey = (u64, [u8; 20], [u8; 20], [u8; 32]);
 
 #[derive(Default)]
@@ -652,6 +934,8 @@ struct Inner {
     /// The authorizations settled.
     used_nonces: HashSet<NonceKey>,
     settled: Vec<Value>,
+    /// The amount of each successful settle, beside `settled`.
+    settled_amounts: Vec<String>,
     received: Vec<Received>,
     fail_next_settle: bool,
     status_override: Option<u16>,
@@ -717,13 +1001,14 @@ fn bind_reusable(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 impl Facilitator {
-    /// Supports `exact` on [`NETWORK`] (Base Sepolia) and `eip155:8453` (Base), v2 and v1.
+    /// Supports `exact` on [`NETWORK`] (Base Sepolia) and `eip155:8453` (Base), v2 and v1,
+    /// and `upto` on both (v2).
     pub async fn start() -> Facilitator {
         Facilitator::start_with_networks(&[NETWORK, "eip155:8453"]).await
     }
 
-    /// Supports `exact` on the given CAIP-2 networks only: a payment for another network is
-    /// invalid (`invalid_network`), and `/supported` lists just these.
+    /// Supports `exact` and `upto` on the given CAIP-2 networks only: a payment for another
+    /// network is invalid (`invalid_network`), and `/supported` lists just these.
     pub async fn start_with_networks(networks: &[&str]) -> Facilitator {
         let listener =
             bind_reusable("127.0.0.1:0".parse().expect("addr")).expect("facilitator binds");
@@ -780,8 +1065,9 @@ impl Facilitator {
     }
 
     /// The next `/settle` answers `success: false` with [`reason::TRANSACTION_FAILED`]
-    /// (after checking the payment; the nonce stays unused, as with a reverted
-    /// transaction, so a retry of the same payment can settle).
+    /// (`upto`: [`reason::UPTO_TRANSACTION_FAILED`]), after checking the payment; the
+    /// nonce stays unused, as with a reverted transaction, so a retry of the same payment
+    /// can settle. A settle that fails its checks leaves it armed.
     pub fn fail_next_settle(&self) {
         self.shared.inner().fail_next_settle = true;
     }
@@ -806,6 +1092,13 @@ impl Facilitator {
     /// The `paymentPayload` of each successful settle, in order.
     pub fn settled(&self) -> Vec<Value> {
         self.shared.inner().settled.clone()
+    }
+
+    /// The amount each successful settle transferred, in order (beside [`Self::settled`]):
+    /// `exact`'s authorized value, or the amount an `upto` settle was asked for ("0" for a
+    /// settle with no transaction).
+    pub fn settled_amounts(&self) -> Vec<String> {
+        self.shared.inner().settled_amounts.clone()
     }
 
     /// Every request received, in order (what the server under test sent).
@@ -885,6 +1178,16 @@ async fn supported(State(shared): State<Arc<Shared>>) -> Json<Value> {
     for network in &shared.networks {
         kinds.push(json!({ "x402Version": 2, "scheme": "exact", "network": network }));
     }
+    // What the reference's `UptoEvmScheme.get_extra` adds: the address that will settle,
+    // which the client signs into the witness.
+    for network in &shared.networks {
+        kinds.push(json!({
+            "x402Version": 2,
+            "scheme": "upto",
+            "network": network,
+            "extra": { "facilitatorAddress": FACILITATOR_SIGNER },
+        }));
+    }
     // v1 kinds carry the v1 network names, as the reference facilitator lists them.
     for (name, caip) in [("base-sepolia", NETWORK), ("base", "eip155:8453")] {
         if shared.networks.iter().any(|n| n == caip) {
@@ -898,7 +1201,8 @@ async fn supported(State(shared): State<Arc<Shared>>) -> Json<Value> {
     }))
 }
 
-/// The address the mock claims to settle from (any fixed address: nothing is sent).
+/// The address the mock claims to settle from (any fixed address: nothing is sent), and
+/// the `facilitatorAddress` an `upto` witness must name.
 pub const FACILITATOR_SIGNER: &str = "0x00000000000000000000000000000000000fac11";
 
 /// A checked payment: who pays, and what to record when it settles.
@@ -920,17 +1224,22 @@ fn parts(body: &Value) -> (Value, Value, String) {
 /// The payer named by the payload, for answers about invalid payments (the reference
 /// reports it whenever the payload parses).
 fn claimed_payer(payload: &Value) -> Value {
-    payload["payload"]["authorization"]["from"].clone()
+    let exact = &payload["payload"]["authorization"]["from"];
+    let upto = &payload["payload"]["permit2Authorization"]["from"];
+    if exact.is_null() { upto } else { exact }.clone()
 }
 
-/// Checks an `exact` EVM payment as the reference facilitator does, in its order, minus
-/// the chain (balance, simulation); the nonce is checked against this mock's settles.
-fn check(
-    shared: &Shared,
-    inner: &Inner,
-    body: &Value,
-    now_s: u64,
-) -> Result<Checked, &'static str> {
+/// Whether the facilitator's `upto` scheme takes the request: the reference picks a
+/// scheme by the payload's `accepted.scheme` (v2 only: v1 had no `upto`).
+fn is_upto(body: &Value) -> bool {
+    let payload = &body["paymentPayload"];
+    payload["x402Version"] == 2 && payload["accepted"]["scheme"] == "upto"
+}
+
+/// The request's versions checked: `(version, paymentPayload, paymentRequirements,
+/// accepted)`, `accepted` being the chosen requirements (v2's `accepted`; v1 puts scheme
+/// and network at the top of the payload).
+fn envelope(body: &Value) -> Result<(u64, Value, Value, Value), &'static str> {
     let version = body["x402Version"]
         .as_u64()
         .ok_or(reason::INVALID_PAYLOAD)?;
@@ -944,18 +1253,16 @@ fn check(
     if !(version == 1 || version == 2) || payload_version != version {
         return Err(reason::INVALID_X402_VERSION);
     }
-    // v2 names the chosen requirements in `accepted`; v1 puts scheme and network at the top.
     let accepted = if version == 2 {
         payload["accepted"].clone()
     } else {
         payload.clone()
     };
-    if accepted["scheme"] != "exact" || requirements["scheme"] != "exact" {
-        return Err(reason::UNSUPPORTED_SCHEME);
-    }
-    if accepted["network"] != requirements["network"] {
-        return Err(reason::NETWORK_MISMATCH);
-    }
+    Ok((version, payload, requirements, accepted))
+}
+
+/// The chain id of the requirements' network, if this facilitator serves it.
+fn served_chain(shared: &Shared, requirements: &Value) -> Result<u64, &'static str> {
     let network = requirements["network"]
         .as_str()
         .ok_or(reason::INVALID_PAYLOAD)?;
@@ -967,6 +1274,25 @@ fn check(
     {
         return Err(reason::INVALID_NETWORK);
     }
+    Ok(chain)
+}
+
+/// Checks an `exact` EVM payment as the reference facilitator does, in its order, minus
+/// the chain (balance, simulation); the nonce is checked against this mock's settles.
+fn check(
+    shared: &Shared,
+    inner: &Inner,
+    body: &Value,
+    now_s: u64,
+) -> Result<Checked, &'static str> {
+    let (version, payload, requirements, accepted) = envelope(body)?;
+    if accepted["scheme"] != "exact" || requirements["scheme"] != "exact" {
+        return Err(reason::UNSUPPORTED_SCHEME);
+    }
+    if accepted["network"] != requirements["network"] {
+        return Err(reason::NETWORK_MISMATCH);
+    }
+    let chain = served_chain(shared, &requirements)?;
     let asset = requirements["asset"]
         .as_str()
         .and_then(parse_address)
@@ -1031,6 +1357,172 @@ fn check(
     })
 }
 
+/// A checked `upto` permit: who pays, its nonce, and the most it lets be transferred.
+struct CheckedUpto {
+    payer: String,
+    nonce_key: NonceKey,
+    permitted: [u8; 32],
+}
+
+/// Checks an `upto` payment as the reference's `verify_upto_permit2` does, in its order,
+/// minus the chain (allowance, balance, simulation) and the nonce (left to the callers,
+/// since verify and settle name a spent one differently). At settle the requirements'
+/// amount is what to charge, not the maximum: the reference re-verifies with the
+/// permit's own `permitted.amount` in its place, so `at_settle` skips the amount check.
+fn check_upto(
+    shared: &Shared,
+    body: &Value,
+    now_s: u64,
+    at_settle: bool,
+) -> Result<CheckedUpto, &'static str> {
+    let (_, payload, requirements, accepted) = envelope(body)?;
+    let auth = &payload["payload"]["permit2Authorization"];
+    let is_upto_permit = auth["witness"]
+        .as_object()
+        .is_some_and(|w| w.contains_key("facilitator"));
+    if !is_upto_permit {
+        return Err(reason::UNSUPPORTED_PAYLOAD_TYPE);
+    }
+    if accepted["scheme"] != "upto" || requirements["scheme"] != "upto" {
+        return Err(reason::UPTO_INVALID_SCHEME);
+    }
+    if accepted["network"] != requirements["network"] {
+        return Err(reason::UPTO_NETWORK_MISMATCH);
+    }
+    let chain = served_chain(shared, &requirements)?;
+    let asset = requirements["asset"]
+        .as_str()
+        .and_then(parse_address)
+        .ok_or(reason::INVALID_PAYLOAD)?;
+    let address = |v: &Value| v.as_str().and_then(parse_address);
+    if address(&auth["spender"]) != parse_address(UPTO_PROXY_ADDRESS) {
+        return Err(reason::PERMIT2_INVALID_SPENDER);
+    }
+    let to = address(&auth["witness"]["to"]);
+    if to.is_none() || to != address(&requirements["payTo"]) {
+        return Err(reason::PERMIT2_RECIPIENT_MISMATCH);
+    }
+    if address(&auth["witness"]["facilitator"]) != parse_address(FACILITATOR_SIGNER) {
+        return Err(reason::UPTO_FACILITATOR_MISMATCH);
+    }
+    let uint = |v: &Value| {
+        v.as_str()
+            .and_then(parse_uint256)
+            .ok_or(reason::PERMIT2_PAYLOAD_FORMAT)
+    };
+    let deadline = uint(&auth["deadline"])?;
+    let valid_after = uint(&auth["witness"]["validAfter"])?;
+    let permitted = uint(&auth["permitted"]["amount"])?;
+    let required = if at_settle {
+        permitted
+    } else {
+        uint(&requirements["amount"])?
+    };
+    // Past u64 seconds is "never expires" / "never valid yet".
+    if word_to_u64(&deadline).unwrap_or(u64::MAX) < now_s.saturating_add(VALID_BEFORE_MARGIN_S) {
+        return Err(reason::PERMIT2_DEADLINE_EXPIRED);
+    }
+    if word_to_u64(&valid_after).unwrap_or(u64::MAX) > now_s {
+        return Err(reason::PERMIT2_NOT_YET_VALID);
+    }
+    if permitted != required {
+        return Err(reason::PERMIT2_AMOUNT_MISMATCH);
+    }
+    if address(&auth["permitted"]["token"]) != Some(asset) {
+        return Err(reason::PERMIT2_TOKEN_MISMATCH);
+    }
+    // What is left to parse (from, nonce) is only used to rebuild the signed message: the
+    // reference fails that as a bad signature.
+    let permit = UptoPermit::from_json(auth).ok_or(reason::PERMIT2_INVALID_SIGNATURE)?;
+    let signature = payload["payload"]["signature"]
+        .as_str()
+        .and_then(strip_0x)
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or(reason::PERMIT2_INVALID_SIGNATURE)?;
+    if recover(&permit.digest(chain), &signature) != Some(permit.from) {
+        return Err(reason::PERMIT2_INVALID_SIGNATURE);
+    }
+    let permit2 = parse_address(PERMIT2_ADDRESS).expect("PERMIT2_ADDRESS is an address");
+    Ok(CheckedUpto {
+        payer: checksum(&permit.from),
+        nonce_key: (chain, permit2, permit.from, permit.nonce),
+        permitted,
+    })
+}
+
+/// `/verify` of an `upto` payment: its payer, or why not.
+fn verify_upto(
+    shared: &Shared,
+    inner: &Inner,
+    body: &Value,
+    now_s: u64,
+) -> Result<String, &'static str> {
+    let checked = check_upto(shared, body, now_s, false)?;
+    if inner.used_nonces.contains(&checked.nonce_key) {
+        return Err(reason::UPTO_TRANSACTION_FAILED);
+    }
+    Ok(checked.payer)
+}
+
+/// `/settle` of an `upto` payment, in the reference's order: the amount to charge parses,
+/// the permit checks, more than it allows is refused; then the transaction, which a spent
+/// nonce or [`Facilitator::fail_next_settle`] fails. 0 sends no transaction, so it spends
+/// nothing, and the reference lets it pass even with the nonce spent.
+fn settle_upto(shared: &Shared, inner: &mut Inner, body: &Value, now_s: u64) -> Value {
+    let (payload, requirements, network) = parts(body);
+    let failure = |why: &str| {
+        without_null_payer(json!({
+            "success": false,
+            "errorReason": why,
+            "payer": claimed_payer(&payload),
+            "transaction": "",
+            "network": network,
+        }))
+    };
+    let Some(amount) = requirements["amount"].as_str().and_then(parse_uint256) else {
+        return failure(reason::PERMIT2_PAYLOAD_FORMAT);
+    };
+    let checked = match check_upto(shared, body, now_s, true) {
+        Ok(checked) => checked,
+        Err(why) => return failure(why),
+    };
+    if amount > checked.permitted {
+        return failure(reason::UPTO_SETTLEMENT_EXCEEDS_AMOUNT);
+    }
+    let zero = amount == [0u8; 32];
+    if !zero && inner.used_nonces.contains(&checked.nonce_key) {
+        return failure(reason::PERMIT2_INVALID_NONCE);
+    }
+    if std::mem::take(&mut inner.fail_next_settle) {
+        return failure(reason::UPTO_TRANSACTION_FAILED);
+    }
+    let transaction = if zero {
+        String::new()
+    } else {
+        inner.used_nonces.insert(checked.nonce_key);
+        transaction_hash(&checked.nonce_key)
+    };
+    inner.settled.push(payload.clone());
+    inner.settled_amounts.push(uint256_decimal(&amount));
+    json!({
+        "success": true,
+        "payer": checked.payer,
+        "transaction": transaction,
+        "network": network,
+        "amount": uint256_decimal(&amount),
+    })
+}
+
+/// A stand-in transaction hash, fixed per authorization: keccak of its nonce key.
+fn transaction_hash(nonce_key: &NonceKey) -> String {
+    let (chain, contract, from, nonce) = nonce_key;
+    let mut key = chain.to_be_bytes().to_vec();
+    key.extend_from_slice(contract);
+    key.extend_from_slice(from);
+    key.extend_from_slice(nonce);
+    format!("0x{}", hex::encode(keccak(&key)))
+}
+
 /// `payer` is optional: left out when the payload names none.
 fn without_null_payer(mut answer: Value) -> Value {
     if answer["payer"].is_null() {
@@ -1046,8 +1538,13 @@ fn now_of(inner: &Inner) -> u64 {
 async fn verify(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Json<Value> {
     let inner = shared.inner();
     let now = now_of(&inner);
-    Json(match check(&shared, &inner, &body, now) {
-        Ok(ok) => json!({ "isValid": true, "payer": ok.payer }),
+    let checked = if is_upto(&body) {
+        verify_upto(&shared, &inner, &body, now)
+    } else {
+        check(&shared, &inner, &body, now).map(|ok| ok.payer)
+    };
+    Json(match checked {
+        Ok(payer) => json!({ "isValid": true, "payer": payer }),
         Err(why) => without_null_payer(json!({
             "isValid": false,
             "invalidReason": why,
@@ -1061,6 +1558,9 @@ async fn settle(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> J
     // One lock from check to record: two concurrent settles of one payment cannot both pass.
     let mut inner = shared.inner();
     let now = now_of(&inner);
+    if is_upto(&body) {
+        return Json(settle_upto(&shared, &mut inner, &body, now));
+    }
     let failure = |why: &str| {
         without_null_payer(json!({
             "success": false,
@@ -1079,16 +1579,11 @@ async fn settle(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> J
     }
     inner.used_nonces.insert(checked.nonce_key);
     inner.settled.push(payload.clone());
-    // A stand-in transaction hash, fixed per payment: keccak of its nonce key.
-    let (chain, asset, from, nonce) = checked.nonce_key;
-    let mut key = chain.to_be_bytes().to_vec();
-    key.extend_from_slice(&asset);
-    key.extend_from_slice(&from);
-    key.extend_from_slice(&nonce);
+    inner.settled_amounts.push(checked.value.clone());
     Json(json!({
         "success": true,
         "payer": checked.payer,
-        "transaction": format!("0x{}", hex::encode(keccak(&key))),
+        "transaction": transaction_hash(&checked.nonce_key),
         "network": network,
         "amount": checked.value,
     }))
