@@ -346,7 +346,8 @@ impl SettleError {
 /// `/settle`, and writes what followed to the journal: on success the credit (with the
 /// transaction when `credit_transaction`) and the debit, on failure the unsettled record.
 /// The outbox file goes once the journal has it; a journal write that failed leaves it
-/// for the next start.
+/// for the next start, and so does a refused top-up being recovered (`record` false: the
+/// first attempt may have moved the money; [`recover`] sets it aside).
 pub async fn settle_recorded(
     st: &AppState,
     engine: &Engine,
@@ -401,7 +402,9 @@ pub async fn settle_recorded(
         Ok(v) => SettleError::Refused(v.reason.unwrap_or_else(|| "no reason given".into())),
         Err(e) => SettleError::Unreachable(e),
     };
-    let mut done = true;
+    // A live top-up refused moved no money: forgotten. Recovering one, the first attempt
+    // may have moved it: the caller sets it aside.
+    let mut done = record;
     if let Some(u) = &s.unsettled {
         let mut u = u.clone();
         let mut metadata = u.metadata.entries().clone();

@@ -18,8 +18,12 @@ use axum::Router;
 use common::x402::{self as kit, Facilitator, Wallet};
 use common::*;
 use serde_json::Value;
+use tally_core::{AgentId, Command, CommandKind, IdempotencyKey, Metadata};
+use tally_server::outbox::{Outbox, Settlement};
 
 const PRICE: u64 = 10_000;
+/// The most a call on the variable-price (`upto`) route costs.
+const MAX: u64 = 5_000;
 
 struct Paid {
     s: TestServer,
@@ -35,7 +39,20 @@ async fn upstream() -> (String, Arc<AtomicUsize>) {
         async move {
             counted.fetch_add(1, Ordering::SeqCst);
             match uri.path() {
-                "/broken" => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+                "/broken" | "/metered/broken" => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()
+                }
+                // A metered answer reports its cost in the usage header (none for "none").
+                p if p.starts_with("/metered/") => {
+                    let cost = p.trim_start_matches("/metered/").to_owned();
+                    let mut resp = "the metered answer".into_response();
+                    if let Ok(v) = cost.parse::<axum::http::HeaderValue>() {
+                        if cost != "none" {
+                            resp.headers_mut().insert("x-usage-cost-micros", v);
+                        }
+                    }
+                    resp
+                }
                 _ => "the paid answer".into_response(),
             }
         }
@@ -54,7 +71,8 @@ async fn paid(extra_x402: &str) -> Paid {
     let text = format!(
         "{X402}facilitator_url = \"{}\"\n{extra_x402}\n\
          [[routes]]\nname = \"paid\"\npath = \"/paid\"\nupstream = \"{up}\"\nprice_micros = {PRICE}\nx402 = true\n\
-         [[routes]]\nname = \"broken\"\npath = \"/broken\"\nupstream = \"{up}\"\nprice_micros = {PRICE}\nx402 = true\n",
+         [[routes]]\nname = \"broken\"\npath = \"/broken\"\nupstream = \"{up}\"\nprice_micros = {PRICE}\nx402 = true\n\
+         [[routes]]\nname = \"metered\"\npath = \"/metered/*\"\nupstream = \"{up}\"\nvariable = {{ max_micros = {MAX} }}\nx402 = true\n",
         fac.url
     );
     let s = TestServer::start_with(config(&text)).await;
@@ -79,7 +97,9 @@ impl Paid {
             kit::payment_required_errors(&required),
             Vec::<String>::new()
         );
-        assert_eq!(required["accepts"][0]["amount"], PRICE.to_string());
+        if !path.starts_with("/metered") {
+            assert_eq!(required["accepts"][0]["amount"], PRICE.to_string());
+        }
         required
     }
 
@@ -581,4 +601,349 @@ async fn forward_auth_sells_a_call_for_a_payment_settled_before_it_is_allowed() 
         "forward-auth never calls the upstream"
     );
     assert_eq!(p.s.balance(&agent).await, 0);
+}
+
+/// A variable-price route sells calls for `upto` payments: the 402 asks for the maximum
+/// (Permit2, bound to the facilitator), and the payment is settled for what the upstream
+/// reported (capped at the maximum; the maximum when it reported nothing; 0 settles
+/// nothing and journals nothing), after the upstream answered, never when it failed.
+#[tokio::test]
+async fn an_upto_payment_settles_what_the_upstream_reported_and_no_more() {
+    let p = paid("").await;
+    let required = p.asked("/metered/1234").await;
+    assert_eq!(
+        kit::payment_required_errors(&required),
+        Vec::<String>::new()
+    );
+    let offer = &required["accepts"][0];
+    assert_eq!(offer["scheme"], "upto");
+    assert_eq!(offer["amount"], MAX.to_string());
+    assert_eq!(offer["extra"]["assetTransferMethod"], "permit2");
+    assert_eq!(
+        offer["extra"]["facilitatorAddress"],
+        kit::FACILITATOR_SIGNER
+    );
+    assert_eq!(
+        p.fac.supported_calls(),
+        1,
+        "the address came from /supported"
+    );
+    let wallet = Wallet::from_seed(21);
+    let agent = payer_agent(&wallet);
+    let pay = |path: &'static str, n: u64| {
+        let payment = wallet.pay_upto(
+            &required["resource"],
+            offer,
+            kit::now_s() + 60,
+            kit::nonce(100 + n),
+        );
+        let p = &p;
+        async move { p.pay(path, &payment).await }
+    };
+    let mut expect_settled: Vec<String> = Vec::new();
+    for (n, path, charged) in [
+        (1, "/metered/1234", 1_234),
+        (2, "/metered/99999", MAX),
+        (3, "/metered/none", MAX),
+    ] {
+        let r = pay(path, n).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+        assert_eq!(r.text, "the metered answer");
+        assert_eq!(
+            r.header("x-tally-charged-micros"),
+            Some(charged.to_string().as_str()),
+            "{path}"
+        );
+        let settled = kit::decode_header(r.header("payment-response").expect("PAYMENT-RESPONSE"));
+        assert_eq!(settled["success"], true, "{settled}");
+        expect_settled.push(charged.to_string());
+        assert_eq!(p.fac.settled_amounts(), expect_settled, "{path}");
+    }
+    assert_eq!(
+        journal_kinds(&p.s, &agent).await,
+        vec![
+            ("agent_created".to_owned(), 0),
+            ("credit".to_owned(), 1_234),
+            ("debit".to_owned(), 1_234),
+            ("credit".to_owned(), MAX),
+            ("debit".to_owned(), MAX),
+            ("credit".to_owned(), MAX),
+            ("debit".to_owned(), MAX),
+        ]
+    );
+    // A call that cost nothing: settled for 0, nothing journaled.
+    let r = pay("/metered/0", 4).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-tally-charged-micros"), Some("0"));
+    assert_eq!(journal_kinds(&p.s, &agent).await.len(), 7);
+    // An upstream failure: not settled, nothing journaled.
+    let settles = p.fac.settle_calls();
+    pay("/metered/broken", 5)
+        .await
+        .assert_problem(502, "upstream-error");
+    assert_eq!(p.fac.settle_calls(), settles, "not settled");
+    assert_eq!(p.s.balance(&agent).await, 0);
+    // Forward-auth cannot see the usage: it does not sell upto calls.
+    let payment = wallet.pay_upto(
+        &required["resource"],
+        offer,
+        kit::now_s() + 60,
+        kit::nonce(106),
+    );
+    let r =
+        p.s.send(
+            p.s.http
+                .get(p.s.url("/v1/authorize"))
+                .header("x-forwarded-method", "GET")
+                .header("x-forwarded-uri", "/metered/10")
+                .header("payment-signature", kit::header(&payment)),
+        )
+        .await;
+    r.assert_problem(404, "not-found");
+}
+
+/// The official Python client pays an `upto` 402 through the proxy.
+#[tokio::test]
+async fn the_official_x402_client_pays_an_upto_call() {
+    let Some(python) = kit::client_python() else {
+        return;
+    };
+    let p = paid("").await;
+    let wallet = Wallet::from_seed(22);
+    let url = p.s.proxy_url("/metered/2500");
+    let (out, code) = kit::run_client(&python, &wallet.private_key_hex(), &[&url]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out["status"], 200, "{out}");
+    assert_eq!(out["body"], "the metered answer", "{out}");
+    assert_eq!(p.fac.settled_amounts(), vec!["2500".to_owned()]);
+    assert_eq!(
+        journal_kinds(&p.s, &payer_agent(&wallet)).await[1..],
+        [("credit".to_owned(), 2_500), ("debit".to_owned(), 2_500)]
+    );
+}
+
+/// Polls until `done` says yes (the server finishes settlements in the background after
+/// a start), at most 10 s.
+async fn eventually<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn payment_id(payment: &Value) -> String {
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert(
+        "payment-signature",
+        kit::header(payment).parse().expect("a header"),
+    );
+    tally_server::x402::read_payment(&headers)
+        .expect("reads")
+        .expect("a payment")
+        .id
+}
+
+/// The settlement file a top-up of `amount` to `agent` leaves when the process dies
+/// between `/settle` and the credit.
+fn top_up_settlement(agent: &str, amount: u64, payment: &Value, want: &Value) -> Settlement {
+    let id = payment_id(payment);
+    let mut credit = Command::new(
+        AgentId::new(agent).expect("id"),
+        CommandKind::Credit {
+            amount_micros: amount,
+        },
+    )
+    .with_key(IdempotencyKey::new(id.clone()).expect("key"));
+    credit.metadata = Metadata::new(
+        [("x402_payment".to_owned(), id.clone())]
+            .into_iter()
+            .collect(),
+    )
+    .expect("metadata");
+    Settlement {
+        payment_id: id,
+        payload: payment.clone(),
+        requirements: want.clone(),
+        credit,
+        debit: None,
+        unsettled: None,
+        credit_transaction: false,
+    }
+}
+
+/// A crash between the facilitator's settlement and the credit loses no money: the next
+/// start finds the settlement on disk, settles it (once) and credits it (once); the
+/// client's retry of the same payment replays that credit.
+#[tokio::test]
+async fn a_top_up_cut_off_by_a_crash_is_finished_at_the_next_start_once() {
+    let mut p = paid("").await;
+    p.s.agent("a1", "default", 0).await;
+    let (key, _) = p.s.issue_key("a1", "wallet-key").await;
+    let asked = top_up(&p.s, &key, 7_000, None).await;
+    let required = kit::decode_header(asked.header("payment-required").expect("asked"));
+    let want = required["accepts"][0].clone();
+    let payment = Wallet::from_seed(23).pay(
+        &required["resource"],
+        &want,
+        kit::now_s() + 60,
+        kit::nonce(7),
+    );
+    p.s.shut_down().await;
+    let outbox = Outbox::open(p.s.data_dir()).expect("opens");
+    outbox
+        .put(&top_up_settlement("a1", 7_000, &payment, &want))
+        .expect("put");
+    let cfg_text = format!("{X402}facilitator_url = \"{}\"\n", p.fac.url);
+    p.s.restart(config(&cfg_text)).await;
+    eventually("the credit", || async { p.s.balance("a1").await == 7_000 }).await;
+    eventually("the file to go", || async { outbox.is_empty() }).await;
+    assert_eq!(p.fac.settle_calls(), 1);
+    assert!(p
+        .s
+        .metrics()
+        .await
+        .contains("tally_x402_payments_total{outcome=\"recovered\"} 1"));
+    let again = top_up(&p.s, &key, 7_000, Some(&payment)).await;
+    assert_eq!(again.status, 201, "{}", again.text);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    p.s.restart(config(&cfg_text)).await;
+    assert_eq!(p.s.balance("a1").await, 7_000, "credited once");
+    assert_eq!(p.fac.settle_calls(), 1, "settled once");
+}
+
+/// A crash after the journal had the call (only the file's removal was lost): the next
+/// start finds the credit, completes nothing twice, asks the facilitator nothing, and
+/// forgets the file.
+#[tokio::test]
+async fn a_settlement_already_journaled_is_only_forgotten_at_the_next_start() {
+    let mut p = paid("").await;
+    let required = p.asked("/paid").await;
+    let wallet = Wallet::from_seed(24);
+    let want = required["accepts"][0].clone();
+    let payment = wallet.pay(
+        &required["resource"],
+        &want,
+        kit::now_s() + 60,
+        kit::nonce(8),
+    );
+    assert_eq!(p.pay("/paid", &payment).await.status, 200);
+    let agent = payer_agent(&wallet);
+    let before = journal_kinds(&p.s, &agent).await;
+    p.s.shut_down().await;
+    let id = payment_id(&payment);
+    let mut s = top_up_settlement(&agent, PRICE, &payment, &want);
+    s.debit = Some(
+        Command::new(
+            AgentId::new(agent.clone()).expect("id"),
+            CommandKind::Debit {
+                amount_micros: PRICE,
+            },
+        )
+        .with_key(IdempotencyKey::new(format!("{id}:call")).expect("key")),
+    );
+    let outbox = Outbox::open(p.s.data_dir()).expect("opens");
+    outbox.put(&s).expect("put");
+    let cfg_text = format!("{X402}facilitator_url = \"{}\"\n", p.fac.url);
+    p.s.restart(config(&cfg_text)).await;
+    eventually("the file to go", || async { outbox.is_empty() }).await;
+    assert_eq!(
+        p.fac.settle_calls(),
+        1,
+        "the facilitator is not asked again"
+    );
+    assert_eq!(journal_kinds(&p.s, &agent).await, before, "nothing twice");
+}
+
+/// Settlements refused after a restart (here: the facilitator had settled them before the
+/// crash, and now refuses the spent nonce): a served call is journaled as unsettled; a
+/// top-up is set aside for an operator, counted as unresolved, and credits nothing.
+#[tokio::test]
+async fn settlements_refused_after_a_restart_are_recorded_or_set_aside() {
+    let mut p = paid("").await;
+    p.s.agent("a1", "default", 0).await;
+    let (key, _) = p.s.issue_key("a1", "wallet-key").await;
+    let asked = top_up(&p.s, &key, 3_000, None).await;
+    let required = kit::decode_header(asked.header("payment-required").expect("asked"));
+    let want = required["accepts"][0].clone();
+    let wallet = Wallet::from_seed(25);
+    let top_up_payment = wallet.pay(
+        &required["resource"],
+        &want,
+        kit::now_s() + 60,
+        kit::nonce(9),
+    );
+    let call_required = p.asked("/paid").await;
+    let call_want = call_required["accepts"][0].clone();
+    let call_payment = wallet.pay(
+        &call_required["resource"],
+        &call_want,
+        kit::now_s() + 60,
+        kit::nonce(10),
+    );
+    let agent = payer_agent(&wallet);
+    p.s.agent(&agent, "default", 0).await;
+    // The facilitator settles both (the process died before it heard back).
+    let http = reqwest::Client::new();
+    for (payment, want) in [(&top_up_payment, &want), (&call_payment, &call_want)] {
+        let r = http
+            .post(format!("{}/settle", p.fac.url))
+            .json(&serde_json::json!({"x402Version": 2, "paymentPayload": payment, "paymentRequirements": want}))
+            .send()
+            .await
+            .expect("settles");
+        let answer: Value = r.json().await.expect("JSON");
+        assert_eq!(answer["success"], true, "{answer}");
+    }
+    p.s.shut_down().await;
+    let outbox = Outbox::open(p.s.data_dir()).expect("opens");
+    outbox
+        .put(&top_up_settlement("a1", 3_000, &top_up_payment, &want))
+        .expect("put");
+    let call_id = payment_id(&call_payment);
+    let mut call = top_up_settlement(&agent, PRICE, &call_payment, &call_want);
+    call.unsettled = Some(
+        Command::new(
+            AgentId::new(agent.clone()).expect("id"),
+            CommandKind::RecordUnsettledPayment {
+                amount_micros: PRICE,
+            },
+        )
+        .with_key(IdempotencyKey::new(format!("{call_id}:unsettled")).expect("key")),
+    );
+    outbox.put(&call).expect("put");
+    let cfg_text = format!("{X402}facilitator_url = \"{}\"\n", p.fac.url);
+    p.s.restart(config(&cfg_text)).await;
+    eventually("both handled", || async { outbox.is_empty() }).await;
+    let unresolved =
+        p.s.data_dir()
+            .join(tally_server::outbox::PENDING_DIR)
+            .join(tally_server::outbox::UNRESOLVED_DIR);
+    assert_eq!(
+        std::fs::read_dir(&unresolved).expect("lists").count(),
+        1,
+        "the top-up is kept for an operator"
+    );
+    assert_eq!(p.s.balance("a1").await, 0);
+    let metrics = p.s.metrics().await;
+    assert!(
+        metrics.contains("tally_x402_payments_total{outcome=\"unresolved\"} 1"),
+        "{metrics}"
+    );
+    let entries = journal(&p.s, &agent).await;
+    let unsettled: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "payment_unsettled")
+        .collect();
+    assert_eq!(unsettled.len(), 1, "{entries:?}");
+    assert_eq!(unsettled[0]["amount_micros"], PRICE);
+    assert!(unsettled[0]["metadata"]["reason"]
+        .as_str()
+        .is_some_and(|r| !r.is_empty()));
 }
