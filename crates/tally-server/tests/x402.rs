@@ -29,6 +29,8 @@ struct Paid {
     s: TestServer,
     fac: Facilitator,
     hits: Arc<AtomicUsize>,
+    /// The server's config, for restarts.
+    text: String,
 }
 
 async fn upstream() -> (String, Arc<AtomicUsize>) {
@@ -76,7 +78,7 @@ async fn paid(extra_x402: &str) -> Paid {
         fac.url
     );
     let s = TestServer::start_with(config(&text)).await;
-    Paid { s, fac, hits }
+    Paid { s, fac, hits, text }
 }
 
 impl Paid {
@@ -101,6 +103,11 @@ impl Paid {
             assert_eq!(required["accepts"][0]["amount"], PRICE.to_string());
         }
         required
+    }
+
+    /// Restarts the server on the same data directory and config.
+    async fn restart(&mut self) {
+        self.s.restart(config(&self.text)).await;
     }
 
     async fn pay(&self, path: &str, payment: &Value) -> Resp {
@@ -424,8 +431,7 @@ async fn a_top_up_paid_with_x402_credits_once_across_retries_and_a_restart() {
         assert_eq!(again.body["seq"], r.body["seq"]);
     }
     assert_eq!(p.fac.settle_calls(), 1);
-    let cfg_text = format!("{X402}facilitator_url = \"{}\"\n", p.fac.url);
-    p.s.restart(config(&cfg_text)).await;
+    p.restart().await;
     let after = top_up(&p.s, &key, 5_000, Some(&payment)).await;
     assert_eq!(after.status, 201, "{}", after.text);
     assert_eq!(after.header("idempotent-replayed"), Some("true"));
@@ -750,17 +756,22 @@ fn payment_id(payment: &Value) -> String {
         .id
 }
 
+fn keyed(agent: &str, kind: CommandKind, key: &str) -> Command {
+    Command::new(AgentId::new(agent).expect("id"), kind)
+        .with_key(IdempotencyKey::new(key).expect("key"))
+}
+
 /// The settlement file a top-up of `amount` to `agent` leaves when the process dies
 /// between `/settle` and the credit.
 fn top_up_settlement(agent: &str, amount: u64, payment: &Value, want: &Value) -> Settlement {
     let id = payment_id(payment);
-    let mut credit = Command::new(
-        AgentId::new(agent).expect("id"),
+    let mut credit = keyed(
+        agent,
         CommandKind::Credit {
             amount_micros: amount,
         },
-    )
-    .with_key(IdempotencyKey::new(id.clone()).expect("key"));
+        &id,
+    );
     credit.metadata = Metadata::new(
         [("x402_payment".to_owned(), id.clone())]
             .into_iter()
@@ -800,8 +811,7 @@ async fn a_top_up_cut_off_by_a_crash_is_finished_at_the_next_start_once() {
     outbox
         .put(&top_up_settlement("a1", 7_000, &payment, &want))
         .expect("put");
-    let cfg_text = format!("{X402}facilitator_url = \"{}\"\n", p.fac.url);
-    p.s.restart(config(&cfg_text)).await;
+    p.restart().await;
     eventually("the credit", || async { p.s.balance("a1").await == 7_000 }).await;
     eventually("the file to go", || async { outbox.is_empty() }).await;
     assert_eq!(p.fac.settle_calls(), 1);
@@ -813,7 +823,7 @@ async fn a_top_up_cut_off_by_a_crash_is_finished_at_the_next_start_once() {
     let again = top_up(&p.s, &key, 7_000, Some(&payment)).await;
     assert_eq!(again.status, 201, "{}", again.text);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
-    p.s.restart(config(&cfg_text)).await;
+    p.restart().await;
     assert_eq!(p.s.balance("a1").await, 7_000, "credited once");
     assert_eq!(p.fac.settle_calls(), 1, "settled once");
 }
@@ -839,19 +849,16 @@ async fn a_settlement_already_journaled_is_only_forgotten_at_the_next_start() {
     p.s.shut_down().await;
     let id = payment_id(&payment);
     let mut s = top_up_settlement(&agent, PRICE, &payment, &want);
-    s.debit = Some(
-        Command::new(
-            AgentId::new(agent.clone()).expect("id"),
-            CommandKind::Debit {
-                amount_micros: PRICE,
-            },
-        )
-        .with_key(IdempotencyKey::new(format!("{id}:call")).expect("key")),
-    );
+    s.debit = Some(keyed(
+        &agent,
+        CommandKind::Debit {
+            amount_micros: PRICE,
+        },
+        &format!("{id}:call"),
+    ));
     let outbox = Outbox::open(p.s.data_dir()).expect("opens");
     outbox.put(&s).expect("put");
-    let cfg_text = format!("{X402}facilitator_url = \"{}\"\n", p.fac.url);
-    p.s.restart(config(&cfg_text)).await;
+    p.restart().await;
     eventually("the file to go", || async { outbox.is_empty() }).await;
     assert_eq!(
         p.fac.settle_calls(),
@@ -908,18 +915,15 @@ async fn settlements_refused_after_a_restart_are_recorded_or_set_aside() {
         .expect("put");
     let call_id = payment_id(&call_payment);
     let mut call = top_up_settlement(&agent, PRICE, &call_payment, &call_want);
-    call.unsettled = Some(
-        Command::new(
-            AgentId::new(agent.clone()).expect("id"),
-            CommandKind::RecordUnsettledPayment {
-                amount_micros: PRICE,
-            },
-        )
-        .with_key(IdempotencyKey::new(format!("{call_id}:unsettled")).expect("key")),
-    );
+    call.unsettled = Some(keyed(
+        &agent,
+        CommandKind::RecordUnsettledPayment {
+            amount_micros: PRICE,
+        },
+        &format!("{call_id}:unsettled"),
+    ));
     outbox.put(&call).expect("put");
-    let cfg_text = format!("{X402}facilitator_url = \"{}\"\n", p.fac.url);
-    p.s.restart(config(&cfg_text)).await;
+    p.restart().await;
     eventually("both handled", || async { outbox.is_empty() }).await;
     let unresolved =
         p.s.data_dir()
