@@ -37,6 +37,9 @@ struct Args {
     /// `EngineConfig::index_backlog_events_max` (default: the engine's).
     #[arg(long)]
     index_backlog_events_max: Option<usize>,
+    /// `EngineConfig::agents_cached_max` (default: the engine's).
+    #[arg(long)]
+    agents_cached_max: Option<usize>,
 }
 
 /// The engine's config with the bounds given on the command line.
@@ -50,6 +53,9 @@ fn config(args: &Args, dir: &std::path::Path) -> EngineConfig {
     }
     if let Some(n) = args.index_backlog_events_max {
         c.index_backlog_events_max = n;
+    }
+    if let Some(n) = args.agents_cached_max {
+        c.agents_cached_max = n;
     }
     c
 }
@@ -152,6 +158,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.index_backlog_events_max {
         restart.arg(format!("--index-backlog-events-max={n}"));
+    }
+    if let Some(n) = args.agents_cached_max {
+        restart.arg(format!("--agents-cached-max={n}"));
     }
     let status = restart.status()?;
     anyhow::ensure!(status.success(), "the restart failed");
