@@ -28,6 +28,36 @@ struct Args {
     /// Only open the store at --dir and report (run by the bench itself in a new process).
     #[arg(long)]
     open_only: bool,
+    /// `EngineConfig::sled_cache_bytes` in MiB (default: the engine's).
+    #[arg(long)]
+    sled_cache_mib: Option<u64>,
+    /// `EngineConfig::idempotency_memory_keys_max` (default: the engine's).
+    #[arg(long)]
+    idempotency_memory_keys_max: Option<usize>,
+    /// `EngineConfig::index_backlog_events_max` (default: the engine's).
+    #[arg(long)]
+    index_backlog_events_max: Option<usize>,
+    /// `EngineConfig::agents_cached_max` (default: the engine's).
+    #[arg(long)]
+    agents_cached_max: Option<usize>,
+}
+
+/// The engine's config with the bounds given on the command line.
+fn config(args: &Args, dir: &std::path::Path) -> EngineConfig {
+    let mut c = EngineConfig::new(dir);
+    if let Some(mib) = args.sled_cache_mib {
+        c.sled_cache_bytes = mib << 20;
+    }
+    if let Some(n) = args.idempotency_memory_keys_max {
+        c.idempotency_memory_keys_max = n;
+    }
+    if let Some(n) = args.index_backlog_events_max {
+        c.index_backlog_events_max = n;
+    }
+    if let Some(n) = args.agents_cached_max {
+        c.agents_cached_max = n;
+    }
+    c
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -38,14 +68,9 @@ fn plans() -> anyhow::Result<PlanBook> {
     Ok(PlanBook::new([Plan::unlimited(PlanName::new("default")?)]))
 }
 
-async fn open_only(dir: &std::path::Path) -> anyhow::Result<()> {
+async fn open_only(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
     let started = Instant::now();
-    let engine = Engine::open(
-        EngineConfig::new(dir),
-        plans()?,
-        Arc::new(SystemClock),
-        None,
-    )?;
+    let engine = Engine::open(config(args, dir), plans()?, Arc::new(SystemClock), None)?;
     let ready = started.elapsed();
     println!(
         "restart: ready in {:.2} s, RSS {:.0} MiB, {} agents",
@@ -63,14 +88,10 @@ async fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     if args.open_only {
-        return open_only(&dir).await;
+        return open_only(&args, &dir).await;
     }
-    let engine = Engine::open(
-        EngineConfig::new(&dir),
-        plans()?,
-        Arc::new(SystemClock),
-        None,
-    )?;
+    let engine = Engine::open(config(&args, &dir), plans()?, Arc::new(SystemClock), None)?;
+    println!("opened empty: RSS {:.0} MiB", mib(rss_bytes().unwrap_or(0)));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for s in 0..args.submitters {
@@ -122,10 +143,26 @@ async fn main() -> anyhow::Result<()> {
     );
     engine.shutdown().await?;
     drop(engine);
-    let status = std::process::Command::new(std::env::current_exe()?)
-        .args(["--open-only", "--dir"])
-        .arg(&dir)
-        .status()?;
+    println!(
+        "after shutdown: RSS {:.0} MiB",
+        mib(rss_bytes().unwrap_or(0))
+    );
+    // The restart runs with the same bounds.
+    let mut restart = std::process::Command::new(std::env::current_exe()?);
+    restart.args(["--open-only", "--dir"]).arg(&dir);
+    if let Some(mib) = args.sled_cache_mib {
+        restart.arg(format!("--sled-cache-mib={mib}"));
+    }
+    if let Some(n) = args.idempotency_memory_keys_max {
+        restart.arg(format!("--idempotency-memory-keys-max={n}"));
+    }
+    if let Some(n) = args.index_backlog_events_max {
+        restart.arg(format!("--index-backlog-events-max={n}"));
+    }
+    if let Some(n) = args.agents_cached_max {
+        restart.arg(format!("--agents-cached-max={n}"));
+    }
+    let status = restart.status()?;
     anyhow::ensure!(status.success(), "the restart failed");
     Ok(())
 }

@@ -101,6 +101,19 @@ fn status_of(bucket: &RateBucket, tat_ns: Option<u64>, now_ns: u64) -> RateStatu
 }
 
 impl RateState {
+    /// True when every bucket is as a fresh one at `now_ms` and any later time: each TAT
+    /// is unset or not after `now`. (A TAT up to `now + T` already acts as a fresh
+    /// bucket's, since `acquire`, `remaining` and `next_refill_ns` raise it to `now + T`,
+    /// and `check` admits it as it admits a fresh one because τ = T × burst ≥ T; time only
+    /// moves on.) Such a state can be dropped and restarted from `default()` with no
+    /// change to any answer.
+    pub fn is_idle(&self, now_ms: TimestampMs) -> bool {
+        let now_ns = now_ms.saturating_mul(NANOS_PER_MS);
+        self.tats_ns
+            .iter()
+            .all(|tat| tat.is_none_or(|tat| tat <= now_ns))
+    }
+
     fn tats_for(&mut self, plan: &Plan) -> &mut Vec<Option<u64>> {
         if self.tats_ns.len() != plan.buckets.len() {
             // The plan changed shape: start its buckets fresh.
@@ -192,6 +205,29 @@ mod tests {
         let mut p = Plan::unlimited(PlanName::new("p").expect("valid"));
         p.buckets = buckets;
         p
+    }
+
+    #[test]
+    fn an_idle_state_answers_as_a_fresh_one() {
+        let plan = plan_with(vec![RateBucket::new("default", 3, 3_000, 1).expect("valid")]);
+        let t0 = 1_700_000_000_000;
+        let mut used = RateState::default();
+        assert!(used.is_idle(t0));
+        used.acquire(&plan, t0).expect("admits");
+        // TAT = t0 + 2 T: busy until then, idle from then on.
+        assert!(!used.is_idle(t0));
+        assert!(!used.is_idle(t0 + 1_999));
+        assert!(used.is_idle(t0 + 2_000));
+        for at in [t0 + 2_000, t0 + 2_001, t0 + 9_000] {
+            let (mut a, mut b) = (used.clone(), RateState::default());
+            for k in 0..4 {
+                assert_eq!(
+                    a.acquire(&plan, at + k),
+                    b.acquire(&plan, at + k),
+                    "at {at} + {k}"
+                );
+            }
+        }
     }
 
     #[test]

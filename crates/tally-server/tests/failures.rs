@@ -64,6 +64,21 @@ impl Storage for FaultyStorage {
     fn load_agents(&self) -> Result<Vec<AgentState>, StoreError> {
         self.inner.load_agents()
     }
+    fn checkpoint(&self, agent: &AgentId) -> Result<Option<AgentState>, StoreError> {
+        self.inner.checkpoint(agent)
+    }
+    fn agent_ids(&self, after: Option<&AgentId>, limit: usize) -> Result<Vec<AgentId>, StoreError> {
+        self.inner.agent_ids(after, limit)
+    }
+    fn agent_count(&self) -> Result<u64, StoreError> {
+        self.inner.agent_count()
+    }
+    fn hold_agents(&self) -> Result<Option<Vec<AgentId>>, StoreError> {
+        self.inner.hold_agents()
+    }
+    fn backfill_holds(&self, agents: &[AgentState]) -> Result<(), StoreError> {
+        self.inner.backfill_holds(agents)
+    }
 
     fn journal(&self, a: &AgentId, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         self.inner.journal(a, after, limit)

@@ -34,10 +34,21 @@ pub struct EngineConfig {
     pub index_backlog_events_max: usize,
     /// The same bound in bytes of WAL payload.
     pub index_backlog_bytes_max: usize,
+    /// Agent records held in memory, over all shards (each shard holds its share, about
+    /// 550 bytes a record). Others are loaded from the store on first use; a record leaves
+    /// memory only with its checkpoint written and nothing that needs it in memory: no open
+    /// hold (the hold sweep finds holds in memory) and no rate-limit state still running.
+    /// Agents with open holds or a busy limiter can therefore keep more than this resident.
+    pub agents_cached_max: usize,
     /// Journal entries one usage request reads at most: usage of a period far back in a
     /// busy agent's journal is refused (`SubmitError::ScanTooLarge`) rather than read whole.
     pub usage_scan_entries_max: u64,
 }
+
+/// Default of [`EngineConfig::agents_cached_max`]: about 70 MiB of agent records, and what
+/// stays of a million agents well inside the 512 MiB that `benches/src/bin/million_agents.rs`
+/// measures against.
+pub const AGENTS_CACHED_MAX_DEFAULT: usize = 131_072;
 
 /// Default of [`EngineConfig::usage_scan_entries_max`]: about a second of reading.
 pub const USAGE_SCAN_ENTRIES_MAX_DEFAULT: u64 = 2_000_000;
@@ -58,6 +69,7 @@ impl EngineConfig {
             index_backlog_events_max: crate::sled_store::INDEX_BACKLOG_EVENTS_MAX_DEFAULT,
             index_backlog_bytes_max: crate::sled_store::INDEX_BACKLOG_BYTES_MAX_DEFAULT,
             usage_scan_entries_max: USAGE_SCAN_ENTRIES_MAX_DEFAULT,
+            agents_cached_max: AGENTS_CACHED_MAX_DEFAULT,
         }
     }
 

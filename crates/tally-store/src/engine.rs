@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tally_core::{
     AgentId, AgentState, Command, CommandError, Event, EventKind, Outcome, PeriodKey, PlanBook,
     RateStatus,
@@ -19,7 +19,7 @@ use crate::config::EngineConfig;
 use crate::error::{StoreError, SubmitError};
 use crate::idem::Index;
 use crate::metrics::EngineMetrics;
-use crate::recovery::recover;
+use crate::recovery::{load_agent, recover};
 use crate::shard::{run_committer, Job, Shard, Shared, Slot};
 use crate::sled_store::{SledStorage, StoreOptions};
 use crate::storage::Storage;
@@ -117,8 +117,9 @@ impl Drop for CancelOnDrop {
 }
 
 impl Engine {
-    /// Opens (or creates) the sled store at `config.data_dir`, recovers every agent and the
-    /// idempotency index, and starts the shards. Blocking: run it off the async runtime.
+    /// Opens (or creates) the sled store at `config.data_dir`, loads the agents with open
+    /// holds (the others load when first used), and starts the shards. Blocking: run it off
+    /// the async runtime.
     pub fn open(
         config: EngineConfig,
         plans: PlanBook,
@@ -153,9 +154,10 @@ impl Engine {
             || config.shard_queue_len_max == 0
             || config.idempotency_keys_max == 0
             || config.idempotency_memory_keys_max == 0
+            || config.agents_cached_max == 0
         {
             return Err(StoreError::Config(
-                "batch_size_max, shard_queue_len_max, idempotency_keys_max and idempotency_memory_keys_max must be at least 1"
+                "batch_size_max, shard_queue_len_max, idempotency_keys_max, idempotency_memory_keys_max and agents_cached_max must be at least 1"
                     .into(),
             ));
         }
@@ -165,17 +167,48 @@ impl Engine {
         let n = config.shard_count();
         let now_ms = clock.now_ms();
         let backfill = storage.needs_key_backfill();
-        let recovered = recover(storage.as_ref(), &config, now_ms, backfill)?;
-        if backfill {
-            if recovered.forgotten_early > 0 {
-                tracing::warn!(
-                    forgotten_early = recovered.forgotten_early,
-                    "more keys inside the retention window than idempotency_keys_max: the oldest were left out of the rebuilt key index"
-                );
+        let hold_agents = if backfill {
+            None
+        } else {
+            storage.hold_agents()?
+        };
+        // Only agents with open holds start in memory, where the hold sweep finds them; the
+        // others load on first use.
+        let (resident, agent_count, replayed) = match hold_agents {
+            Some(ids) => {
+                let mut agents = Vec::with_capacity(ids.len());
+                for id in &ids {
+                    let agent = load_agent(storage.as_ref(), id)?.ok_or_else(|| {
+                        StoreError::Corrupt(format!("an open hold of {id}, an unknown agent"))
+                    })?;
+                    agents.push(agent);
+                }
+                (agents, storage.agent_count()?, 0)
             }
-            let keys = recovered.keys.iter().map(|k| (k.slot, k.entry)).collect();
-            storage.backfill_keys(keys)?;
-        }
+            None => {
+                // A directory from an older build: recover every agent once to build the
+                // indexes it lacks.
+                let recovered = recover(storage.as_ref(), &config, now_ms, backfill)?;
+                if backfill {
+                    if recovered.forgotten_early > 0 {
+                        tracing::warn!(
+                            forgotten_early = recovered.forgotten_early,
+                            "more keys inside the retention window than idempotency_keys_max: the oldest were left out of the rebuilt key index"
+                        );
+                    }
+                    let keys = recovered.keys.iter().map(|k| (k.slot, k.entry)).collect();
+                    storage.backfill_keys(keys)?;
+                }
+                let count = recovered.agents.len() as u64;
+                let holding: Vec<AgentState> = recovered
+                    .agents
+                    .into_iter()
+                    .filter(|a| !a.holds.is_empty())
+                    .collect();
+                storage.backfill_holds(&holding)?;
+                (holding, count, recovered.replayed)
+            }
+        };
         let shared = Arc::new(Shared {
             storage,
             plans: Arc::new(plans),
@@ -183,20 +216,22 @@ impl Engine {
             config: config.clone(),
             metrics,
             failed: OnceLock::new(),
-            ids: RwLock::new(recovered.agents.iter().map(|a| a.id.clone()).collect()),
         });
-        shared.metrics.agents.set(recovered.agents.len() as i64);
+        shared
+            .metrics
+            .agents
+            .set(i64::try_from(agent_count).unwrap_or(i64::MAX));
         shared
             .metrics
             .open_holds
-            .set(recovered.agents.iter().map(|a| a.holds.len() as i64).sum());
+            .set(resident.iter().map(|a| a.holds.len() as i64).sum());
         let cache_keys_max = config.idempotency_memory_keys_max.div_ceil(n);
         let mut slots: Vec<HashMap<AgentId, Slot>> = (0..n).map(|_| HashMap::new()).collect();
         let indexes: Vec<Index> = (0..n)
             .map(|_| Index::new(config.idempotency_retention_ms, cache_keys_max))
             .collect();
-        let agent_count = recovered.agents.len();
-        for agent in recovered.agents {
+        let resident_count = resident.len();
+        for agent in resident {
             slots[shard_of(&agent.id, n)].insert(agent.id.clone(), Slot::new(agent));
         }
         let key_status = shared.storage.key_index_status();
@@ -206,7 +241,14 @@ impl Engine {
         let mut senders = Vec::with_capacity(n);
         for (i, (agents, index)) in slots.into_iter().zip(indexes).enumerate() {
             let (tx, rx) = bounded(config.shard_queue_len_max);
-            let shard = Shard::new(shared.clone(), agents, index, rx, commit_tx.clone());
+            let shard = Shard::new(
+                shared.clone(),
+                agents,
+                config.agents_cached_max.div_ceil(n),
+                index,
+                rx,
+                commit_tx.clone(),
+            );
             let handle = std::thread::Builder::new()
                 .name(format!("tally-shard-{i}"))
                 .spawn(move || shard.run())
@@ -224,7 +266,8 @@ impl Engine {
         );
         tracing::info!(
             agents = agent_count,
-            journal_entries_replayed = recovered.replayed,
+            agents_resident = resident_count,
+            journal_entries_replayed = replayed,
             idempotency_keys_on_disk = key_status.keys_on_disk,
             shards = n,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -323,17 +366,13 @@ impl Engine {
         after: Option<&AgentId>,
         limit: usize,
     ) -> Result<AgentPage, SubmitError> {
-        let ids: Vec<AgentId> = {
-            let ids = self.inner.shared.ids.read();
-            let range = match after {
-                Some(a) => ids.range::<AgentId, _>((
-                    std::ops::Bound::Excluded(a),
-                    std::ops::Bound::Unbounded,
-                )),
-                None => ids.range::<AgentId, _>(..),
-            };
-            range.take(limit.saturating_add(1)).cloned().collect()
-        };
+        if let Some(e) = self.refuse() {
+            return Err(e);
+        }
+        let after = after.cloned();
+        let ids = self
+            .blocking(move |s| s.agent_ids(after.as_ref(), limit.saturating_add(1)))
+            .await?;
         let more = ids.len() > limit;
         let mut agents = Vec::with_capacity(limit.min(ids.len()));
         for id in ids.iter().take(limit) {

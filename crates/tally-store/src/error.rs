@@ -17,6 +17,8 @@ pub enum StoreError {
     Invariant(#[from] tally_core::InvariantError),
     #[error("invalid engine config: {0}")]
     Config(String),
+    #[error("the store holds a record that cannot be: {0}")]
+    Corrupt(String),
 }
 
 impl From<sled::Error> for StoreError {

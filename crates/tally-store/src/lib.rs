@@ -32,7 +32,7 @@ mod wal;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use codec::CodecError;
-pub use config::EngineConfig;
+pub use config::{EngineConfig, AGENTS_CACHED_MAX_DEFAULT};
 pub use engine::{AgentPage, Engine, Reply, Usage, UsageByTask};
 pub use error::{StoreError, SubmitError};
 #[doc(hidden)]

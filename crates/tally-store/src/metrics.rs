@@ -18,6 +18,8 @@ pub struct EngineMetrics {
     pub agents: IntGauge,
     pub overloaded_total: IntCounter,
     pub checkpoints_total: IntCounter,
+    pub agents_loaded_total: IntCounter,
+    pub agents_evicted_total: IntCounter,
     pub index_backlog_events: IntGauge,
 }
 
@@ -66,6 +68,14 @@ impl EngineMetrics {
                 "tally_checkpoints_total",
                 "Agent records written as checkpoints.",
             ))?,
+            agents_loaded_total: IntCounter::with_opts(Opts::new(
+                "tally_agents_loaded_total",
+                "Agent records loaded from the store because they were not in memory.",
+            ))?,
+            agents_evicted_total: IntCounter::with_opts(Opts::new(
+                "tally_agents_evicted_total",
+                "Agent records dropped from memory to keep within agents_cached_max.",
+            ))?,
             index_backlog_events: IntGauge::with_opts(Opts::new(
                 "tally_index_backlog_events",
                 "Journal entries applied (in the write-ahead log) but not yet moved into sled; new commits wait while it is at engine.index_backlog_events_max.",
@@ -84,6 +94,8 @@ impl EngineMetrics {
             r.register(Box::new(m.agents.clone()))?;
             r.register(Box::new(m.overloaded_total.clone()))?;
             r.register(Box::new(m.checkpoints_total.clone()))?;
+            r.register(Box::new(m.agents_loaded_total.clone()))?;
+            r.register(Box::new(m.agents_evicted_total.clone()))?;
             r.register(Box::new(m.index_backlog_events.clone()))?;
         }
         Ok(m)

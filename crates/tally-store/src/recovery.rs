@@ -1,7 +1,8 @@
-//! Recovery: load every agent checkpoint and evolve the journal entries after it with the
-//! core's `evolve`, on all cores. The idempotency keys are in the store's key index; only
-//! when that index must be rebuilt (a data directory from a build without one) are the
-//! keys of the retention window collected from the journal too.
+//! Recovery: an agent is its newest checkpoint with the journal entries after it evolved
+//! by the core's `evolve`. The engine loads an agent so when a shard first needs it
+//! ([`load_agent`]); only a data directory from an older build (no key index or no index
+//! of open holds) is recovered whole at open ([`recover`], on all cores), collecting the
+//! idempotency keys of the retention window from the journal when the key index needs them.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -85,6 +86,29 @@ impl NewestKeys {
             self.dropped += 1;
         }
     }
+}
+
+/// Loads `id` as of its newest applied event: its newest checkpoint, then the journal
+/// entries after it (applied ones too: the shard that asks is their only writer, and its
+/// answers that depend on them wait for their group commit). `None` for an unknown agent.
+pub(crate) fn load_agent(
+    storage: &dyn Storage,
+    id: &tally_core::AgentId,
+) -> Result<Option<AgentState>, StoreError> {
+    let Some(mut agent) = storage.checkpoint(id)? else {
+        return Ok(None);
+    };
+    loop {
+        let tail = storage.journal_staged(id, agent.last_seq, PAGE_LEN)?;
+        if tail.is_empty() {
+            break;
+        }
+        for e in &tail {
+            agent = evolve(Some(agent), id, e)?;
+        }
+    }
+    agent.check_invariants()?;
+    Ok(Some(agent))
 }
 
 /// Recovers one agent: evolves its journal tail; with `keys`, collects its keys inside the

@@ -2,13 +2,20 @@
 //! `tally-core` in runs, applies each run's journal entries in one batch, and hands the
 //! answers to the committer, which releases them only after a group commit (fsync) made
 //! the run durable. Denials and checks touch no disk and are answered at once.
+//!
+//! A shard holds at most its share of `agents_cached_max` agent records in memory. An
+//! agent not in memory is loaded from the store (checkpoint + journal tail) when a command
+//! or read first needs it: the shard is the only writer of its agents, so what it loads is
+//! the whole truth. Records leave memory by a clock (second-chance) sweep, only after the
+//! run that wrote them is applied to the store, with their checkpoint applied, no open
+//! hold (the hold sweep looks at records in memory; opening loads every agent with one),
+//! and a rate limiter that a fresh one would equal.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use parking_lot::RwLock;
 use tally_core::idempotency::{judge, Seen, Verdict};
 use tally_core::{
     decide, evolve, AgentId, AgentState, Command, CommandKind, Event, EventKind, Outcome, PlanBook,
@@ -26,6 +33,10 @@ use crate::storage::{AgentWrite, Storage};
 
 /// How often an idle shard wakes to sweep holds and write checkpoints.
 const IDLE_TICK_MS: u64 = 50;
+/// Records the clock looks at per run beyond twice the excess over the cache bound, at
+/// most: when most records must stay (open holds, busy limiters), a run pays this much
+/// and the shard stays over its bound rather than walk the whole cache every run.
+const EVICTION_LOOKS_EXTRA_MAX: usize = 256;
 
 pub(crate) type SubmitReply = oneshot::Sender<Result<Reply, SubmitError>>;
 pub(crate) type AgentReply = oneshot::Sender<Result<Option<AgentState>, SubmitError>>;
@@ -74,7 +85,6 @@ pub(crate) struct Shared {
     pub config: EngineConfig,
     pub metrics: EngineMetrics,
     pub failed: OnceLock<String>,
-    pub ids: RwLock<BTreeSet<AgentId>>,
 }
 
 impl Shared {
@@ -124,6 +134,8 @@ pub(crate) struct Slot {
     rate: RateState,
     /// When the agent first changed after its last checkpoint.
     dirty_since_ms: Option<u64>,
+    /// Used since the clock last passed it: it gets another turn in memory.
+    referenced: bool,
 }
 
 impl Slot {
@@ -132,7 +144,14 @@ impl Slot {
             state: Some(state),
             rate: RateState::default(),
             dirty_since_ms: None,
+            referenced: false,
         }
+    }
+
+    /// Whether the record may leave memory once its checkpoint is applied: loading it
+    /// again gives the same record and a fresh limiter that answers as this one would.
+    fn may_leave(&self, now_ms: u64) -> bool {
+        self.state().holds.is_empty() && self.rate.is_idle(now_ms)
     }
 
     fn state(&self) -> &AgentState {
@@ -185,6 +204,12 @@ impl Run {
 pub(crate) struct Shard {
     shared: Arc<Shared>,
     agents: HashMap<AgentId, Slot>,
+    /// The agents in memory, in the order the clock visits them.
+    clock: VecDeque<AgentId>,
+    /// Most records in memory (see the module's note for what may exceed it).
+    cached_max: usize,
+    /// Chosen to leave memory once this run is applied.
+    leaving: Vec<AgentId>,
     index: Index,
     rx: Receiver<Job>,
     commit_tx: Sender<CommitBatch>,
@@ -198,13 +223,17 @@ impl Shard {
     pub fn new(
         shared: Arc<Shared>,
         agents: HashMap<AgentId, Slot>,
+        cached_max: usize,
         index: Index,
         rx: Receiver<Job>,
         commit_tx: Sender<CommitBatch>,
     ) -> Self {
         Self {
             shared,
+            clock: agents.keys().cloned().collect(),
             agents,
+            cached_max: cached_max.max(1),
+            leaving: Vec::new(),
             index,
             rx,
             commit_tx,
@@ -253,6 +282,7 @@ impl Shard {
             if stop {
                 return;
             }
+            self.evict();
         }
     }
 
@@ -311,6 +341,10 @@ impl Shard {
                 }
             }
         }
+        if let Err(e) = self.resident(&cmd.agent) {
+            drop(reply.send(Err(e)));
+            return;
+        }
         if cmd.kind.spends() {
             // Money in holds that expired is the agent's again before it spends.
             self.expire_holds(&cmd.agent, run);
@@ -368,12 +402,13 @@ impl Shard {
         let slot = match self.agents.get_mut(agent) {
             Some(slot) => slot,
             None if created => {
-                self.shared.ids.write().insert(agent.clone());
                 self.shared.metrics.agents.inc();
+                self.clock.push_back(agent.clone());
                 self.agents.entry(agent.clone()).or_insert(Slot {
                     state: None,
                     rate: RateState::default(),
                     dirty_since_ms: None,
+                    referenced: true,
                 })
             }
             None => {
@@ -470,6 +505,10 @@ impl Shard {
             drop(reply.send(Err(e)));
             return;
         }
+        if let Err(e) = self.resident(&id) {
+            drop(reply.send(Err(e)));
+            return;
+        }
         let state = self.agents.get(&id).map(|s| s.state().clone());
         // Held back like a write, so a read never shows a change that is not yet durable.
         run.replies.push(Pending::Agent(reply, state));
@@ -498,6 +537,9 @@ impl Shard {
             }
             self.index.evict(now_ms);
         }
+        if !stopping {
+            self.choose_leaving(run);
+        }
         let interval = self.shared.config.checkpoint_interval_ms;
         let scan = stopping
             || now_ms.saturating_sub(self.last_checkpoint_scan_ms)
@@ -521,6 +563,83 @@ impl Shard {
                 run.write_for(&id, last_seq).checkpoint = Some(state);
                 self.shared.metrics.checkpoints_total.inc();
             }
+        }
+    }
+
+    /// Makes `id` resident, loading it from the store if it is not in memory; false for an
+    /// unknown agent.
+    fn resident(&mut self, id: &AgentId) -> Result<bool, SubmitError> {
+        if let Some(slot) = self.agents.get_mut(id) {
+            slot.referenced = true;
+            return Ok(true);
+        }
+        match crate::recovery::load_agent(self.shared.storage.as_ref(), id) {
+            Ok(Some(state)) => {
+                self.shared.metrics.agents_loaded_total.inc();
+                let mut slot = Slot::new(state);
+                slot.referenced = true;
+                self.agents.insert(id.clone(), slot);
+                self.clock.push_back(id.clone());
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(self.shared.fail(format!("loading agent {id}: {e}"))),
+        }
+    }
+
+    /// Picks records to leave memory after this run, as many as the shard holds over its
+    /// bound: the clock passes over records used since its last visit (clearing the mark)
+    /// and those that must stay. A dirty pick gets its checkpoint in this run.
+    fn choose_leaving(&mut self, run: &mut Run) {
+        let excess = self.agents.len().saturating_sub(self.cached_max);
+        if excess == 0 {
+            return;
+        }
+        let now_ms = self.now_ms;
+        let looks_max = self
+            .clock
+            .len()
+            .min(excess.saturating_mul(2) + EVICTION_LOOKS_EXTRA_MAX);
+        for _ in 0..looks_max {
+            if self.leaving.len() >= excess {
+                break;
+            }
+            let Some(id) = self.clock.pop_front() else {
+                break;
+            };
+            let Some(slot) = self.agents.get_mut(&id) else {
+                continue;
+            };
+            if slot.referenced || !slot.may_leave(now_ms) {
+                slot.referenced = false;
+                self.clock.push_back(id);
+                continue;
+            }
+            if slot.dirty_since_ms.is_some() {
+                run.checkpoints.insert(id.clone());
+            }
+            self.leaving.push(id);
+        }
+    }
+
+    /// Drops the records chosen by [`Shard::choose_leaving`], now that the run holding their
+    /// checkpoints is applied to the store (where [`Shard::resident`] finds them again).
+    fn evict(&mut self) {
+        if self.leaving.is_empty() {
+            return;
+        }
+        let now_ms = self.now_ms;
+        let failed = self.shared.failure().is_some();
+        for id in std::mem::take(&mut self.leaving) {
+            let Some(slot) = self.agents.get(&id) else {
+                continue;
+            };
+            if failed || slot.dirty_since_ms.is_some() || !slot.may_leave(now_ms) {
+                self.clock.push_back(id);
+                continue;
+            }
+            self.agents.remove(&id);
+            self.shared.metrics.agents_evicted_total.inc();
         }
     }
 

@@ -29,7 +29,12 @@
 //! - `a/<agent>`: agent record (a checkpoint; it holds the last sequence it includes);
 //! - `j/<agent>/<first seq as 8 bytes big-endian>`: a chunk of consecutive journal entries
 //!   (schema 1 wrote one entry per key; those still read);
-//! - `m/schema`: the schema version; `m/wal`: the newest WAL lsn sled holds.
+//! - `x/<agent>/<hold seq as 8 bytes big-endian>`: an open hold (its expiry), written and
+//!   removed with the journal entries that place and close it, so that opening finds the
+//!   agents whose holds the sweep must see without reading every agent;
+//! - `m/schema`: the schema version; `m/wal`: the newest WAL lsn sled holds; `m/holds`:
+//!   present once the `x/` index is complete (a directory from an older build gets it at
+//!   its first open, from the agents recovered then).
 //!
 //! Agent ids never contain `/`, so `j/<agent>/` is a prefix of that agent's entries only.
 //! sled is pinned (`=0.34.7`) and is beta software with known crash bugs; the kill test and
@@ -43,7 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use tally_core::{AgentId, AgentState, Event, IdempotencyKey, TimestampMs};
+use tally_core::{AgentId, AgentState, Event, EventKind, IdempotencyKey, TimestampMs};
 
 use crate::codec;
 use crate::error::StoreError;
@@ -56,6 +61,11 @@ use crate::wal::{self, WalWriter};
 pub const SCHEMA_VERSION: u32 = 3;
 const SCHEMA_KEY: &[u8] = b"m/schema";
 const WAL_KEY: &[u8] = b"m/wal";
+const HOLDS_COMPLETE_KEY: &[u8] = b"m/holds";
+const AGENT_PREFIX: &[u8] = b"a/";
+/// The first key after every `a/` key (`0` follows `/`).
+const AGENT_PREFIX_END: &[u8] = b"a0";
+const HOLD_PREFIX: &[u8] = b"x/";
 /// How long opening waits for sled's file lock.
 const LOCK_WAIT_MS_MAX: u64 = 5_000;
 /// The indexer moves the WAL's writes into sled at least this often.
@@ -259,6 +269,45 @@ fn agent_key(agent: &AgentId) -> Vec<u8> {
     k
 }
 
+fn hold_key(agent: &AgentId, hold_seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + agent.as_str().len() + 8);
+    k.extend_from_slice(HOLD_PREFIX);
+    k.extend_from_slice(agent.as_str().as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(&hold_seq.to_be_bytes());
+    k
+}
+
+/// The agent of an `x/` key.
+fn hold_key_agent(key: &[u8]) -> Result<AgentId, StoreError> {
+    let bad = || StoreError::Corrupt(format!("hold index key {key:?}"));
+    let id = key
+        .strip_prefix(HOLD_PREFIX)
+        .and_then(|k| k.len().checked_sub(9).map(|end| &k[..end]))
+        .ok_or_else(bad)?;
+    let id = std::str::from_utf8(id).map_err(|_| bad())?;
+    AgentId::new(id).map_err(|_| bad())
+}
+
+/// Adds the `x/` index changes of `events` (consecutive, of one agent) to `batch`: a hold
+/// placed is inserted, one captured, voided or expired removed (a batch keeps the last
+/// change of a key, so a hold placed and closed in one batch leaves nothing).
+fn index_holds(batch: &mut sled::Batch, agent: &AgentId, events: &[Event]) {
+    for e in events {
+        match e.kind {
+            EventKind::HoldPlaced { expires_at_ms, .. } => {
+                batch.insert(hold_key(agent, e.seq), codec::encode_u64(expires_at_ms));
+            }
+            EventKind::HoldCaptured { hold_seq, .. }
+            | EventKind::HoldVoided { hold_seq, .. }
+            | EventKind::HoldExpired { hold_seq, .. } => {
+                batch.remove(hold_key(agent, hold_seq));
+            }
+            _ => {}
+        }
+    }
+}
+
 fn journal_prefix(agent: &AgentId) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + agent.as_str().len() + 8);
     k.extend_from_slice(b"j/");
@@ -298,6 +347,7 @@ fn index(db: &sled::Db, pending: &Pending) -> Result<(), StoreError> {
     let mut batch = sled::Batch::default();
     for (agent, p) in &pending.agents {
         insert_chunks(&mut batch, agent, &p.events)?;
+        index_holds(&mut batch, agent, &p.events);
         if let Some(record) = &p.checkpoint {
             debug_assert_eq!(record.check_invariants(), Ok(()));
             batch.insert(agent_key(agent), codec::encode_agent(record)?);
@@ -655,8 +705,9 @@ impl SledStorage {
         )?;
         match found {
             None => {
-                // A new store: its index is complete, since there is no journal yet.
+                // A new store: its indexes are complete, since there is no journal yet.
                 keys.mark_complete()?;
+                db.insert(HOLDS_COMPLETE_KEY, codec::encode_u32(1))?;
                 db.insert(SCHEMA_KEY, codec::encode_u32(SCHEMA_VERSION))?;
             }
             // Written before any WAL exists, so a schema-1 build refuses this directory
@@ -919,6 +970,123 @@ impl Storage for SledStorage {
         }
         agents.extend(recent.into_values());
         Ok(agents)
+    }
+
+    fn checkpoint(&self, agent: &AgentId) -> Result<Option<AgentState>, StoreError> {
+        {
+            // Newest applied first. A batch leaves the staged writes only after sled has
+            // it, so a checkpoint not found here is in sled already.
+            let staged = self.shared.staged.lock();
+            let mut newest = None;
+            for p in staged.parts() {
+                if let Some(record) = p.agents.get(agent).and_then(|a| a.checkpoint.as_ref()) {
+                    newest = Some(record);
+                }
+            }
+            if let Some(record) = newest {
+                return Ok(Some(record.clone()));
+            }
+        }
+        match self.shared.db.get(agent_key(agent))? {
+            Some(bytes) => {
+                let record = codec::decode_agent(&bytes)?;
+                if record.id != *agent {
+                    return Err(StoreError::Corrupt(format!(
+                        "the record under {agent} is of {}",
+                        record.id
+                    )));
+                }
+                Ok(Some(record))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn agent_ids(&self, after: Option<&AgentId>, limit: usize) -> Result<Vec<AgentId>, StoreError> {
+        let mut ids = std::collections::BTreeSet::new();
+        {
+            let staged = self.shared.staged.lock();
+            for p in staged.parts() {
+                for (id, a) in &p.agents {
+                    if a.checkpoint.is_some() && after.is_none_or(|after| id > after) {
+                        ids.insert(id.clone());
+                    }
+                }
+            }
+        }
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(agent_key(a)),
+            None => std::ops::Bound::Included(AGENT_PREFIX.to_vec()),
+        };
+        let end = std::ops::Bound::Excluded(AGENT_PREFIX_END.to_vec());
+        // `limit` from sled is enough: the staged ids only add to them.
+        for item in self.shared.db.range::<Vec<u8>, _>((start, end)).take(limit) {
+            let (key, _) = item?;
+            let id = std::str::from_utf8(&key[AGENT_PREFIX.len()..])
+                .ok()
+                .and_then(|id| AgentId::new(id).ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("agent key {key:?}")))?;
+            ids.insert(id);
+        }
+        Ok(ids.into_iter().take(limit).collect())
+    }
+
+    fn agent_count(&self) -> Result<u64, StoreError> {
+        let mut count = 0u64;
+        for item in self.shared.db.range(AGENT_PREFIX..AGENT_PREFIX_END) {
+            item?;
+            count += 1;
+        }
+        let staged = self.shared.staged.lock();
+        let mut created = std::collections::HashSet::new();
+        for p in staged.parts() {
+            for (id, a) in &p.agents {
+                if a.checkpoint.is_some() && !self.shared.db.contains_key(agent_key(id))? {
+                    created.insert(id);
+                }
+            }
+        }
+        Ok(count + created.len() as u64)
+    }
+
+    fn hold_agents(&self) -> Result<Option<Vec<AgentId>>, StoreError> {
+        if self.shared.db.get(HOLDS_COMPLETE_KEY)?.is_none() {
+            return Ok(None);
+        }
+        let mut agents: Vec<AgentId> = Vec::new();
+        for item in self.shared.db.scan_prefix(HOLD_PREFIX) {
+            let (key, _) = item?;
+            let agent = hold_key_agent(&key)?;
+            // Keys are ordered, so one agent's holds are together.
+            if agents.last() != Some(&agent) {
+                agents.push(agent);
+            }
+        }
+        Ok(Some(agents))
+    }
+
+    fn backfill_holds(&self, agents: &[AgentState]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for item in self.shared.db.scan_prefix(HOLD_PREFIX) {
+            let (key, _) = item?;
+            batch.remove(key);
+        }
+        let mut holds = 0usize;
+        for agent in agents {
+            for (&seq, hold) in &agent.holds {
+                batch.insert(
+                    hold_key(&agent.id, seq),
+                    codec::encode_u64(hold.expires_at_ms),
+                );
+                holds += 1;
+            }
+        }
+        batch.insert(HOLDS_COMPLETE_KEY, codec::encode_u32(1));
+        self.shared.db.apply_batch(batch)?;
+        self.shared.db.flush()?;
+        self.shared.files.sync()?;
+        tracing::info!(holds, "built the index of open holds");
+        Ok(())
     }
 
     fn journal(

@@ -65,6 +65,46 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// Every agent checkpoint.
     fn load_agents(&self) -> Result<Vec<AgentState>, StoreError>;
 
+    /// The newest checkpoint of `agent` among the applied writes (synced or not) and the
+    /// store; `None` for an agent never created. Its journal may go on past it.
+    /// The default reads every checkpoint: a backend with an index by agent overrides it.
+    fn checkpoint(&self, agent: &AgentId) -> Result<Option<AgentState>, StoreError> {
+        Ok(self.load_agents()?.into_iter().find(|a| a.id == *agent))
+    }
+
+    /// Ids of the agents with a checkpoint (applied or stored) after `after`, ascending, at
+    /// most `limit`.
+    fn agent_ids(&self, after: Option<&AgentId>, limit: usize) -> Result<Vec<AgentId>, StoreError> {
+        let mut ids: Vec<AgentId> = self
+            .load_agents()?
+            .into_iter()
+            .map(|a| a.id)
+            .filter(|id| after.is_none_or(|a| id > a))
+            .collect();
+        ids.sort();
+        ids.truncate(limit);
+        Ok(ids)
+    }
+
+    /// How many agents have a checkpoint.
+    fn agent_count(&self) -> Result<u64, StoreError> {
+        Ok(self.load_agents()?.len() as u64)
+    }
+
+    /// The agents with an open hold, from an index of open holds kept beside the journal,
+    /// at open (nothing applied yet); `None` when the backend keeps no such index, or it is
+    /// not complete yet (then the engine loads every agent once and calls
+    /// [`Storage::backfill_holds`]).
+    fn hold_agents(&self) -> Result<Option<Vec<AgentId>>, StoreError> {
+        Ok(None)
+    }
+
+    /// Rebuilds the index of open holds from `agents` (every agent with an open hold, as
+    /// recovered) and marks it complete.
+    fn backfill_holds(&self, _agents: &[AgentState]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Journal entries of `agent` with `seq > after_seq`, oldest first, at most `limit`.
     fn journal(
         &self,

@@ -407,3 +407,41 @@ async fn usage_after_a_later_anchor_day_counts_the_whole_period() {
     assert_eq!(usage.debits, 2);
     engine.shutdown().await.expect("shuts down");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cache_of_two_records_agents_page_in_order_and_keep_their_money() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let mut cfg = config(dir.path());
+    cfg.agents_cached_max = 2;
+    let engine = Engine::open(cfg, plans(), clock.clone(), None).expect("engine opens");
+    let ids: Vec<_> = (0..10).map(|i| agent(&format!("paged-{i:02}"))).collect();
+    for (i, a) in ids.iter().enumerate() {
+        create_funded(&engine, a, "default", 100 + i as u64).await;
+    }
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = engine.list_agents(after.as_ref(), 3).await.expect("lists");
+        assert!(page.agents.len() <= 3);
+        listed.extend(page.agents);
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let got: Vec<_> = listed
+        .iter()
+        .map(|a| (a.id.clone(), a.balance_micros))
+        .collect();
+    let want: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.clone(), 100 + i as u64))
+        .collect();
+    assert_eq!(got, want);
+    assert!(engine.metrics().agents_evicted_total.get() > 0);
+    assert!(engine.metrics().agents_loaded_total.get() > 0);
+    assert_eq!(engine.metrics().agents.get(), 10);
+    engine.shutdown().await.expect("shuts down");
+}

@@ -79,3 +79,70 @@ async fn an_expired_hold_is_released_by_the_sweep_without_any_command() {
     after.check_invariants().expect("invariants hold");
     engine.shutdown().await.expect("shuts down");
 }
+
+/// Waits for the sweep to journal the expiry of `hold_seq`, reading only the journal (a
+/// read of the agent would load it into its shard and hide a hold the sweep cannot see).
+async fn wait_expired(engine: &Engine, a: &tally_core::AgentId, hold_seq: u64) {
+    let deadline = Instant::now() + SWEEP_WAIT_MAX;
+    loop {
+        let journal = engine.journal(a, 0, usize::MAX).await.expect("reads");
+        if journal
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::HoldExpired { hold_seq: s, .. } if s == hold_seq))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no HoldExpired for hold {hold_seq} of {a} within {SWEEP_WAIT_MAX:?}; journal: {journal:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cache_of_two_records_a_hold_is_swept_before_and_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let open = || {
+        let mut cfg = config(dir.path());
+        cfg.hold_sweep_interval_ms = 1_000;
+        cfg.agents_cached_max = 2;
+        Engine::open(cfg, plans(), clock.clone(), None).expect("engine opens")
+    };
+    let engine = open();
+    let (first, second) = (agent("held-1"), agent("held-2"));
+    let mut holds = Vec::new();
+    for (a, ttl_ms) in [(&first, 60_000), (&second, 120_000)] {
+        create_funded(&engine, a, "default", 100).await;
+        let hold = CommandKind::Hold {
+            amount_micros: 30,
+            ttl_ms,
+        };
+        holds.push(approve(&engine, cmd(a, hold, "h")).await.first_seq);
+    }
+    // Many more agents than the cache holds pass through both shards.
+    for i in 0..24 {
+        create_funded(&engine, &agent(&format!("other-{i}")), "default", 10).await;
+    }
+    assert!(
+        engine.metrics().agents_evicted_total.get() > 0,
+        "records left memory"
+    );
+    clock.set(T0_MS + 61_000);
+    wait_expired(&engine, &first, holds[0]).await;
+
+    // Reopened, the store still knows which agent has an open hold.
+    engine.shutdown().await.expect("shuts down");
+    drop(engine);
+    let engine = open();
+    clock.set(T0_MS + 121_000);
+    wait_expired(&engine, &second, holds[1]).await;
+    for a in [&first, &second] {
+        let after = engine.agent(a).await.expect("reads").expect("exists");
+        assert_eq!((after.balance_micros, after.held_micros), (100, 0), "{a}");
+        after.check_invariants().expect("invariants hold");
+    }
+    assert_eq!(engine.metrics().open_holds.get(), 0);
+    engine.shutdown().await.expect("shuts down");
+}

@@ -434,6 +434,15 @@ impl Config {
                     10,
                     3_600_000,
                 )?,
+                agents_cached_max: in_range(
+                    &lines,
+                    "engine.agents_cached_max",
+                    &span,
+                    e.agents_cached_max,
+                    d.agents_cached_max,
+                    1,
+                    1 << 32,
+                )?,
                 index_backlog_events_max: in_range(
                     &lines,
                     "engine.index_backlog_events_max",

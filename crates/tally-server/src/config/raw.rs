@@ -61,6 +61,7 @@ pub(super) struct RawEngine {
     pub(super) index_backlog_events_max: Option<usize>,
     pub(super) index_backlog_bytes_max: Option<usize>,
     pub(super) usage_scan_entries_max: Option<u64>,
+    pub(super) agents_cached_max: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

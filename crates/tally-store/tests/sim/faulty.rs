@@ -21,6 +21,21 @@ impl Storage for FaultyStorage {
     fn load_agents(&self) -> Result<Vec<AgentState>, StoreError> {
         self.0.load_agents()
     }
+    fn checkpoint(&self, agent: &AgentId) -> Result<Option<AgentState>, StoreError> {
+        self.0.checkpoint(agent)
+    }
+    fn agent_ids(&self, after: Option<&AgentId>, limit: usize) -> Result<Vec<AgentId>, StoreError> {
+        self.0.agent_ids(after, limit)
+    }
+    fn agent_count(&self) -> Result<u64, StoreError> {
+        self.0.agent_count()
+    }
+    fn hold_agents(&self) -> Result<Option<Vec<AgentId>>, StoreError> {
+        self.0.hold_agents()
+    }
+    fn backfill_holds(&self, agents: &[AgentState]) -> Result<(), StoreError> {
+        self.0.backfill_holds(agents)
+    }
     fn journal(&self, a: &AgentId, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         self.0.journal(a, after, limit)
     }
