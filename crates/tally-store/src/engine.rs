@@ -22,7 +22,7 @@ use crate::metrics::EngineMetrics;
 use crate::recovery::{load_agent, recover};
 use crate::shard::{run_committer, Job, Shard, Shared, Slot};
 use crate::sled_store::{SledStorage, StoreOptions};
-use crate::storage::Storage;
+use crate::storage::{FeedCursor, FeedPage, Storage};
 
 /// Journal entries read per page during scans.
 const SCAN_PAGE_LEN: usize = 4_096;
@@ -410,6 +410,36 @@ impl Engine {
         let id = id.clone();
         self.blocking(move |s| s.journal(&id, after_seq, limit))
             .await
+    }
+
+    /// The change feed: durable journal entries of every agent from `from` on, in commit
+    /// order, at most `limit`. With nothing there yet, waits up to `wait` for an indexing
+    /// pass that adds some (a long poll), then answers whatever is there, maybe nothing.
+    /// Entries show up one indexing interval or so after they were acknowledged.
+    pub async fn events(
+        &self,
+        from: FeedCursor,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<FeedPage, SubmitError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut watch = self.inner.shared.storage.feed_watch();
+        let mut from = from;
+        loop {
+            // Marked seen before reading, so a pass that lands during the read wakes the wait.
+            watch.borrow_and_update();
+            let page = self.blocking(move |s| s.feed(from, limit)).await?;
+            if !page.events.is_empty() || limit == 0 || self.refuse().is_some() {
+                return Ok(page);
+            }
+            from = page.next;
+            let advanced = watch.wait_for(|&indexed_lsn| indexed_lsn >= from.lsn);
+            match tokio::time::timeout_at(deadline, advanced).await {
+                Ok(Ok(_)) => {}
+                // Timed out, or the store closed: nothing more comes.
+                Ok(Err(_)) | Err(_) => return Ok(page),
+            }
+        }
     }
 
     /// Spend, refunds, credits and counts by task type for `period`, where the agent's
