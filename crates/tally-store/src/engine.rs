@@ -429,7 +429,11 @@ impl Engine {
             // Marked seen before reading, so a pass that lands during the read wakes the wait.
             watch.borrow_and_update();
             let page = self.blocking(move |s| s.feed(from, limit)).await?;
-            if !page.events.is_empty() || limit == 0 || self.refuse().is_some() {
+            if !page.events.is_empty()
+                || limit == 0
+                || self.refuse().is_some()
+                || tokio::time::Instant::now() >= deadline
+            {
                 return Ok(page);
             }
             from = page.next;
