@@ -241,6 +241,10 @@ fn build() -> Value {
                 "api_key_prefix": nullable(json!({"type": "string"})),
             }),
         ),
+        "FeedPage": object(&["events", "next_cursor"], json!({
+            "events": {"type": "array", "items": {"allOf": [r("JournalEntry"), object(&["agent_id"], json!({"agent_id": name(128)}))]}},
+            "next_cursor": {"type": "string", "description": "Opaque; pass as `after` for the next page. Also when the page is empty: it stays valid across restarts."},
+        })),
         "JournalPage": object(&["entries", "next_after"], json!({"entries": {"type": "array", "items": r("JournalEntry")}, "next_after": nullable(u64_schema())})),
         "TaskUsage": object(&["spent_micros", "refunded_micros", "count"], json!({"spent_micros": u64_schema(), "refunded_micros": u64_schema(), "count": u64_schema()})),
         "Usage": object(
@@ -392,6 +396,11 @@ fn build() -> Value {
                 json!({"name": "after", "in": "query", "required": false, "schema": u64_schema()}),
                 param("Limit"),
             ], None, with(json!({"200": ok_json("Entries with seq > after.", r("JournalPage"), Value::Null)}), &[("404", "NotFound")]))},
+        "/v1/events": {"get": operation("events", "The change feed: every agent's durable events in commit order", vec![
+                json!({"name": "after", "in": "query", "required": false, "description": "A `next_cursor` from an earlier page; from the start when absent.", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"}}),
+                param("Limit"),
+                json!({"name": "wait_ms", "in": "query", "required": false, "description": "With nothing after the cursor yet, wait up to this long for an event (a long poll).", "schema": {"type": "integer", "minimum": 0, "maximum": crate::routes::EVENTS_WAIT_MS_MAX}}),
+            ], None, json!({"200": ok_json("Events after the cursor, at most `limit`.", r("FeedPage"), Value::Null)}))},
         "/v1/agents/{id}/usage": {"get": operation("usage", "Spend and counts by task type in a period", vec![
                 param("AgentId"),
                 json!({"name": "period", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$"}}),

@@ -1882,13 +1882,15 @@ mod tests {
         fed
     }
 
+    type Fed = Vec<(AgentId, Event)>;
+
     /// Reads the whole feed from `from` in pages of `page`, waiting for the indexer; the
     /// events and the cursor after each page.
     fn read_feed(
         store: &SledStorage,
         from: FeedCursor,
         page: usize,
-    ) -> (Vec<(AgentId, Event)>, Vec<(usize, FeedCursor)>) {
+    ) -> (Fed, Vec<(usize, FeedCursor)>) {
         wait_indexed(store);
         let (mut out, mut cursors, mut at) = (Vec::new(), Vec::new(), from);
         loop {
