@@ -341,6 +341,13 @@ pub async fn events(State(st): State<AppState>, ApiQuery(q): ApiQuery<EventsQuer
         })?,
     };
     let engine = st.engine()?;
+    if from.lsn > engine.feed_indexed_lsn().saturating_add(1) {
+        // Never handed out (another data directory, or made up): waiting on it would
+        // show nothing until the log got there, then skip everything before.
+        return Err(Problem::invalid(
+            "after: a cursor past the end of this server's feed (use next_cursor)",
+        ));
+    }
     let wait = std::time::Duration::from_millis(wait_ms);
     let page = tokio::select! {
         page = engine.events(from, limit, wait) => page.map_err(submit_error)?,

@@ -117,6 +117,7 @@ async fn bad_cursors_limits_and_waits_are_400_and_the_feed_is_for_readers() {
         "after=zzz!",
         "after=AQ",                 // base64, but not 13 bytes
         "after=AgAAAAAAAAABAAAAAA", // 13 bytes, unknown version 2
+        "after=AQAAAAAAAAD6AAAAAA", // lsn 250: past the end of this feed
         "limit=0",
         "limit=1001",
         "wait_ms=30001",

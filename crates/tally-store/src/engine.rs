@@ -412,6 +412,12 @@ impl Engine {
             .await
     }
 
+    /// The newest log position the change feed shows. Every cursor the feed handed out
+    /// is at most one past it, restarts included: one further on was never handed out.
+    pub fn feed_indexed_lsn(&self) -> u64 {
+        *self.inner.shared.storage.feed_watch().borrow()
+    }
+
     /// The change feed: durable journal entries of every agent from `from` on, in commit
     /// order, at most `limit`. With nothing there yet, waits up to `wait` for an indexing
     /// pass that adds some (a long poll), then answers whatever is there, maybe nothing.
