@@ -421,7 +421,7 @@ impl Engine {
     /// The change feed: durable journal entries of every agent from `from` on, in commit
     /// order, at most `limit`. With nothing there yet, waits up to `wait` for an indexing
     /// pass that adds some (a long poll), then answers whatever is there, maybe nothing.
-    /// Entries show up one indexing interval or so after they were acknowledged.
+    /// Entries show up one indexing interval or so after they were committed.
     pub async fn events(
         &self,
         from: FeedCursor,
@@ -432,8 +432,6 @@ impl Engine {
         let mut watch = self.inner.shared.storage.feed_watch();
         let mut from = from;
         loop {
-            // Marked seen before reading, so a pass that lands during the read wakes the wait.
-            watch.borrow_and_update();
             let page = self.blocking(move |s| s.feed(from, limit)).await?;
             if !page.events.is_empty()
                 || limit == 0
@@ -443,6 +441,7 @@ impl Engine {
                 return Ok(page);
             }
             from = page.next;
+            // Checks the current value first, so a pass that landed during the read counts.
             let advanced = watch.wait_for(|&indexed_lsn| indexed_lsn >= from.lsn);
             match tokio::time::timeout_at(deadline, advanced).await {
                 Ok(Ok(_)) => {}
