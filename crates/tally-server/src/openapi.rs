@@ -515,6 +515,6 @@ mod tests {
             }
         }
         walk(&doc, &doc);
-        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(21));
+        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(22));
     }
 }
