@@ -57,6 +57,8 @@ struct Shared {
     upto_address: OnceLock<String>,
     /// x402 settlements in flight, on disk (with a facilitator configured).
     outbox: Option<Outbox>,
+    /// True once shutdown began: long polls answer at once instead of holding the drain.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
@@ -108,8 +110,20 @@ impl AppState {
                             None
                         }
                     }),
+                draining: tokio::sync::watch::Sender::new(false),
             }),
         }
+    }
+
+    /// Tells long polls to answer now: the server is shutting down.
+    pub fn begin_drain(&self) {
+        self.inner.draining.send_replace(true);
+    }
+
+    /// Resolves once shutdown began.
+    pub async fn draining(&self) {
+        let mut rx = self.inner.draining.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
     }
 
     /// The engine, or 503 `not-ready` while it is still opening.
@@ -296,6 +310,7 @@ pub fn router(st: AppState) -> Router {
             "/v1/agents/{id}/journal",
             get(routes::journal).route_layer(read()),
         )
+        .route("/v1/events", get(routes::events).route_layer(read()))
         .route(
             "/v1/agents/{id}/usage",
             get(routes::usage).route_layer(read()),
@@ -439,8 +454,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             Engine::open(engine_config, plans, clock, Some(&registry))
         });
         let mut serve_rx = rx.clone();
+        let drain_state = opener_state.clone();
         let server = serve::serve(listener, app, async move {
             let _ = serve_rx.wait_for(|stop| *stop).await;
+            drain_state.begin_drain();
         });
         let serving = tokio::spawn(server);
         let proxy = proxy_listener.map(|l| {

@@ -8,7 +8,40 @@ use tally_core::{
     AgentId, AgentState, Event, EventKind, Metadata, Plan, PlanBook, PlanName, Priority, Receipt,
     Status, TaskType, TimestampMs,
 };
-use tally_store::Usage;
+use tally_store::{FeedCursor, Usage};
+
+/// The version byte of a change-feed cursor, so its layout can change without old cursors
+/// being misread.
+const CURSOR_VERSION: u8 = 1;
+/// Version, lsn (8 bytes), offset (4 bytes).
+const CURSOR_BYTES: usize = 13;
+
+/// A change-feed cursor as clients see it: opaque, URL-safe base64 of a version byte, the
+/// log position and the offset within that log record.
+pub fn cursor_text(c: FeedCursor) -> String {
+    use base64::Engine as _;
+    let mut raw = Vec::with_capacity(CURSOR_BYTES);
+    raw.push(CURSOR_VERSION);
+    raw.extend_from_slice(&c.lsn.to_be_bytes());
+    raw.extend_from_slice(&c.offset.to_be_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+/// The cursor `text` names; `None` when it is not one this build wrote.
+pub fn parse_cursor(text: &str) -> Option<FeedCursor> {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text)
+        .ok()?;
+    let raw: &[u8; CURSOR_BYTES] = raw.as_slice().try_into().ok()?;
+    if raw[0] != CURSOR_VERSION {
+        return None;
+    }
+    Some(FeedCursor {
+        lsn: u64::from_be_bytes(raw[1..9].try_into().ok()?),
+        offset: u32::from_be_bytes(raw[9..13].try_into().ok()?),
+    })
+}
 
 /// `POST /v1/agents`.
 #[derive(Debug, Deserialize)]
@@ -225,6 +258,13 @@ pub fn event_json(e: &Event) -> Value {
         "status": status,
         "api_key_prefix": api_key_prefix,
     })
+}
+
+/// One change-feed entry: a journal entry and whose it is.
+pub fn feed_event_json(agent: &AgentId, e: &Event) -> Value {
+    let mut v = event_json(e);
+    v["agent_id"] = json!(agent.as_str());
+    v
 }
 
 /// The usage report of one period.

@@ -38,6 +38,26 @@ fn nullable(mut schema: Value) -> Value {
     schema
 }
 
+/// The fields of a journal entry as `GET .../journal` shows it (the change feed adds
+/// `agent_id`).
+const JOURNAL_ENTRY_FIELDS: [&str; 15] = [
+    "seq",
+    "kind",
+    "amount_micros",
+    "balance_micros",
+    "held_micros",
+    "at",
+    "idempotency_key",
+    "task_type",
+    "metadata",
+    "hold_seq",
+    "debit_seq",
+    "period",
+    "plan",
+    "status",
+    "api_key_prefix",
+];
+
 fn object(required: &[&str], props: Value) -> Value {
     json!({"type": "object", "required": required, "properties": props, "additionalProperties": false})
 }
@@ -189,7 +209,21 @@ fn build() -> Value {
             "replayed": {"type": "boolean"}, "receipt": r("Receipt"), "result": r("CheckResult"), "problem": r("Problem"),
         }}}}),
     );
-    let schemas = json!({
+    let journal_entry = json!({
+        "seq": u64_schema(),
+        "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked", "payment_unsettled"]},
+        "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(), "at": time,
+        "idempotency_key": nullable(json!({"type": "string"})), "task_type": nullable(json!({"type": "string"})),
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+        "hold_seq": nullable(u64_schema()), "debit_seq": nullable(u64_schema()),
+        "period": nullable(json!({"type": "string"})), "plan": nullable(json!({"type": "string"})), "status": nullable(status.clone()),
+        "api_key_prefix": nullable(json!({"type": "string"})),
+    });
+    let mut feed_event = journal_entry.clone();
+    feed_event["agent_id"] = name(128);
+    let mut feed_event_fields = JOURNAL_ENTRY_FIELDS.to_vec();
+    feed_event_fields.push("agent_id");
+    let mut schemas = json!({
         "Problem": problem_fields(json!({})),
         "InsufficientFunds": problem_fields(json!({
             "required_micros": u64_schema(), "available_micros": u64_schema(),
@@ -228,19 +262,7 @@ fn build() -> Value {
             }),
         ),
         "CheckResult": object(&["allowed", "amount_micros", "balance_micros"], json!({"allowed": {"type": "boolean"}, "amount_micros": u64_schema(), "balance_micros": u64_schema()})),
-        "JournalEntry": object(
-            &["seq", "kind", "amount_micros", "balance_micros", "held_micros", "at", "idempotency_key", "task_type", "metadata", "hold_seq", "debit_seq", "period", "plan", "status", "api_key_prefix"],
-            json!({
-                "seq": u64_schema(),
-                "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked", "payment_unsettled"]},
-                "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(), "at": time,
-                "idempotency_key": nullable(json!({"type": "string"})), "task_type": nullable(json!({"type": "string"})),
-                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-                "hold_seq": nullable(u64_schema()), "debit_seq": nullable(u64_schema()),
-                "period": nullable(json!({"type": "string"})), "plan": nullable(json!({"type": "string"})), "status": nullable(status.clone()),
-                "api_key_prefix": nullable(json!({"type": "string"})),
-            }),
-        ),
+        "JournalEntry": object(&JOURNAL_ENTRY_FIELDS, journal_entry),
         "JournalPage": object(&["entries", "next_after"], json!({"entries": {"type": "array", "items": r("JournalEntry")}, "next_after": nullable(u64_schema())})),
         "TaskUsage": object(&["spent_micros", "refunded_micros", "count"], json!({"spent_micros": u64_schema(), "refunded_micros": u64_schema(), "count": u64_schema()})),
         "Usage": object(
@@ -299,6 +321,15 @@ fn build() -> Value {
             "charged_micros": u64_schema(), "balance_micros": u64_schema(), "receipt": {"type": "string"},
         })),
     });
+    // Outside the `json!` above, which is at the macro's recursion limit.
+    schemas["FeedEvent"] = object(&feed_event_fields, feed_event);
+    schemas["FeedPage"] = object(
+        &["events", "next_cursor"],
+        json!({
+            "events": {"type": "array", "items": r("FeedEvent")},
+            "next_cursor": {"type": "string", "description": "Opaque; pass as `after` for the next page. Also when the page is empty: it stays valid across restarts."},
+        }),
+    );
 
     let ratelimit_headers = json!({"RateLimit-Policy": {"$ref": "#/components/headers/RateLimitPolicy"}, "RateLimit": {"$ref": "#/components/headers/RateLimit"}, "Retry-After": retry_after});
     let responses = json!({
@@ -392,6 +423,11 @@ fn build() -> Value {
                 json!({"name": "after", "in": "query", "required": false, "schema": u64_schema()}),
                 param("Limit"),
             ], None, with(json!({"200": ok_json("Entries with seq > after.", r("JournalPage"), Value::Null)}), &[("404", "NotFound")]))},
+        "/v1/events": {"get": operation("events", "The change feed: every agent's durable events in commit order", vec![
+                json!({"name": "after", "in": "query", "required": false, "description": "A `next_cursor` from an earlier page; from the start when absent.", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"}}),
+                param("Limit"),
+                json!({"name": "wait_ms", "in": "query", "required": false, "description": "With nothing after the cursor yet, wait up to this long for an event (a long poll).", "schema": {"type": "integer", "minimum": 0, "maximum": crate::routes::EVENTS_WAIT_MS_MAX}}),
+            ], None, json!({"200": ok_json("Events after the cursor, at most `limit`.", r("FeedPage"), Value::Null)}))},
         "/v1/agents/{id}/usage": {"get": operation("usage", "Spend and counts by task type in a period", vec![
                 param("AgentId"),
                 json!({"name": "period", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$"}}),
@@ -479,6 +515,6 @@ mod tests {
             }
         }
         walk(&doc, &doc);
-        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(21));
+        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(22));
     }
 }

@@ -9,8 +9,9 @@ use tally_core::{AgentId, Command, CommandKind, PeriodKey, Status};
 
 use crate::app::AppState;
 use crate::dto::{
-    agent_json, event_json, parse_hold_id, plan_json, receipt_json, usage_json, CaptureBody,
-    CreateAgentBody, CreditBody, DebitBody, HoldBody, PatchAgentBody, RefundBody, VoidBody,
+    agent_json, cursor_text, event_json, feed_event_json, parse_cursor, parse_hold_id, plan_json,
+    receipt_json, usage_json, CaptureBody, CreateAgentBody, CreditBody, DebitBody, HoldBody,
+    PatchAgentBody, RefundBody, VoidBody,
 };
 use crate::extract::{AgentPath, ApiJson, ApiQuery, HoldPath, IdemKey, OptionalJson};
 use crate::problem::Problem;
@@ -308,6 +309,62 @@ pub async fn journal(
     Ok(json_response(
         StatusCode::OK,
         json!({"entries": entries, "next_after": next_after}),
+        None,
+        false,
+    ))
+}
+
+/// The longest a `GET /v1/events` long poll waits for new events, in milliseconds.
+pub const EVENTS_WAIT_MS_MAX: u64 = 30_000;
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    after: Option<String>,
+    limit: Option<u32>,
+    wait_ms: Option<u64>,
+}
+
+/// The change feed: durable events of every agent in commit order, after an opaque cursor.
+pub async fn events(State(st): State<AppState>, ApiQuery(q): ApiQuery<EventsQuery>) -> Answer {
+    let limit = page_limit(&st, q.limit)?;
+    let wait_ms = q.wait_ms.unwrap_or(0);
+    if wait_ms > EVENTS_WAIT_MS_MAX {
+        return Err(
+            Problem::invalid(format!("wait_ms must be 0..={EVENTS_WAIT_MS_MAX}"))
+                .field("wait_ms_max", EVENTS_WAIT_MS_MAX),
+        );
+    }
+    let from = match q.after.as_deref().filter(|a| !a.is_empty()) {
+        None => tally_store::FeedCursor::default(),
+        Some(a) => parse_cursor(a).ok_or_else(|| {
+            Problem::invalid("after: not a cursor this server gave out (use next_cursor)")
+        })?,
+    };
+    let engine = st.engine()?;
+    if from.lsn > engine.feed_indexed_lsn().saturating_add(1) {
+        // Never handed out (another data directory, or made up): waiting on it would
+        // show nothing until the log got there, then skip everything before.
+        return Err(Problem::invalid(
+            "after: a cursor past the end of this server's feed (use next_cursor)",
+        ));
+    }
+    let wait = std::time::Duration::from_millis(wait_ms);
+    let page = tokio::select! {
+        page = engine.events(from, limit, wait) => page.map_err(submit_error)?,
+        // Shutting down: a poll that would wait answers what there is now.
+        () = st.draining() => engine
+            .events(from, limit, std::time::Duration::ZERO)
+            .await
+            .map_err(submit_error)?,
+    };
+    let events: Vec<Value> = page
+        .events
+        .iter()
+        .map(|(agent, e)| feed_event_json(agent, e))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"events": events, "next_cursor": cursor_text(page.next)}),
         None,
         false,
     ))

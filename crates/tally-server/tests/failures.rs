@@ -14,7 +14,8 @@ use common::*;
 use serde_json::json;
 use tally_core::{AgentId, AgentState, Event, IdempotencyKey, TimestampMs, OPEN_HOLDS_MAX};
 use tally_store::{
-    AgentWrite, KeyEntry, KeyIndexStatus, SledStorage, Storage, StoreError, StoreOptions,
+    AgentWrite, FeedCursor, FeedPage, KeyEntry, KeyIndexStatus, SledStorage, Storage, StoreError,
+    StoreOptions,
 };
 
 /// sled, with two faults the test switches on: a failing `sync`, and a gate that holds
@@ -93,6 +94,12 @@ impl Storage for FaultyStorage {
         self.inner.journal_rev(a, before, limit)
     }
 
+    fn feed(&self, from: FeedCursor, limit: usize) -> Result<FeedPage, StoreError> {
+        self.inner.feed(from, limit)
+    }
+    fn feed_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.feed_watch()
+    }
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.inner.size_on_disk()
     }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tally_core::{AgentState, Event};
 use thiserror::Error;
 
-use crate::storage::{AgentWrite, KeyEntry};
+use crate::storage::{AgentWrite, FeedEntry, KeyEntry};
 
 /// The format version written by this build for agent records, WAL batches and numbers.
 pub const RECORD_VERSION: u8 = 1;
@@ -101,6 +101,16 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>, CodecError> {
         CHUNK_VERSION => decode_body(body),
         found => Err(CodecError::UnknownVersion { found }),
     }
+}
+
+/// Encodes a run of change-feed entries (one indexing pass's agent writes, in lsn order).
+pub fn encode_feed(entries: &[FeedEntry]) -> Result<Vec<u8>, CodecError> {
+    encode(&entries)
+}
+
+/// Decodes a run of change-feed entries.
+pub fn decode_feed(bytes: &[u8]) -> Result<Vec<FeedEntry>, CodecError> {
+    decode(bytes)
 }
 
 /// Encodes one agent's writes of a `Storage::apply` as the payload of one WAL record.

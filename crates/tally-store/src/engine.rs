@@ -22,7 +22,7 @@ use crate::metrics::EngineMetrics;
 use crate::recovery::{load_agent, recover};
 use crate::shard::{run_committer, Job, Shard, Shared, Slot};
 use crate::sled_store::{SledStorage, StoreOptions};
-use crate::storage::Storage;
+use crate::storage::{FeedCursor, FeedPage, Storage};
 
 /// Journal entries read per page during scans.
 const SCAN_PAGE_LEN: usize = 4_096;
@@ -410,6 +410,45 @@ impl Engine {
         let id = id.clone();
         self.blocking(move |s| s.journal(&id, after_seq, limit))
             .await
+    }
+
+    /// The newest log position the change feed shows. Every cursor the feed handed out
+    /// is at most one past it, restarts included: one further on was never handed out.
+    pub fn feed_indexed_lsn(&self) -> u64 {
+        *self.inner.shared.storage.feed_watch().borrow()
+    }
+
+    /// The change feed: durable journal entries of every agent from `from` on, in commit
+    /// order, at most `limit`. With nothing there yet, waits up to `wait` for an indexing
+    /// pass that adds some (a long poll), then answers whatever is there, maybe nothing.
+    /// Entries show up one indexing interval or so after they were committed.
+    pub async fn events(
+        &self,
+        from: FeedCursor,
+        limit: usize,
+        wait: std::time::Duration,
+    ) -> Result<FeedPage, SubmitError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut watch = self.inner.shared.storage.feed_watch();
+        let mut from = from;
+        loop {
+            let page = self.blocking(move |s| s.feed(from, limit)).await?;
+            if !page.events.is_empty()
+                || limit == 0
+                || self.refuse().is_some()
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(page);
+            }
+            from = page.next;
+            // Checks the current value first, so a pass that landed during the read counts.
+            let advanced = watch.wait_for(|&indexed_lsn| indexed_lsn >= from.lsn);
+            match tokio::time::timeout_at(deadline, advanced).await {
+                Ok(Ok(_)) => {}
+                // Timed out, or the store closed: nothing more comes.
+                Ok(Err(_)) | Err(_) => return Ok(page),
+            }
+        }
     }
 
     /// Spend, refunds, credits and counts by task type for `period`, where the agent's

@@ -32,6 +32,13 @@
 //! - `x/<agent>/<hold seq as 8 bytes big-endian>`: an open hold (its expiry), written and
 //!   removed with the journal entries that place and close it, so that opening finds the
 //!   agents whose holds the sweep must see without reading every agent;
+//! - `f/<lsn as 8 bytes big-endian>`: the change feed, a run of at most
+//!   `FEED_CHUNK_ENTRIES_MAX` agent writes `(lsn, agent, first seq, count)` in lsn order
+//!   (the order they were applied), keyed by the first one's lsn. Written by the same
+//!   `apply_batch` as the journal chunks they point at, a few keys per pass rather than one
+//!   per write. A replay at open indexes only records past `m/wal`, so runs never overlap.
+//!   Directories from builds before the feed have no runs for their history: the feed
+//!   starts at the first pass this build indexed;
 //! - `m/schema`: the schema version; `m/wal`: the newest WAL lsn sled holds; `m/holds`:
 //!   present once the `x/` index is complete (a directory from an older build gets it at
 //!   its first open, from the agents recovered then).
@@ -53,7 +60,9 @@ use tally_core::{AgentId, AgentState, Event, EventKind, IdempotencyKey, Timestam
 use crate::codec;
 use crate::error::StoreError;
 use crate::keyindex::{self, KeyIndex, KeyIndexLimits};
-use crate::storage::{AgentWrite, KeyEntry, KeyIndexStatus, Storage};
+use crate::storage::{
+    AgentWrite, FeedCursor, FeedEntry, FeedPage, KeyEntry, KeyIndexStatus, Storage,
+};
 use crate::wal::{self, WalWriter};
 
 /// The schema this build writes. Schema 1 (one journal entry per key, no WAL) and schema 2
@@ -66,6 +75,13 @@ const AGENT_PREFIX: &[u8] = b"a/";
 /// The first key after every `a/` key (`0` follows `/`).
 const AGENT_PREFIX_END: &[u8] = b"a0";
 const HOLD_PREFIX: &[u8] = b"x/";
+const FEED_PREFIX: &[u8] = b"f/";
+/// The first key after every `f/` key.
+const FEED_PREFIX_END: &[u8] = b"f0";
+/// Agent writes in one `f/` value, at most: with agent ids of at most
+/// `AGENT_ID_LEN_MAX` (128) bytes that is under 40 KiB, well below the ~128 KiB past which
+/// sled stores a leaf as a blob file, and a few KiB with typical ids.
+const FEED_CHUNK_ENTRIES_MAX: usize = 256;
 /// How long opening waits for sled's file lock.
 const LOCK_WAIT_MS_MAX: u64 = 5_000;
 /// The indexer moves the WAL's writes into sled at least this often.
@@ -142,6 +158,9 @@ struct Shared {
     /// The indexer starts early once this many wait.
     trigger: usize,
     files: SledFiles,
+    /// The newest lsn sled holds (set after each pass's `apply_batch`): every feed entry
+    /// at or below it is readable with its journal chunks, and none will be added below it.
+    indexed_lsn: tokio::sync::watch::Sender<u64>,
     #[cfg(test)]
     panic_in_indexer: std::sync::atomic::AtomicBool,
     /// This many WAL deletions fail, as if `unlink` had.
@@ -205,6 +224,9 @@ struct Pending {
     /// The lsns of the first and last WAL record here (0 when empty).
     first_lsn: u64,
     last_lsn: u64,
+    /// Every write with events, in the order applied (the agents' map loses it): the
+    /// change feed's entries.
+    feed: Vec<FeedEntry>,
 }
 
 #[derive(Debug, Default)]
@@ -217,6 +239,14 @@ impl Pending {
     fn add(&mut self, write: AgentWrite, lsn: u64, bytes: usize) {
         if self.first_lsn == 0 {
             self.first_lsn = lsn;
+        }
+        if let Some(first) = write.events.first() {
+            self.feed.push(FeedEntry {
+                lsn,
+                agent: write.agent.clone(),
+                first_seq: first.seq,
+                events: u32::try_from(write.events.len()).expect("a write holds < 2^32 events"),
+            });
         }
         let entry = self.agents.entry(write.agent).or_default();
         debug_assert!(entry
@@ -247,6 +277,12 @@ impl Pending {
                 entry.checkpoint = p.checkpoint;
             }
         }
+        debug_assert!(self
+            .feed
+            .last()
+            .zip(newer.feed.first())
+            .is_none_or(|(a, b)| a.lsn < b.lsn));
+        self.feed.extend(newer.feed);
         self.events += newer.events;
         self.bytes += newer.bytes;
         if self.first_lsn == 0 {
@@ -308,6 +344,13 @@ fn index_holds(batch: &mut sled::Batch, agent: &AgentId, events: &[Event]) {
     }
 }
 
+fn feed_key(lsn: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(FEED_PREFIX.len() + 8);
+    k.extend_from_slice(FEED_PREFIX);
+    k.extend_from_slice(&lsn.to_be_bytes());
+    k
+}
+
 fn journal_prefix(agent: &AgentId) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + agent.as_str().len() + 8);
     k.extend_from_slice(b"j/");
@@ -352,6 +395,9 @@ fn index(db: &sled::Db, pending: &Pending) -> Result<(), StoreError> {
             debug_assert_eq!(record.check_invariants(), Ok(()));
             batch.insert(agent_key(agent), codec::encode_agent(record)?);
         }
+    }
+    for run in pending.feed.chunks(FEED_CHUNK_ENTRIES_MAX) {
+        batch.insert(feed_key(run[0].lsn), codec::encode_feed(run)?);
     }
     batch.insert(WAL_KEY, codec::encode_u64(pending.last_lsn));
     #[cfg(feature = "sim")]
@@ -497,6 +543,8 @@ impl Shared {
             self.delete_obsolete_wal(taken.last_lsn)?;
         }
         index(&self.db, taken)?;
+        // Long-polling feed readers wake here; the pass is readable in sled from now on.
+        self.indexed_lsn.send_replace(taken.last_lsn);
         if self.keys.is_complete() {
             let mut keys = Vec::new();
             for (agent, p) in &taken.agents {
@@ -728,6 +776,7 @@ impl SledStorage {
             db,
             keys,
             files,
+            indexed_lsn: tokio::sync::watch::Sender::new(next_lsn - 1),
             wal: Mutex::new(WalState {
                 writer: WalWriter::create(path, next_lsn)?,
                 spare: Vec::new(),
@@ -1212,6 +1261,79 @@ impl Storage for SledStorage {
 
     fn key_index_status(&self) -> KeyIndexStatus {
         self.shared.keys.status()
+    }
+
+    fn feed(&self, from: FeedCursor, limit: usize) -> Result<FeedPage, StoreError> {
+        // Read first: everything at or below it is in sled with its journal chunks. An
+        // entry past it may be visible already; it waits for the next page.
+        let indexed_lsn = *self.shared.indexed_lsn.borrow();
+        let db = &self.shared.db;
+        // The run holding `from.lsn` starts at or before it.
+        let first = match db
+            .range(FEED_PREFIX.to_vec()..=feed_key(from.lsn))
+            .next_back()
+        {
+            Some(item) => item?.0.to_vec(),
+            None => FEED_PREFIX.to_vec(),
+        };
+        let mut events = Vec::new();
+        let mut next = from;
+        'runs: for item in db.range(first..FEED_PREFIX_END.to_vec()) {
+            let (_, value) = item?;
+            for entry in codec::decode_feed(&value)? {
+                if entry.lsn < from.lsn {
+                    continue;
+                }
+                if entry.lsn > indexed_lsn || events.len() >= limit {
+                    break 'runs;
+                }
+                let skip = if entry.lsn == from.lsn {
+                    from.offset
+                } else {
+                    0
+                };
+                if skip >= entry.events {
+                    continue;
+                }
+                let want = (entry.events - skip)
+                    .min(u32::try_from(limit - events.len()).unwrap_or(u32::MAX));
+                let after_seq = (entry.first_seq + u64::from(skip))
+                    .checked_sub(1)
+                    .ok_or_else(|| StoreError::Corrupt(format!("feed entry {entry:?}")))?;
+                let got = self.journal_from(&entry.agent, after_seq, want as usize, false)?;
+                let expected = (after_seq + 1..).take(want as usize);
+                if got.len() != want as usize || !got.iter().map(|e| e.seq).eq(expected) {
+                    return Err(StoreError::Corrupt(format!(
+                        "feed entry {entry:?} names journal entries sled does not hold"
+                    )));
+                }
+                events.extend(got.into_iter().map(|e| (entry.agent.clone(), e)));
+                next = if skip + want == entry.events {
+                    FeedCursor {
+                        lsn: entry.lsn + 1,
+                        offset: 0,
+                    }
+                } else {
+                    FeedCursor {
+                        lsn: entry.lsn,
+                        offset: skip + want,
+                    }
+                };
+            }
+        }
+        if events.len() < limit {
+            // Nothing more at or below `indexed_lsn`: the next page starts past it, so a
+            // reader waiting for it waits for a pass that adds something.
+            next = next.max(FeedCursor {
+                lsn: indexed_lsn + 1,
+                offset: 0,
+            });
+        }
+        Ok(FeedPage { events, next })
+    }
+
+    fn feed_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.indexed_lsn.subscribe()
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -1718,5 +1840,118 @@ mod tests {
             0,
             "replayed segments are deleted"
         );
+    }
+
+    /// Writes of three agents, 1 to 5 events each, interleaved; `synced` of them synced
+    /// (the rest only applied). Returns the feed they make, in apply order.
+    fn feed_writes(
+        store: &SledStorage,
+        events: &[Event],
+        writes: std::ops::Range<usize>,
+        synced: usize,
+    ) -> Vec<(AgentId, Event)> {
+        let agents: Vec<AgentId> = ["fa", "fb", "fc"]
+            .iter()
+            .map(|a| AgentId::new(*a).expect("valid"))
+            .collect();
+        // Write i goes to agent i % 3; its events follow that agent's previous ones.
+        let start_of =
+            |i: usize| -> usize { (0..i).filter(|j| j % 3 == i % 3).map(|j| 1 + j % 5).sum() };
+        let mut fed = Vec::new();
+        for (n, i) in writes.enumerate() {
+            let agent = &agents[i % 3];
+            let from = start_of(i);
+            let part = &events[from..from + 1 + i % 5];
+            store
+                .apply(vec![AgentWrite {
+                    agent: agent.clone(),
+                    expected_seq: part[0].seq - 1,
+                    events: part.to_vec(),
+                    checkpoint: None,
+                }])
+                .expect("applies");
+            if n < synced {
+                store.sync().expect("syncs");
+                fed.extend(part.iter().map(|e| (agent.clone(), e.clone())));
+            }
+            if n % 4 == 3 {
+                // Several indexing passes, so pages cross `f/` runs.
+                wait_indexed(store);
+            }
+        }
+        fed
+    }
+
+    type Fed = Vec<(AgentId, Event)>;
+
+    /// Reads the whole feed from `from` in pages of `page`, waiting for the indexer; the
+    /// events and the cursor after each page.
+    fn read_feed(
+        store: &SledStorage,
+        from: FeedCursor,
+        page: usize,
+    ) -> (Fed, Vec<(usize, FeedCursor)>) {
+        wait_indexed(store);
+        let (mut out, mut cursors, mut at) = (Vec::new(), Vec::new(), from);
+        loop {
+            let got = store.feed(at, page).expect("reads the feed");
+            assert!(got.events.len() <= page, "a page holds at most its limit");
+            assert!(got.next >= at, "the cursor never goes back");
+            out.extend(got.events.iter().cloned());
+            at = got.next;
+            cursors.push((out.len(), at));
+            if got.events.is_empty() {
+                return (out, cursors);
+            }
+        }
+    }
+
+    #[test]
+    fn the_feed_shows_synced_writes_in_apply_order_across_restarts_and_crashes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let crashed = tempfile::tempdir().expect("tempdir");
+        let (_, events, _) = journal_of(600);
+        let mut all;
+        let saved;
+        {
+            let store = SledStorage::open(tmp.path(), 8 << 20).expect("opens");
+            all = feed_writes(&store, &events, 0..40, 40);
+            for page in [1, 2, 3, 7, 1_000] {
+                let (got, _) = read_feed(&store, FeedCursor::default(), page);
+                assert_eq!(got, all, "pages of {page}");
+            }
+            let (_, cursors) = read_feed(&store, FeedCursor::default(), 3);
+            saved = cursors;
+        }
+        // A clean restart: every cursor taken before resumes with exactly the rest.
+        {
+            let store = SledStorage::open(tmp.path(), 8 << 20).expect("reopens");
+            for &(seen, cursor) in &saved {
+                let (rest, _) = read_feed(&store, cursor, 7);
+                assert_eq!(rest, all[seen..], "resumed after {seen} events");
+            }
+            // A crash with the newest writes in the WAL only.
+            all.extend(feed_writes(&store, &events, 40..70, 30));
+            copy_tree(tmp.path(), crashed.path());
+            // Applied but never synced: not durable, so never in the feed.
+            feed_writes(&store, &events, 70..75, 0);
+            let (got, _) = read_feed(&store, FeedCursor::default(), 7);
+            assert_eq!(got, all, "only synced writes");
+        }
+        let store = SledStorage::open(crashed.path(), 8 << 20).expect("reopens the crash");
+        for &(seen, cursor) in &saved {
+            let (rest, _) = read_feed(&store, cursor, 7);
+            assert_eq!(
+                rest,
+                all[seen..],
+                "resumed after {seen} events, after a crash"
+            );
+        }
+        let end = read_feed(&store, FeedCursor::default(), 1_000).1;
+        let (_, end) = end.last().copied().expect("a last cursor");
+        // The writes the crash lost, again.
+        let more = feed_writes(&store, &events, 70..80, 10);
+        let (got, _) = read_feed(&store, end, 7);
+        assert_eq!(got, more, "from the end cursor, only what came after");
     }
 }

@@ -21,6 +21,35 @@ pub struct AgentWrite {
     pub checkpoint: Option<AgentState>,
 }
 
+/// One agent write in the change feed: the WAL record `lsn` appended `events` journal
+/// entries of `agent`, from `first_seq` on. Entries are kept in lsn order, which is the
+/// order the writes were applied (commit order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedEntry {
+    pub lsn: u64,
+    pub agent: AgentId,
+    pub first_seq: u64,
+    pub events: u32,
+}
+
+/// A position in the change feed: the next event is the `offset`-th (from 0) of the agent
+/// write logged at `lsn`, or, when that write has no more, the first of the next write.
+/// It names a log record rather than a page, so it stays valid across restarts however the
+/// writes were grouped when they reached the backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FeedCursor {
+    pub lsn: u64,
+    pub offset: u32,
+}
+
+/// One page of the change feed and where the next one starts.
+#[derive(Debug, Clone, Default)]
+pub struct FeedPage {
+    pub events: Vec<(AgentId, Event)>,
+    /// Past every event of this page; past everything durable when the page is not full.
+    pub next: FeedCursor,
+}
+
 /// What an idempotency key did: the fingerprint of the request that used it and the
 /// journal entries that request wrote (`first_seq`, `events` of them), at `at_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +149,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
         before_seq: u64,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError>;
+
+    /// Durable journal entries of every agent from `from` on, in commit order, at most
+    /// `limit`. Only what the backend holds durably and in its read index is shown.
+    fn feed(&self, from: FeedCursor, limit: usize) -> Result<FeedPage, StoreError>;
+
+    /// The newest log position the feed can show, watched: it changes after every pass
+    /// that makes more of the feed readable, so a reader can wait without polling.
+    fn feed_watch(&self) -> tokio::sync::watch::Receiver<u64>;
 
     /// Bytes on disk, for the operator.
     fn size_on_disk(&self) -> Result<u64, StoreError>;

@@ -10,7 +10,8 @@ use common::*;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tally_core::{AgentId, AgentState, CommandKind, Event, IdempotencyKey};
 use tally_store::{
-    AgentWrite, Engine, KeyEntry, ManualClock, SledStorage, Storage, StoreError, SubmitError,
+    AgentWrite, Engine, FeedCursor, FeedPage, KeyEntry, ManualClock, SledStorage, Storage,
+    StoreError, SubmitError,
 };
 
 /// Sled, with gates in `apply` and `journal_rev`, a count of `journal_rev` calls and a
@@ -80,6 +81,12 @@ impl Storage for Gated {
             release.recv().expect("test releases");
         }
         self.inner.journal_rev(agent, before_seq, limit)
+    }
+    fn feed(&self, from: FeedCursor, limit: usize) -> Result<FeedPage, StoreError> {
+        self.inner.feed(from, limit)
+    }
+    fn feed_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.feed_watch()
     }
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.inner.size_on_disk()

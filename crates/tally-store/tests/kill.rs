@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use tally_core::{CommandKind, EventKind, Outcome};
-use tally_store::{Engine, ManualClock, Reply, SystemClock};
+use tally_core::{AgentId, CommandKind, Event, EventKind, Outcome};
+use tally_store::{Engine, FeedCursor, ManualClock, Reply, SystemClock};
 
 const AGENTS: usize = 8;
 const TASKS: usize = 32;
@@ -217,6 +217,10 @@ async fn sigkill_loses_no_acknowledged_debit() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut all_acked: BTreeMap<String, u64> = BTreeMap::new();
     let mut total_acks = 0;
+    // The change feed, read after every restart from the cursor of the one before: it
+    // must hold each agent's journal exactly, however the kills fell.
+    let mut feed_cursor = FeedCursor::default();
+    let mut fed: BTreeMap<AgentId, Vec<Event>> = BTreeMap::new();
     for round in 0..rounds {
         let kill_after = Duration::from_millis(rng.gen_range(300..900));
         let stderr = logs.path().join(format!("child-{round}.stderr"));
@@ -252,6 +256,20 @@ async fn sigkill_loses_no_acknowledged_debit() {
 
         let clock = Arc::new(ManualClock::new(SystemClock.now_ms_for_tests()));
         let engine = open(dir.path(), &clock);
+        loop {
+            // Opening indexed the whole WAL, so the feed has everything now.
+            let page = engine
+                .events(feed_cursor, 1_000, Duration::ZERO)
+                .await
+                .expect("reads the feed");
+            feed_cursor = page.next;
+            if page.events.is_empty() {
+                break;
+            }
+            for (a, e) in page.events {
+                fed.entry(a).or_default().push(e);
+            }
+        }
         let mut keys_in_journal: BTreeMap<String, (usize, u64)> = BTreeMap::new();
         for i in 0..AGENTS {
             let a = agent(&agent_name(i));
@@ -267,6 +285,11 @@ async fn sigkill_loses_no_acknowledged_debit() {
                 journal.len() as u64,
                 state.last_seq,
                 "journal is dense from 1"
+            );
+            assert_eq!(
+                fed.get(&a).map_or(&[][..], Vec::as_slice),
+                &journal[..],
+                "round {round}: the feed holds {a}'s journal, each entry once"
             );
             let (mut credited, mut debited) = (0u64, 0u64);
             for e in &journal {

@@ -3,7 +3,9 @@
 
 use tally_core::{AgentId, AgentState, Event, IdempotencyKey, TimestampMs};
 use tally_store::sim::{self, Op};
-use tally_store::{AgentWrite, KeyEntry, KeyIndexStatus, SledStorage, Storage, StoreError};
+use tally_store::{
+    AgentWrite, FeedCursor, FeedPage, KeyEntry, KeyIndexStatus, SledStorage, Storage, StoreError,
+};
 
 /// `SledStorage` with a fault point at every `apply`, so a batch can fail before the WAL.
 #[derive(Debug)]
@@ -46,6 +48,12 @@ impl Storage for FaultyStorage {
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         self.0.journal_rev(a, before, limit)
+    }
+    fn feed(&self, from: FeedCursor, limit: usize) -> Result<FeedPage, StoreError> {
+        self.0.feed(from, limit)
+    }
+    fn feed_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.feed_watch()
     }
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.0.size_on_disk()

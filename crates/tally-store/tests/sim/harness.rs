@@ -15,7 +15,9 @@ use tally_core::{
     Status, TimestampMs,
 };
 use tally_store::sim::{self, Fault};
-use tally_store::{Engine, EngineConfig, ManualClock, Reply, SledStorage, Storage, StoreOptions};
+use tally_store::{
+    Engine, EngineConfig, FeedCursor, ManualClock, Reply, SledStorage, Storage, StoreOptions,
+};
 
 use crate::faulty::FaultyStorage;
 use crate::model::{AgentModel, Change, Expect};
@@ -72,6 +74,9 @@ pub struct Sim {
     pub history: Vec<String>,
     pub fault_one_in: u32,
     pub stats: Stats,
+    /// The change feed as read after each recovery, from the cursor of the one before.
+    pub feed_cursor: FeedCursor,
+    pub fed: HashMap<AgentId, Vec<tally_core::Event>>,
 }
 
 /// Counts over a run, for the summary.
@@ -151,6 +156,8 @@ impl Sim {
             history: Vec::new(),
             fault_one_in,
             stats: Stats::default(),
+            feed_cursor: FeedCursor::default(),
+            fed: HashMap::new(),
         }
     }
 

@@ -12,6 +12,22 @@ impl Sim {
     /// The oracle: the recovered engine against the model (see the file's comment).
     pub async fn check(&mut self) -> Result<(), String> {
         let maybe = self.maybe.take();
+        // The feed resumes from the last recovery's cursor: what it showed then was durable,
+        // so it is still there, and nothing comes twice.
+        loop {
+            let page = self
+                .engine()?
+                .events(self.feed_cursor, 1_000, std::time::Duration::ZERO)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.feed_cursor = page.next;
+            if page.events.is_empty() {
+                break;
+            }
+            for (a, e) in page.events {
+                self.fed.entry(a).or_default().push(e);
+            }
+        }
         for agent in 0..AGENTS {
             let id = self.ids[agent].clone();
             let engine = self.engine()?;
@@ -20,6 +36,12 @@ impl Sim {
                 .journal(&id, 0, usize::MAX)
                 .await
                 .map_err(|e| e.to_string())?;
+            if self.fed.get(&id).map_or(&[][..], Vec::as_slice) != &journal[..] {
+                return Err(format!(
+                    "agent-{agent}: the feed holds {:?}, the journal {journal:?}",
+                    self.fed.get(&id)
+                ));
+            }
             let mut counts: HashMap<&str, usize> = HashMap::new();
             for e in &journal {
                 let k = e
