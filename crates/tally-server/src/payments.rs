@@ -55,7 +55,8 @@ pub(crate) fn header_values(pairs: &[(HeaderName, String)]) -> Vec<(HeaderName, 
         .collect()
 }
 
-fn count(st: &AppState, outcome: &str) {
+/// Counts an x402 payment outcome (`tally_x402_payments_total`).
+pub(crate) fn count(st: &AppState, outcome: &str) {
     st.metrics()
         .x402_payments_total
         .with_label_values(&[outcome])
@@ -302,11 +303,12 @@ fn keyed(cmd: Command, key: &str) -> Command {
     }
 }
 
-/// A settled payment: the facilitator's answer, and the engine's to its credit.
+/// A settled payment: the facilitator's answer, and the engine's to its credit (none when
+/// it settled for 0).
 #[derive(Debug)]
 pub struct Settled {
     pub verdict: x402::Verdict,
-    pub credit: Result<Reply, tally_store::SubmitError>,
+    pub credit: Option<Result<Reply, tally_store::SubmitError>>,
 }
 
 /// Why a recorded settlement did not settle.
@@ -380,14 +382,15 @@ pub async fn settle_recorded(
             let mut credit = s.credit.clone();
             if s.credit_transaction {
                 let transaction = v.raw.get("transaction").and_then(Value::as_str);
-                let mut metadata = credit.metadata.entries().clone();
-                metadata.insert("x402_transaction".into(), clip(transaction.unwrap_or("")));
-                if let Ok(m) = Metadata::new(metadata) {
-                    credit.metadata = m;
-                }
+                add_metadata(&mut credit, "x402_transaction", transaction.unwrap_or(""));
             }
-            let (mut written, credit_answer) =
-                journal_answer(st, engine, &s.payment_id, &credit).await;
+            // An `upto` call that cost 0 settled for nothing: there is no credit to write.
+            let (mut written, credit_answer) = if credited == 0 {
+                (true, None)
+            } else {
+                let (written, answer) = journal_answer(st, engine, &s.payment_id, &credit).await;
+                (written, Some(answer))
+            };
             if let Some(debit) = &s.debit {
                 written &= journal(st, engine, &s.payment_id, debit.clone()).await;
             }
@@ -407,17 +410,22 @@ pub async fn settle_recorded(
     let mut done = record;
     if let Some(u) = &s.unsettled {
         let mut u = u.clone();
-        let mut metadata = u.metadata.entries().clone();
-        metadata.insert("reason".into(), clip(&written.to_string()));
-        if let Ok(m) = Metadata::new(metadata) {
-            u.metadata = m;
-        }
+        add_metadata(&mut u, "reason", &written.to_string());
         done = journal(st, engine, &s.payment_id, u).await;
     }
     if done {
         forget(outbox, &s.payment_id);
     }
     Err(written)
+}
+
+/// Adds `key = value` (clipped) to `cmd`'s metadata, unless that would break its bounds.
+fn add_metadata(cmd: &mut Command, key: &str, value: &str) {
+    let mut metadata = cmd.metadata.entries().clone();
+    metadata.insert(key.to_owned(), clip(value));
+    if let Ok(m) = Metadata::new(metadata) {
+        cmd.metadata = m;
+    }
 }
 
 fn forget(outbox: &Outbox, payment_id: &str) {

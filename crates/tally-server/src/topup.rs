@@ -72,12 +72,7 @@ pub async fn credit(State(st): State<AppState>, req: Request) -> Result<Response
     let want = x402::requirement(x, body.amount_micros);
     let resource = format!("{}/v1/agents/{id}/credits", st.public_url());
     let ask = |error: &str| x402::payment_problem(x, error, &resource, want.clone());
-    let count = |outcome: &str| {
-        st.metrics()
-            .x402_payments_total
-            .with_label_values(&[outcome])
-            .inc();
-    };
+    let count = |outcome: &str| payments::count(&st, outcome);
     let payment = match x402::read_payment(&parts.headers) {
         Ok(Some(p)) => p,
         Ok(None) => {
@@ -156,7 +151,11 @@ pub async fn credit(State(st): State<AppState>, req: Request) -> Result<Response
     };
     // The credit's receipt (a failure to write it was logged, and the next start writes
     // it from the settlement's file).
-    receipt(&st, &credit, settled.credit, Some(&settled.verdict))
+    // A top-up is at least 1 micro, so its credit was always submitted.
+    let answer = settled
+        .credit
+        .ok_or_else(|| Problem::invalid("a top-up settled for nothing"))?;
+    receipt(&st, &credit, answer, Some(&settled.verdict))
 }
 
 fn receipt(

@@ -682,6 +682,11 @@ async fn an_upto_payment_settles_what_the_upstream_reported_and_no_more() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-tally-charged-micros"), Some("0"));
     assert_eq!(journal_kinds(&p.s, &agent).await.len(), 7);
+    let outbox = Outbox::open(p.s.data_dir()).expect("opens");
+    assert!(
+        outbox.is_empty(),
+        "every settlement is finished, the 0 one too"
+    );
     // An upstream failure: not settled, nothing journaled.
     let settles = p.fac.settle_calls();
     pay("/metered/broken", 5)
