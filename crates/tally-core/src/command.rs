@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::error::ValidationError;
 use crate::id::{AgentId, IdempotencyKey, PlanName, TaskType};
 use crate::state::Status;
+use crate::threshold::Thresholds;
 
 /// Most metadata entries on one command.
 pub const METADATA_ENTRIES_MAX: usize = 16;
@@ -136,6 +137,10 @@ pub enum CommandKind {
     RecordUnsettledPayment {
         amount_micros: u64,
     },
+    /// Give the agent its own notification thresholds (`None`: use its plan's again).
+    SetThresholds {
+        thresholds: Option<Thresholds>,
+    },
 }
 
 impl CommandKind {
@@ -252,6 +257,20 @@ impl Command {
             CommandKind::RevokeApiKey { prefix } => field(b'R', prefix.as_bytes()),
             CommandKind::RecordUnsettledPayment { amount_micros } => {
                 field(b'u', &num(*amount_micros))
+            }
+            CommandKind::SetThresholds { thresholds } => {
+                let opt = |v: Option<u64>| {
+                    let mut b = [0u8; 9];
+                    if let Some(v) = v {
+                        b[0] = 1;
+                        b[1..].copy_from_slice(&v.to_be_bytes());
+                    }
+                    b
+                };
+                field(b'H', &[u8::from(thresholds.is_some())]);
+                let t = thresholds.unwrap_or_default();
+                field(b'b', &opt(t.balance_below_micros));
+                field(b'%', &opt(t.cap_spend_percent.map(u64::from)));
             }
         }
         field(

@@ -16,6 +16,7 @@ use crate::outcome::{Denial, Outcome, Receipt};
 use crate::plan::{Plan, PlanBook};
 use crate::rate::{RateState, RateStatus};
 use crate::state::{AgentState, Status};
+use crate::threshold;
 use crate::{TimestampMs, API_KEYS_PER_AGENT_MAX, OPEN_HOLDS_MAX};
 
 /// The result of deciding one command.
@@ -300,10 +301,47 @@ pub fn decide(
             let event = stamp.event(next_seq, kind, s.balance_micros, s.held_micros);
             approved(vec![event], s.balance_micros, s.held_micros, now_ms, None)
         }
+        CommandKind::SetThresholds { thresholds } => {
+            if let Some(t) = thresholds {
+                t.validate()?;
+            }
+            let kind = EventKind::ThresholdsSet {
+                thresholds: *thresholds,
+            };
+            let event = stamp.event(next_seq, kind, s.balance_micros, s.held_micros);
+            approved(vec![event], s.balance_micros, s.held_micros, now_ms, None)
+        }
     };
+    let decision = with_crossings(s, plan, &stamp, decision, now_ms);
     #[cfg(debug_assertions)]
     check_against_evolve(s, &decision.events);
     Ok(decision)
+}
+
+/// Appends a [`EventKind::ThresholdCrossed`] event for each threshold the change crossed,
+/// so that the notification is journaled in the same write as its cause.
+fn with_crossings(
+    s: &AgentState,
+    plan: &Plan,
+    stamp: &Stamp<'_>,
+    mut decision: Decision,
+    now_ms: TimestampMs,
+) -> Decision {
+    let Some(last) = decision.events.last() else {
+        return decision;
+    };
+    let (mut seq, balance, held) = (last.seq, last.balance_after_micros, last.held_after_micros);
+    let crossings = threshold::crossings(s, plan, &decision.events);
+    if crossings.is_empty() {
+        return decision;
+    }
+    for crossing in crossings {
+        seq += 1;
+        let kind = EventKind::ThresholdCrossed { crossing };
+        decision.events.push(stamp.event(seq, kind, balance, held));
+    }
+    let rate = decision.rate;
+    approved(decision.events, balance, held, now_ms, rate)
 }
 
 /// In debug builds: the events just decided must evolve the state without complaint.

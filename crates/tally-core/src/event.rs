@@ -7,6 +7,7 @@ use crate::command::Metadata;
 use crate::id::{IdempotencyKey, PlanName, TaskType};
 use crate::period::PeriodKey;
 use crate::state::Status;
+use crate::threshold::{Crossing, Thresholds};
 use crate::TimestampMs;
 
 /// One journal entry of one agent.
@@ -84,6 +85,15 @@ pub enum EventKind {
     PaymentUnsettled {
         amount_micros: u64,
     },
+    /// The agent's own notification thresholds were set (`None`: back to its plan's).
+    ThresholdsSet {
+        thresholds: Option<Thresholds>,
+    },
+    /// The change just before crossed a threshold: a notification to send. Moves no
+    /// money; written in the same command as the change, so exactly once per crossing.
+    ThresholdCrossed {
+        crossing: Crossing,
+    },
 }
 
 impl EventKind {
@@ -102,6 +112,8 @@ impl EventKind {
             EventKind::ApiKeyIssued { .. } => "api_key_issued",
             EventKind::ApiKeyRevoked { .. } => "api_key_revoked",
             EventKind::PaymentUnsettled { .. } => "payment_unsettled",
+            EventKind::ThresholdsSet { .. } => "thresholds_set",
+            EventKind::ThresholdCrossed { .. } => "threshold_crossed",
         }
     }
 
@@ -113,7 +125,9 @@ impl EventKind {
             EventKind::AgentCreated { .. }
             | EventKind::AgentUpdated { .. }
             | EventKind::ApiKeyIssued { .. }
-            | EventKind::ApiKeyRevoked { .. } => 0,
+            | EventKind::ApiKeyRevoked { .. }
+            | EventKind::ThresholdsSet { .. }
+            | EventKind::ThresholdCrossed { .. } => 0,
             EventKind::Credited { amount_micros }
             | EventKind::Debited { amount_micros, .. }
             | EventKind::HoldPlaced { amount_micros, .. }

@@ -52,6 +52,7 @@ fn genesis(id: &AgentId, event: &Event) -> Result<AgentState, InvariantError> {
             created_at_ms: event.at_ms,
             updated_at_ms: event.at_ms,
             api_keys: BTreeMap::new(),
+            thresholds: None,
         }),
         _ => Err(broken(
             id,
@@ -185,7 +186,8 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
                 return Err(err("revoke of an unknown API key"));
             }
         }
-        EventKind::PaymentUnsettled { .. } => {}
+        EventKind::PaymentUnsettled { .. } | EventKind::ThresholdCrossed { .. } => {}
+        EventKind::ThresholdsSet { thresholds } => s.thresholds = *thresholds,
     }
     if s.balance_micros != event.balance_after_micros || s.held_micros != event.held_after_micros {
         return Err(err(

@@ -27,6 +27,7 @@ mod plan;
 pub mod pricing;
 pub mod rate;
 mod state;
+pub mod threshold;
 
 pub use command::{Command, CommandKind, Metadata, Priority, METADATA_VALUE_LEN_MAX};
 pub use decide::{decide, Decision};
@@ -39,6 +40,7 @@ pub use period::PeriodKey;
 pub use plan::{Plan, PlanBook, Pricing, RateBucket};
 pub use rate::{RateState, RateStatus};
 pub use state::{AgentState, ApiKey, Hold, Refundable, Status};
+pub use threshold::{Crossing, Thresholds};
 
 /// Time in this crate is always milliseconds since the Unix epoch, passed in by the caller.
 pub type TimestampMs = u64;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
 use crate::id::PlanName;
+use crate::threshold::Thresholds;
 
 /// Most rate-limit buckets one plan may have.
 pub const PLAN_BUCKETS_MAX: usize = 8;
@@ -131,6 +132,8 @@ pub struct Plan {
     pub pricing: Pricing,
     /// Longest TTL a hold may ask for.
     pub hold_ttl_max_ms: u64,
+    /// Notifications for agents on this plan (an agent's own replace them).
+    pub thresholds: Thresholds,
 }
 
 impl Plan {
@@ -153,6 +156,7 @@ impl Plan {
             anchor_day,
             pricing,
             hold_ttl_max_ms,
+            thresholds: Thresholds::default(),
         };
         plan.validate()?;
         Ok(plan)
@@ -168,7 +172,15 @@ impl Plan {
             anchor_day: 1,
             pricing: Pricing::default(),
             hold_ttl_max_ms: 3_600_000,
+            thresholds: Thresholds::default(),
         }
+    }
+
+    /// This plan with notification thresholds.
+    pub fn with_thresholds(mut self, thresholds: Thresholds) -> Result<Self, ValidationError> {
+        self.thresholds = thresholds;
+        self.validate()?;
+        Ok(self)
     }
 
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -195,6 +207,10 @@ impl Plan {
         }
         if self.pricing.min_micros > self.pricing.max_micros {
             return invalid("pricing", "min_micros exceeds max_micros".into());
+        }
+        self.thresholds.validate()?;
+        if self.thresholds.cap_spend_percent.is_some() && self.monthly_cap_micros.is_none() {
+            return invalid("cap_spend_percent", "needs monthly_cap_micros".into());
         }
         if self.hold_ttl_max_ms == 0 || self.hold_ttl_max_ms > crate::plan::HOLD_TTL_MS_MAX {
             return invalid("hold_ttl_max_ms", format!("must be 1..={HOLD_TTL_MS_MAX}"));

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::InvariantError;
 use crate::id::{AgentId, PlanName};
 use crate::period::{period_of, PeriodKey};
+use crate::threshold::Thresholds;
 use crate::TimestampMs;
 
 /// Whether an agent may spend.
@@ -69,6 +70,8 @@ pub struct AgentState {
     pub updated_at_ms: TimestampMs,
     /// Live API keys by public prefix, at most [`crate::API_KEYS_PER_AGENT_MAX`].
     pub api_keys: BTreeMap<String, ApiKey>,
+    /// The agent's own notification thresholds, replacing its plan's; `None` uses the plan's.
+    pub thresholds: Option<Thresholds>,
 }
 
 impl AgentState {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, delete, get, patch, post};
+use axum::routing::{any, delete, get, patch, post, put};
 use axum::Router;
 use tally_core::{PlanBook, PlanName, TimestampMs};
 use tally_store::{Clock, Engine};
@@ -288,6 +288,12 @@ pub fn router(st: AppState) -> Router {
                 .route_layer(read())
                 .merge(patch(routes::patch_agent).route_layer(admin())),
         )
+        .route(
+            "/v1/agents/{id}/thresholds",
+            put(routes::put_thresholds)
+                .merge(delete(routes::delete_thresholds))
+                .route_layer(admin()),
+        )
         // Admin credits, and x402 top-ups by the agent or a service: roles in the handler.
         .route("/v1/agents/{id}/credits", post(topup::credit))
         .route(
@@ -494,6 +500,23 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
             }
         };
         tracing::info!(keys, "agent API key index built");
+        // Before the API takes writes: an endpoint's first cursor is the feed's end now.
+        let senders = match crate::webhooks::start(
+            &config.webhooks,
+            &engine,
+            &metrics,
+            &config.data_dir,
+            rx.clone(),
+        )
+        .await
+        {
+            Ok(senders) => senders,
+            Err(e) => {
+                serving.abort();
+                engine.shutdown().await?;
+                return Err(e.context("starting the webhook senders"));
+            }
+        };
         opener_state.set_engine(engine.clone());
         if opener_state.outbox().is_some_and(|o| !o.is_empty()) {
             let (st, engine) = (opener_state.clone(), engine.clone());
@@ -536,6 +559,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                     "proxied calls still unsettled at shutdown; their holds expire by themselves"
                 );
             }
+        }
+        // They see the same stop signal, and save their cursors before ending.
+        for sender in senders {
+            let _ = sender.await;
         }
         tracing::info!("no more requests; shutting the engine down");
         engine.shutdown().await?;

@@ -5,8 +5,8 @@ use chrono::{DateTime, SecondsFormat};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tally_core::{
-    AgentId, AgentState, Event, EventKind, Metadata, Plan, PlanBook, PlanName, Priority, Receipt,
-    Status, TaskType, TimestampMs,
+    AgentId, AgentState, Crossing, Event, EventKind, Metadata, Plan, PlanBook, PlanName, Priority,
+    Receipt, Status, TaskType, Thresholds, TimestampMs,
 };
 use tally_store::{FeedCursor, Usage};
 
@@ -58,6 +58,14 @@ pub struct CreateAgentBody {
 pub struct PatchAgentBody {
     pub plan: Option<PlanName>,
     pub status: Option<Status>,
+}
+
+/// `PUT /v1/agents/{id}/thresholds`: the agent's own, replacing its plan's as a whole.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdsBody {
+    pub balance_below_micros: Option<u64>,
+    pub cap_spend_percent: Option<u8>,
 }
 
 /// `POST /v1/agents/{id}/credits`.
@@ -171,6 +179,7 @@ pub fn agent_json(a: &AgentState, plans: &PlanBook, now_ms: TimestampMs) -> Valu
         "debited_total_micros": a.debited_total_micros,
         "refunded_total_micros": a.refunded_total_micros,
         "holds": holds,
+        "thresholds": a.thresholds.as_ref().map(thresholds_json),
         "version": a.last_seq,
         "created_at": rfc3339_ms(a.created_at_ms),
         "updated_at": rfc3339_ms(a.updated_at_ms),
@@ -231,9 +240,19 @@ pub fn event_json(e: &Event) -> Value {
             debit_period,
             ..
         } => (None, Some(*debit_seq), Some(*debit_period), None, None),
+        EventKind::ThresholdCrossed {
+            crossing: Crossing::CapSpend { period, .. },
+        } => (None, None, Some(*period), None, None),
         EventKind::ApiKeyIssued { .. }
         | EventKind::ApiKeyRevoked { .. }
-        | EventKind::PaymentUnsettled { .. } => (None, None, None, None, None),
+        | EventKind::PaymentUnsettled { .. }
+        | EventKind::ThresholdsSet { .. }
+        | EventKind::ThresholdCrossed { .. } => (None, None, None, None, None),
+    };
+    let (thresholds, crossing) = match &e.kind {
+        EventKind::ThresholdsSet { thresholds } => (thresholds.as_ref().map(thresholds_json), None),
+        EventKind::ThresholdCrossed { crossing } => (None, Some(crossing_json(crossing))),
+        _ => (None, None),
     };
     let api_key_prefix = match &e.kind {
         EventKind::ApiKeyIssued { prefix, .. } | EventKind::ApiKeyRevoked { prefix } => {
@@ -257,7 +276,41 @@ pub fn event_json(e: &Event) -> Value {
         "plan": plan,
         "status": status,
         "api_key_prefix": api_key_prefix,
+        "thresholds": thresholds,
+        "crossing": crossing,
     })
+}
+
+/// An agent's or a plan's notification thresholds.
+pub fn thresholds_json(t: &Thresholds) -> Value {
+    json!({
+        "balance_below_micros": t.balance_below_micros,
+        "cap_spend_percent": t.cap_spend_percent,
+    })
+}
+
+/// A crossed threshold: what the journal entry and the webhook say.
+pub fn crossing_json(c: &Crossing) -> Value {
+    match *c {
+        Crossing::BalanceBelow { threshold_micros } => json!({
+            "type": c.name(),
+            "threshold_micros": threshold_micros,
+        }),
+        Crossing::CapSpend {
+            percent,
+            cap_micros,
+            threshold_micros,
+            spent_micros,
+            period,
+        } => json!({
+            "type": c.name(),
+            "threshold_micros": threshold_micros,
+            "percent": percent,
+            "cap_micros": cap_micros,
+            "spent_micros": spent_micros,
+            "period": period.to_string(),
+        }),
+    }
 }
 
 /// One change-feed entry: a journal entry and whose it is.
@@ -307,6 +360,7 @@ pub fn plan_json(p: &Plan) -> Value {
         "anchor_day": p.anchor_day,
         "pricing": {"margin_ppm": p.pricing.margin_ppm, "min_micros": p.pricing.min_micros, "max_micros": p.pricing.max_micros},
         "hold_ttl_max_ms": p.hold_ttl_max_ms,
+        "thresholds": thresholds_json(&p.thresholds),
     })
 }
 

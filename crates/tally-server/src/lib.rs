@@ -25,6 +25,7 @@ pub mod respond;
 pub mod routes;
 pub mod serve;
 pub mod topup;
+pub mod webhooks;
 pub mod x402;
 
 pub use app::{router, start, AppState, Running};

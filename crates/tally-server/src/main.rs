@@ -33,12 +33,72 @@ enum Cmd {
     Loadtest(tally_client::loadtest::LoadtestArgs),
     /// Print the SHA-256 (hex) of a token read from stdin, for `[[auth.tokens]]`.
     TokenHash,
+    /// Standard Webhooks helpers for receivers of tally's threshold webhooks.
+    #[command(subcommand)]
+    Webhooks(WebhooksCmd),
     /// A no-op HTTP server with the same set-up, for the wrk comparison.
     #[command(hide = true)]
     NoopServer {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhooksCmd {
+    /// Check a received webhook: its body on stdin, its headers as flags. Prints `valid`
+    /// and exits 0, or says why not and exits 1.
+    Verify {
+        /// The endpoint's `whsec_…` secret.
+        #[arg(long, env = "TALLY_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        /// The `webhook-id` header.
+        #[arg(long)]
+        id: String,
+        /// The `webhook-timestamp` header.
+        #[arg(long)]
+        timestamp: String,
+        /// The `webhook-signature` header.
+        #[arg(long)]
+        signature: String,
+        /// How far (seconds) the timestamp may be from now.
+        #[arg(long, default_value_t = tally_server::webhooks::SIGNATURE_TOLERANCE_S)]
+        tolerance_s: i64,
+    },
+}
+
+fn webhooks(cmd: WebhooksCmd) -> anyhow::Result<bool> {
+    use std::io::Read as _;
+    use tally_server::webhooks::{verify, Secret};
+    let WebhooksCmd::Verify {
+        secret,
+        id,
+        timestamp,
+        signature,
+        tolerance_s,
+    } = cmd;
+    let secret = Secret::parse(&secret).map_err(|e| anyhow::anyhow!("--secret: {e}"))?;
+    let mut body = Vec::new();
+    std::io::stdin().read_to_end(&mut body)?;
+    let now_s = chrono::Utc::now().timestamp();
+    match verify(
+        &secret,
+        &id,
+        &timestamp,
+        &body,
+        &signature,
+        now_s,
+        tolerance_s,
+    ) {
+        Ok(()) => {
+            println!("valid");
+            Ok(true)
+        }
+        Err(e) => {
+            eprintln!("invalid: {e}");
+            Ok(false)
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -177,6 +237,7 @@ async fn main() -> ExitCode {
                     true
                 })
         }
+        Cmd::Webhooks(cmd) => webhooks(cmd),
         Cmd::NoopServer { listen } => noop_server(listen).await.map(|()| true),
     };
     match result {

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub x402_payments_total: IntCounterVec,
     /// Micros (the asset's atomic units) settled through x402.
     pub x402_settled_micros_total: IntCounter,
+    /// Threshold webhooks by endpoint (from the config, so bounded) and outcome:
+    /// `delivered`, `retried` (an attempt failed; another follows), `failed` (given up
+    /// after `retry_for_ms`: alert on it).
+    pub webhooks_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -83,6 +87,14 @@ impl Metrics {
             x402_payments_total.with_label_values(&[outcome]);
         }
         registry.register(Box::new(x402_payments_total.clone()))?;
+        let webhooks_total = IntCounterVec::new(
+            Opts::new(
+                "tally_webhooks_total",
+                "Threshold webhooks by endpoint and outcome.",
+            ),
+            &["endpoint", "outcome"],
+        )?;
+        registry.register(Box::new(webhooks_total.clone()))?;
         registry.register(Box::new(x402_settled_micros_total.clone()))?;
         registry.register(Box::new(decisions_total.clone()))?;
         registry.register(Box::new(debited_micros_total.clone()))?;
@@ -97,6 +109,7 @@ impl Metrics {
             proxy_requests_total,
             x402_payments_total,
             x402_settled_micros_total,
+            webhooks_total,
         })
     }
 

@@ -5,13 +5,13 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tally_core::{AgentId, Command, CommandKind, PeriodKey, Status};
+use tally_core::{AgentId, Command, CommandKind, PeriodKey, Status, Thresholds};
 
 use crate::app::AppState;
 use crate::dto::{
     agent_json, cursor_text, event_json, feed_event_json, parse_cursor, parse_hold_id, plan_json,
     receipt_json, usage_json, CaptureBody, CreateAgentBody, CreditBody, DebitBody, HoldBody,
-    PatchAgentBody, RefundBody, VoidBody,
+    PatchAgentBody, RefundBody, ThresholdsBody, VoidBody,
 };
 use crate::extract::{AgentPath, ApiJson, ApiQuery, HoldPath, IdemKey, OptionalJson};
 use crate::problem::Problem;
@@ -86,6 +86,33 @@ pub async fn patch_agent(
         plan: body.plan,
         status: body.status,
     };
+    submit_agent(&st, Command::new(id, kind).with_key(key), StatusCode::OK).await
+}
+
+/// `PUT /v1/agents/{id}/thresholds`: the agent's own notification thresholds.
+pub async fn put_thresholds(
+    State(st): State<AppState>,
+    AgentPath(id): AgentPath,
+    IdemKey(key): IdemKey,
+    ApiJson(body): ApiJson<ThresholdsBody>,
+) -> Answer {
+    let thresholds = Thresholds {
+        balance_below_micros: body.balance_below_micros,
+        cap_spend_percent: body.cap_spend_percent,
+    };
+    let kind = CommandKind::SetThresholds {
+        thresholds: Some(thresholds),
+    };
+    submit_agent(&st, Command::new(id, kind).with_key(key), StatusCode::OK).await
+}
+
+/// `DELETE /v1/agents/{id}/thresholds`: back to the plan's.
+pub async fn delete_thresholds(
+    State(st): State<AppState>,
+    AgentPath(id): AgentPath,
+    IdemKey(key): IdemKey,
+) -> Answer {
+    let kind = CommandKind::SetThresholds { thresholds: None };
     submit_agent(&st, Command::new(id, kind).with_key(key), StatusCode::OK).await
 }
 

@@ -17,11 +17,13 @@ pub const RECORD_VERSION: u8 = 1;
 /// The format of a journal chunk (several events of one agent under one key). Version 1
 /// journal values, written before chunks existed, hold a single event and still decode.
 pub const CHUNK_VERSION: u8 = 2;
-/// The format of agent records and WAL batches since agents carry API keys
-/// (`AgentState::api_keys`). Version 1 ones, written before, still decode (with no keys);
-/// events and numbers stay at version 1 (new event kinds are appended variants, so
-/// old events decode unchanged).
-pub const AGENT_VERSION: u8 = 3;
+/// The format of agent records and WAL batches since agents carry their own notification
+/// thresholds (`AgentState::thresholds`). Version 3 ones (API keys, no thresholds) and
+/// version 1 ones (neither) still decode; events and numbers stay at version 1 (new
+/// event kinds are appended variants, so old events decode unchanged).
+pub const AGENT_VERSION: u8 = 4;
+/// Agent records and WAL batches with API keys and without thresholds.
+const AGENT_VERSION_3: u8 = 3;
 /// Largest record body decoded. Far above the largest agent record (1,024 holds and
 /// 1,024 refundable debits, ~60 KB); a corrupted length prefix claiming more is a decode
 /// error instead of an allocation of whatever the prefix says.
@@ -131,6 +133,7 @@ pub fn decode_write(bytes: &[u8]) -> Result<AgentWrite, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     let write: AgentWrite = match version {
         AGENT_VERSION => decode_body(body)?,
+        AGENT_VERSION_3 => decode_body::<legacy::AgentWriteV3>(body)?.into(),
         RECORD_VERSION => decode_body::<legacy::AgentWriteV1>(body)?.into(),
         found => return Err(CodecError::UnknownVersion { found }),
     };
@@ -160,6 +163,7 @@ pub fn decode_agent(bytes: &[u8]) -> Result<AgentState, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     let agent: AgentState = match version {
         AGENT_VERSION => decode_body(body)?,
+        AGENT_VERSION_3 => decode_body::<legacy::AgentStateV3>(body)?.into(),
         RECORD_VERSION => decode_body::<legacy::AgentStateV1>(body)?.into(),
         found => return Err(CodecError::UnknownVersion { found }),
     };
@@ -194,14 +198,16 @@ fn decode_fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N], CodecError> {
         .map_err(|_| CodecError::Decode(format!("expected {N} bytes")))
 }
 
-/// The version 1 shapes of agent records and WAL batches (before API keys), field for
-/// field, so that a data dir written by an older build opens.
+/// The version 1 shapes of agent records and WAL batches (before API keys) and the
+/// version 3 ones (before thresholds), field for field, so that a data dir written by an
+/// older build opens.
 mod legacy {
     use std::collections::{BTreeMap, VecDeque};
 
     use serde::Deserialize;
     use tally_core::{
-        AgentId, AgentState, Event, Hold, PeriodKey, PlanName, Refundable, Status, TimestampMs,
+        AgentId, AgentState, ApiKey, Event, Hold, PeriodKey, PlanName, Refundable, Status,
+        TimestampMs,
     };
 
     use crate::storage::AgentWrite;
@@ -244,6 +250,70 @@ mod legacy {
                 created_at_ms: v.created_at_ms,
                 updated_at_ms: v.updated_at_ms,
                 api_keys: BTreeMap::new(),
+                thresholds: None,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct AgentStateV3 {
+        id: AgentId,
+        plan: PlanName,
+        status: Status,
+        balance_micros: u64,
+        held_micros: u64,
+        holds: BTreeMap<u64, Hold>,
+        period: PeriodKey,
+        period_spent_micros: u64,
+        credited_total_micros: u64,
+        debited_total_micros: u64,
+        refunded_total_micros: u64,
+        refundable: VecDeque<Refundable>,
+        last_seq: u64,
+        created_at_ms: TimestampMs,
+        updated_at_ms: TimestampMs,
+        api_keys: BTreeMap<String, ApiKey>,
+    }
+
+    impl From<AgentStateV3> for AgentState {
+        fn from(v: AgentStateV3) -> Self {
+            AgentState {
+                id: v.id,
+                plan: v.plan,
+                status: v.status,
+                balance_micros: v.balance_micros,
+                held_micros: v.held_micros,
+                holds: v.holds,
+                period: v.period,
+                period_spent_micros: v.period_spent_micros,
+                credited_total_micros: v.credited_total_micros,
+                debited_total_micros: v.debited_total_micros,
+                refunded_total_micros: v.refunded_total_micros,
+                refundable: v.refundable,
+                last_seq: v.last_seq,
+                created_at_ms: v.created_at_ms,
+                updated_at_ms: v.updated_at_ms,
+                api_keys: v.api_keys,
+                thresholds: None,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct AgentWriteV3 {
+        agent: AgentId,
+        expected_seq: u64,
+        events: Vec<Event>,
+        checkpoint: Option<AgentStateV3>,
+    }
+
+    impl From<AgentWriteV3> for AgentWrite {
+        fn from(v: AgentWriteV3) -> Self {
+            AgentWrite {
+                agent: v.agent,
+                expected_seq: v.expected_seq,
+                events: v.events,
+                checkpoint: v.checkpoint.map(Into::into),
             }
         }
     }
@@ -473,6 +543,18 @@ mod tests {
     }
 
     #[test]
+    fn thresholds_round_trip() {
+        let (mut agent, _) = sample();
+        agent.thresholds = Some(tally_core::Thresholds {
+            balance_below_micros: Some(7),
+            cap_spend_percent: Some(80),
+        });
+        let bytes = encode_agent(&agent).expect("encodes");
+        assert_eq!(bytes[0], AGENT_VERSION);
+        assert_eq!(decode_agent(&bytes).expect("decodes"), agent);
+    }
+
+    #[test]
     fn version_1_agent_records_and_writes_still_decode_without_keys() {
         let (mut agent, events) = sample();
         agent.api_keys.clear();
@@ -488,6 +570,30 @@ mod tests {
         write.extend_from_slice(&old[1..]);
         let back = decode_write(&write).expect("decodes");
         assert_eq!(back.events, events[..4].to_vec());
+        assert_eq!(back.checkpoint, Some(agent));
+    }
+
+    #[test]
+    fn version_3_agent_records_and_writes_still_decode_without_thresholds() {
+        let (agent, events) = sample();
+        assert_eq!(agent.thresholds, None);
+        // Version 3 is version 4 without the trailing `thresholds` (None: one 0 byte).
+        let as_v3 = |mut v4: Vec<u8>| {
+            assert_eq!(v4.pop(), Some(0));
+            v4[0] = AGENT_VERSION_3;
+            v4
+        };
+        let old = as_v3(encode_agent(&agent).expect("encodes"));
+        assert_eq!(decode_agent(&old).expect("decodes"), agent);
+        let write = AgentWrite {
+            agent: agent.id.clone(),
+            expected_seq: 0,
+            events: events.clone(),
+            checkpoint: Some(agent.clone()),
+        };
+        let old = as_v3(encode_write(&write).expect("encodes"));
+        let back = decode_write(&old).expect("decodes");
+        assert_eq!(back.events, events);
         assert_eq!(back.checkpoint, Some(agent));
     }
 

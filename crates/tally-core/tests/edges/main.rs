@@ -6,7 +6,7 @@
 
 use tally_core::{
     decide, evolve, AgentId, AgentState, Command, CommandError, CommandKind, Decision, Denial,
-    Event, Outcome, Plan, PlanBook, PlanName, Priority, RateBucket, RateState, Status,
+    Event, Outcome, Plan, PlanBook, PlanName, Priority, RateBucket, RateState, Status, Thresholds,
 };
 
 /// 2026-11-29T13:00:00Z, a Sunday afternoon with nothing special about it.
@@ -28,13 +28,16 @@ const MAR_1_2028: u64 = 1_835_481_600_000;
 const MAR_28_2028: u64 = 1_837_814_400_000;
 
 const CAP_MICROS: u64 = 1_000;
+/// The "notified" plan's low-balance threshold.
+const LOW_BALANCE_MICROS: u64 = 500;
 
 fn plan_name(name: &str) -> PlanName {
     PlanName::new(name).expect("valid plan name")
 }
 
 /// "open": no limits; "capped": cap 1,000 with an 80 % soft threshold; "capped28": the
-/// same cap with periods starting on the 28th; "limited": one request per second.
+/// same cap with periods starting on the 28th; "limited": one request per second;
+/// "notified": "capped" with notifications below 500 micros and at 50 % of the cap.
 fn plans() -> PlanBook {
     let open = Plan::unlimited(plan_name("open"));
     let mut capped = Plan::unlimited(plan_name("capped"));
@@ -45,10 +48,18 @@ fn plans() -> PlanBook {
     capped28.anchor_day = 28;
     let mut limited = Plan::unlimited(plan_name("limited"));
     limited.buckets = vec![RateBucket::new("default", 1, 1_000, 1).expect("valid bucket")];
+    let mut notified = capped.clone();
+    notified.name = plan_name("notified");
+    let notified = notified
+        .with_thresholds(Thresholds {
+            balance_below_micros: Some(LOW_BALANCE_MICROS),
+            cap_spend_percent: Some(50),
+        })
+        .expect("valid thresholds");
     for p in [&open, &capped, &capped28, &limited] {
         p.validate().expect("test plans are valid");
     }
-    PlanBook::new([open, capped, capped28, limited])
+    PlanBook::new([open, capped, capped28, limited, notified])
 }
 
 /// One agent driven through `decide`, with every approved event applied by `evolve`
@@ -231,3 +242,4 @@ mod api_keys;
 mod caps;
 mod holds;
 mod order;
+mod thresholds;

@@ -590,9 +590,11 @@ impl ModelAgent {
                 }
                 Ok(self.approved(1, a))
             }
-            // API keys move no money; tests/edges/api_keys.rs covers them.
-            CommandKind::IssueApiKey { .. } | CommandKind::RevokeApiKey { .. } => {
-                panic!("the model generates no API key commands")
+            // API keys and thresholds move no money; tests/edges/ covers them.
+            CommandKind::IssueApiKey { .. }
+            | CommandKind::RevokeApiKey { .. }
+            | CommandKind::SetThresholds { .. } => {
+                panic!("the model generates no API key or threshold commands")
             }
             CommandKind::Refund {
                 debit_seq,

@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use tally_core::{Plan, PlanBook, PlanName, Pricing, RateBucket};
+use tally_core::{Plan, PlanBook, PlanName, Pricing, RateBucket, Thresholds};
 use tally_store::EngineConfig;
 
 use crate::auth::{Role, TokenHash};
 
 mod gateway;
 mod raw;
+mod webhooks;
 pub use gateway::{
     DenyMode, ForwardAuth, PathPattern, Price, ProxyConfig, Route, RouteMatch, RouteTable, Segment,
     PROXY_HOLD_TTL_SLACK_MS, PROXY_LISTEN_DEFAULT, ROUTES_MAX, USAGE_HEADER_DEFAULT,
@@ -131,6 +132,8 @@ pub struct Config {
     pub forward_auth: ForwardAuth,
     /// `[proxy]`: the metering reverse proxy serving `routes`.
     pub proxy: ProxyConfig,
+    /// `[[webhooks]]`: where threshold notifications are sent.
+    pub webhooks: Vec<crate::webhooks::Endpoint>,
 }
 
 impl Default for Config {
@@ -150,6 +153,7 @@ impl Default for Config {
             routes: RouteTable::default(),
             forward_auth: ForwardAuth::default(),
             proxy: ProxyConfig::default(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -531,6 +535,13 @@ impl Config {
                     pricing,
                     p.hold_ttl_max_ms.unwrap_or(3_600_000),
                 )
+                .and_then(|plan| match p.thresholds {
+                    None => Ok(plan),
+                    Some(t) => plan.with_thresholds(Thresholds {
+                        balance_below_micros: t.balance_below_micros,
+                        cap_spend_percent: t.cap_spend_percent,
+                    }),
+                })
                 .map_err(|e| lines.err(&key, &span, e))?;
                 plans.push(built);
             }
@@ -647,6 +658,7 @@ impl Config {
             });
         }
         cfg.routes = gateway::routes(&lines, raw.routes)?;
+        cfg.webhooks = webhooks::endpoints(&lines, raw.webhooks)?;
         if let Some(f) = raw.forward_auth {
             let span = f.span();
             cfg.forward_auth = gateway::forward_auth(&lines, &span, f.into_inner())?;

@@ -20,6 +20,8 @@ pub(super) struct RawConfig {
     pub(super) routes: Vec<Spanned<super::gateway::RawRoute>>,
     pub(super) forward_auth: Option<Spanned<super::gateway::RawForwardAuth>>,
     pub(super) proxy: Option<Spanned<super::gateway::RawProxy>>,
+    #[serde(default)]
+    pub(super) webhooks: Vec<Spanned<super::webhooks::RawWebhook>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +92,14 @@ pub(super) struct RawPlan {
     pub(super) pricing: Option<RawPricing>,
     #[serde(default)]
     pub(super) buckets: Vec<RawBucket>,
+    pub(super) thresholds: Option<RawThresholds>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawThresholds {
+    pub(super) balance_below_micros: Option<u64>,
+    pub(super) cap_spend_percent: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,126 @@
+//! Threshold notifications: the points at which a billing stack wants to hear about an
+//! agent (its balance ran low, its spend passed a share of the monthly cap). They are
+//! decided here, with the change that crossed them, and journaled in the same write as a
+//! [`crate::EventKind::ThresholdCrossed`] event: the journal is the outbox, so a crossing
+//! is neither lost nor repeated by a crash, and a webhook sender only has to read it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ValidationError;
+use crate::event::{Event, EventKind};
+use crate::period::PeriodKey;
+use crate::plan::Plan;
+use crate::state::AgentState;
+
+/// What to be told about, per plan (and replaced as a whole per agent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// Tell when the spendable balance falls below this. Re-armed once it is back at or
+    /// above it, so each fall is one notification.
+    pub balance_below_micros: Option<u64>,
+    /// Tell when the period's spend reaches this share of the plan's monthly cap (1–100).
+    /// Once per period: spend only grows within a period, and a refund that lowers it
+    /// again re-arms it.
+    pub cap_spend_percent: Option<u8>,
+}
+
+impl Thresholds {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(pct) = self.cap_spend_percent {
+            if !(1..=100).contains(&pct) {
+                return Err(ValidationError::Invalid {
+                    field: "cap_spend_percent",
+                    reason: "must be 1..=100".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.balance_below_micros.is_none() && self.cap_spend_percent.is_none()
+    }
+}
+
+/// One threshold crossed by one change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Crossing {
+    /// The balance went from at or above `threshold_micros` to below it.
+    BalanceBelow { threshold_micros: u64 },
+    /// The spend in `period` went from below `threshold_micros` (`percent` of
+    /// `cap_micros`) to at or above it; `spent_micros` is the spend after the change.
+    CapSpend {
+        percent: u8,
+        cap_micros: u64,
+        threshold_micros: u64,
+        spent_micros: u64,
+        period: PeriodKey,
+    },
+}
+
+impl Crossing {
+    /// The webhook `type` of this crossing.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Crossing::BalanceBelow { .. } => "balance.low",
+            Crossing::CapSpend { .. } => "cap.threshold_reached",
+        }
+    }
+}
+
+/// The thresholds that apply to an agent: its own if it has them, else its plan's.
+pub fn effective<'a>(s: &'a AgentState, plan: &'a Plan) -> &'a Thresholds {
+    s.thresholds.as_ref().unwrap_or(&plan.thresholds)
+}
+
+/// The thresholds that `events` (one command's, applied in order to `before`) cross.
+pub(crate) fn crossings(before: &AgentState, plan: &Plan, events: &[Event]) -> Vec<Crossing> {
+    let mut out = Vec::new();
+    let Some(last) = events.last() else {
+        return out;
+    };
+    // Judged on the agent's thresholds after the change, so that setting them is not
+    // itself a crossing (a set-thresholds command moves no money).
+    let thresholds = events
+        .iter()
+        .rev()
+        .find_map(|e| match &e.kind {
+            EventKind::ThresholdsSet { thresholds } => Some(thresholds.as_ref()),
+            _ => None,
+        })
+        .unwrap_or(before.thresholds.as_ref())
+        .unwrap_or(&plan.thresholds);
+    if let Some(threshold_micros) = thresholds.balance_below_micros {
+        if before.balance_micros >= threshold_micros && last.balance_after_micros < threshold_micros
+        {
+            out.push(Crossing::BalanceBelow { threshold_micros });
+        }
+    }
+    if let (Some(percent), Some(cap_micros)) =
+        (thresholds.cap_spend_percent, plan.monthly_cap_micros)
+    {
+        // cap × pct / 100 fits back in u64 since pct ≤ 100.
+        let threshold_micros = (u128::from(cap_micros) * u128::from(percent) / 100) as u64;
+        // One command spends in one period (the agent's current one at its `now`).
+        if let Some(period) = events.iter().find_map(|e| e.kind.spend().map(|(_, p)| p)) {
+            let spent_before = before.spent_in(period);
+            let spent_after = events
+                .iter()
+                .filter_map(|e| e.kind.spend())
+                .filter(|(_, p)| *p == period)
+                .fold(u128::from(spent_before), |acc, (amount, _)| {
+                    acc + u128::from(amount)
+                });
+            if spent_before < threshold_micros && spent_after >= u128::from(threshold_micros) {
+                out.push(Crossing::CapSpend {
+                    percent,
+                    cap_micros,
+                    threshold_micros,
+                    spent_micros: u64::try_from(spent_after).unwrap_or(u64::MAX),
+                    period,
+                });
+            }
+        }
+    }
+    out
+}
