@@ -44,6 +44,8 @@ pub const WEBHOOK_TYPES: &[&str] = &["balance.low", "cap.threshold_reached"];
 /// How old a `webhook-timestamp` `tally webhooks verify` accepts by default, as the
 /// spec's reference libraries do (and as far in the future).
 pub const SIGNATURE_TOLERANCE_S: i64 = 300;
+/// At shutdown, how long an attempt under way may still take.
+const WEBHOOK_STOP_GRACE_MS: u64 = 2_000;
 /// Journal entries read per feed page.
 const FEED_PAGE_EVENTS: usize = 512;
 /// The feed's long poll when nothing is new.
@@ -325,10 +327,18 @@ impl Sender {
         let _ = stop.wait_for(|s| *s).await;
     }
 
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Reads the feed from `cursor` and delivers its crossings in order. The cursor file
+    /// moves past a crossing once it was delivered (or given up on), so a crash re-sends
+    /// at most the one in flight; past other entries at most every
+    /// [`CURSOR_SAVE_INTERVAL_MS`], since re-reading them sends nothing.
     async fn run(self, engine: Engine, file: CursorFile, mut cursor: FeedCursor) {
         let mut saved = cursor;
         let mut saved_at = Instant::now();
-        'pages: loop {
+        'pages: while !self.stopping() {
             let wait = Duration::from_millis(FEED_WAIT_MS);
             let page = tokio::select! {
                 page = engine.events(cursor, FEED_PAGE_EVENTS, wait) => page,
@@ -344,25 +354,30 @@ impl Sender {
                     }
                 }
             };
-            let mut sent = false;
-            for (agent, event) in &page.events {
+            for ((agent, event), end) in page.events.iter().zip(&page.ends) {
                 let Some((kind, body)) = payload(agent, event) else {
                     continue;
                 };
                 if !self.ep.wants(kind) {
                     continue;
                 }
+                if self.stopping() {
+                    break 'pages;
+                }
                 let id = webhook_id(agent, event.seq);
                 match self.deliver(&id, kind, body).await {
-                    Delivery::Delivered | Delivery::GaveUp => sent = true,
-                    // The page is read again after a restart: what it delivered already
-                    // goes again, under the same ids.
+                    Delivery::Delivered | Delivery::GaveUp => {
+                        cursor = *end;
+                        file.save_async(cursor).await;
+                        saved = cursor;
+                        saved_at = Instant::now();
+                    }
                     Delivery::Stopped => break 'pages,
                 }
             }
             cursor = page.next;
             let due = saved_at.elapsed() >= Duration::from_millis(CURSOR_SAVE_INTERVAL_MS);
-            if cursor != saved && (sent || due) {
+            if cursor != saved && due {
                 file.save_async(cursor).await;
                 saved = cursor;
                 saved_at = Instant::now();
@@ -404,9 +419,21 @@ impl Sender {
                 )
                 .body(body.clone())
                 .send();
+            let mut request = std::pin::pin!(request);
             let answer = tokio::select! {
-                answer = request => answer,
-                _ = self.stopped() => return Delivery::Stopped,
+                answer = &mut request => answer,
+                // An attempt under way gets a moment to finish, so that a clean stop does
+                // not send again what the receiver just took.
+                _ = self.stopped() => {
+                    let grace = Duration::from_millis(WEBHOOK_STOP_GRACE_MS);
+                    match tokio::time::timeout(grace, request).await {
+                        Ok(Ok(resp)) if resp.status().is_success() => {
+                            count("delivered");
+                            return Delivery::Delivered;
+                        }
+                        _ => return Delivery::Stopped,
+                    }
+                }
             };
             let retry_after_ms = match answer {
                 Ok(resp) if resp.status().is_success() => {

@@ -1277,6 +1277,7 @@ impl Storage for SledStorage {
             None => FEED_PREFIX.to_vec(),
         };
         let mut events = Vec::new();
+        let mut ends = Vec::new();
         let mut next = from;
         'runs: for item in db.range(first..FEED_PREFIX_END.to_vec()) {
             let (_, value) = item?;
@@ -1308,6 +1309,10 @@ impl Storage for SledStorage {
                     )));
                 }
                 events.extend(got.into_iter().map(|e| (entry.agent.clone(), e)));
+                ends.extend((skip + 1..=skip + want).map(|offset| FeedCursor {
+                    lsn: entry.lsn,
+                    offset,
+                }));
                 next = if skip + want == entry.events {
                     FeedCursor {
                         lsn: entry.lsn + 1,
@@ -1329,7 +1334,7 @@ impl Storage for SledStorage {
                 offset: 0,
             });
         }
-        Ok(FeedPage { events, next })
+        Ok(FeedPage { events, ends, next })
     }
 
     fn feed_watch(&self) -> tokio::sync::watch::Receiver<u64> {

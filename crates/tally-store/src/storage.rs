@@ -46,6 +46,9 @@ pub struct FeedCursor {
 #[derive(Debug, Clone, Default)]
 pub struct FeedPage {
     pub events: Vec<(AgentId, Event)>,
+    /// For each event, the cursor just past it: where a reader that has handled it and
+    /// nothing after it resumes.
+    pub ends: Vec<FeedCursor>,
     /// Past every event of this page; past everything durable when the page is not full.
     pub next: FeedCursor,
 }

@@ -43,6 +43,16 @@ impl Reader {
                 .await
                 .expect("reads the feed");
             assert!(page.events.len() <= PAGE);
+            assert_eq!(page.ends.len(), page.events.len());
+            // A reader that stops after any event resumes at the next one.
+            if page.events.len() >= 2 {
+                let i = page.events.len() / 2 - 1;
+                let resumed = engine
+                    .events(page.ends[i], 1, Duration::ZERO)
+                    .await
+                    .expect("reads the feed");
+                assert_eq!(resumed.events.first(), Some(&page.events[i + 1]));
+            }
             self.cursor = page.next;
             if page.events.is_empty() {
                 return;
