@@ -40,7 +40,7 @@ fn nullable(mut schema: Value) -> Value {
 
 /// The fields of a journal entry as `GET .../journal` shows it (the change feed adds
 /// `agent_id`).
-const JOURNAL_ENTRY_FIELDS: [&str; 15] = [
+const JOURNAL_ENTRY_FIELDS: [&str; 17] = [
     "seq",
     "kind",
     "amount_micros",
@@ -56,6 +56,8 @@ const JOURNAL_ENTRY_FIELDS: [&str; 15] = [
     "plan",
     "status",
     "api_key_prefix",
+    "thresholds",
+    "crossing",
 ];
 
 fn object(required: &[&str], props: Value) -> Value {
@@ -211,13 +213,15 @@ fn build() -> Value {
     );
     let journal_entry = json!({
         "seq": u64_schema(),
-        "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked", "payment_unsettled"]},
+        "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked", "payment_unsettled", "thresholds_set", "threshold_crossed"]},
         "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(), "at": time,
         "idempotency_key": nullable(json!({"type": "string"})), "task_type": nullable(json!({"type": "string"})),
         "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
         "hold_seq": nullable(u64_schema()), "debit_seq": nullable(u64_schema()),
         "period": nullable(json!({"type": "string"})), "plan": nullable(json!({"type": "string"})), "status": nullable(status.clone()),
         "api_key_prefix": nullable(json!({"type": "string"})),
+        "thresholds": nullable(r("Thresholds")),
+        "crossing": nullable(r("Crossing")),
     });
     let mut feed_event = journal_entry.clone();
     feed_event["agent_id"] = name(128);
@@ -241,13 +245,14 @@ fn build() -> Value {
         })),
         "Hold": object(&["hold_id", "amount_micros", "expires_at"], json!({"hold_id": {"type": "string"}, "amount_micros": u64_schema(), "expires_at": time})),
         "Agent": object(
-            &["id", "plan", "status", "balance_micros", "held_micros", "period", "period_spent_micros", "credited_total_micros", "debited_total_micros", "refunded_total_micros", "holds", "version", "created_at", "updated_at"],
+            &["id", "plan", "status", "balance_micros", "held_micros", "period", "period_spent_micros", "credited_total_micros", "debited_total_micros", "refunded_total_micros", "holds", "thresholds", "version", "created_at", "updated_at"],
             json!({
                 "id": name(128), "plan": name(64), "status": status,
                 "balance_micros": u64_schema(), "held_micros": u64_schema(),
                 "period": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}, "period_spent_micros": u64_schema(),
                 "credited_total_micros": u64_schema(), "debited_total_micros": u64_schema(), "refunded_total_micros": u64_schema(),
                 "holds": {"type": "array", "items": r("Hold")},
+                "thresholds": nullable(r("Thresholds")),
                 "version": u64_schema(), "created_at": time, "updated_at": time,
             }),
         ),
@@ -274,7 +279,7 @@ fn build() -> Value {
             }),
         ),
         "Plan": object(
-            &["name", "buckets", "rate_limit_policy", "monthly_cap_micros", "soft_threshold_pct", "anchor_day", "pricing", "hold_ttl_max_ms"],
+            &["name", "buckets", "rate_limit_policy", "monthly_cap_micros", "soft_threshold_pct", "anchor_day", "pricing", "hold_ttl_max_ms", "thresholds"],
             json!({
                 "name": {"type": "string"},
                 "buckets": {"type": "array", "items": object(&["name", "quota", "window_ms", "burst"], json!({"name": {"type": "string"}, "quota": {"type": "integer"}, "window_ms": u64_schema(), "burst": {"type": "integer"}}))},
@@ -283,6 +288,7 @@ fn build() -> Value {
                 "anchor_day": {"type": "integer", "minimum": 1, "maximum": 28},
                 "pricing": object(&["margin_ppm", "min_micros", "max_micros"], json!({"margin_ppm": u64_schema(), "min_micros": u64_schema(), "max_micros": u64_schema()})),
                 "hold_ttl_max_ms": u64_schema(),
+                "thresholds": r("Thresholds"),
             }),
         ),
         "PlanList": object(&["plans", "default_plan"], json!({"plans": {"type": "array", "items": r("Plan")}, "default_plan": {"type": "string"}})),
@@ -323,6 +329,28 @@ fn build() -> Value {
     });
     // Outside the `json!` above, which is at the macro's recursion limit.
     schemas["FeedEvent"] = object(&feed_event_fields, feed_event);
+    schemas["Thresholds"] = object(
+        &["balance_below_micros", "cap_spend_percent"],
+        json!({
+            "balance_below_micros": nullable(u64_schema()),
+            "cap_spend_percent": nullable(json!({"type": "integer", "minimum": 1, "maximum": 100})),
+        }),
+    );
+    schemas["SetThresholds"] = object(
+        &[],
+        json!({
+            "balance_below_micros": u64_schema(),
+            "cap_spend_percent": {"type": "integer", "minimum": 1, "maximum": 100},
+        }),
+    );
+    schemas["Crossing"] = object(
+        &["type", "threshold_micros"],
+        json!({
+            "type": {"type": "string", "enum": ["balance.low", "cap.threshold_reached"]},
+            "threshold_micros": u64_schema(), "percent": {"type": "integer"}, "cap_micros": u64_schema(),
+            "spent_micros": u64_schema(), "period": {"type": "string"},
+        }),
+    );
     schemas["FeedPage"] = object(
         &["events", "next_cursor"],
         json!({
@@ -410,6 +438,12 @@ fn build() -> Value {
         "/v1/agents/{id}": {
             "get": operation("getAgent", "Get an agent", agent_ops(), None, with(json!({"200": ok_json("The agent.", r("Agent"), Value::Null)}), &[("404", "NotFound")])),
             "patch": operation("patchAgent", "Change an agent's plan or status", keyed(agent_ops()), Some(body("PatchAgent", true)),
+                with(json!({"200": ok_json("The agent.", r("Agent"), replay_headers())}), &[("404", "NotFound"), ("422", "Unprocessable")])),
+        },
+        "/v1/agents/{id}/thresholds": {
+            "put": operation("setThresholds", "Give the agent its own notification thresholds (replacing its plan's)", keyed(agent_ops()), Some(body("SetThresholds", true)),
+                with(json!({"200": ok_json("The agent.", r("Agent"), replay_headers())}), &[("404", "NotFound"), ("422", "Unprocessable")])),
+            "delete": operation("clearThresholds", "Back to the plan's notification thresholds", keyed(agent_ops()), None,
                 with(json!({"200": ok_json("The agent.", r("Agent"), replay_headers())}), &[("404", "NotFound"), ("422", "Unprocessable")])),
         },
         "/v1/agents/{id}/credits": {"post": operation("credit", "Top up", keyed(agent_ops()), Some(body("Credit", true)), credits)},
@@ -515,6 +549,6 @@ mod tests {
             }
         }
         walk(&doc, &doc);
-        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(22));
+        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(23));
     }
 }
