@@ -440,3 +440,38 @@ async fn a_permanent_400_stops_the_export_with_the_cursor_unchanged() {
     assert!(ok, "{stderr}");
     assert_eq!(cursor_in(&cursor_file), cursors[2]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_sizes_are_1_to_the_page_limit_and_a_bad_token_stops_at_once() {
+    let s = TestServer::start().await;
+    populate(&s, 1, 0).await; // 2 events
+    feed(&s, 2, 1_000).await;
+    let rx = Receiver::start(Mode::Flaky).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cursor_file = dir.path().join("cursor");
+    for bad in ["0", "1001"] {
+        let (ok, stderr) =
+            export_to_end(export(&s, &rx, &cursor_file, &["--once", "--batch", bad])).await;
+        assert!(!ok && stderr.contains("--batch"), "{bad}: {stderr}");
+    }
+    assert_eq!(rx.requests(), 0);
+    let (ok, stderr) = export_to_end(export(
+        &s,
+        &rx,
+        &cursor_file,
+        &["--once", "--batch", "1000"],
+    ))
+    .await;
+    assert!(ok, "exactly the maximum: {stderr}");
+    assert_eq!(rx.ids().len(), 2);
+
+    // The feed refuses the token: permanent, no retry loop, nothing sent, cursor kept.
+    let cursor = cursor_in(&cursor_file);
+    let mut cmd = export(&s, &rx, &cursor_file, &["--once"]);
+    cmd.env("TALLY_TOKEN", "not-a-token");
+    let (ok, stderr) = export_to_end(cmd).await;
+    assert!(!ok, "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(!stderr.contains("retry"), "{stderr}");
+    assert_eq!(cursor_in(&cursor_file), cursor);
+}
