@@ -32,8 +32,10 @@ pub const CURSOR_FILE_LEN_MAX: u64 = 1_024;
 pub const FOLLOW_WAIT_MS: u64 = 10_000;
 /// Timeout of one ingest POST (connect, send, answer).
 pub const INGEST_TIMEOUT_MS: u64 = 30_000;
-/// A progress line at most this often (and one at the end).
+/// A progress line at most this often while delivering (and one at the end).
 pub const PROGRESS_INTERVAL_MS: u64 = 5_000;
+/// A progress line this often while `--follow` waits with nothing to deliver.
+pub const PROGRESS_IDLE_INTERVAL_MS: u64 = 60_000;
 /// Bytes of an error answer's body quoted in a message.
 const ERROR_BODY_LEN_MAX: usize = 512;
 
@@ -205,6 +207,8 @@ impl Exporter {
                 if self.args.once {
                     return Ok(());
                 }
+                self.progress
+                    .maybe_print(&self.cursor, PROGRESS_IDLE_INTERVAL_MS);
                 continue;
             }
             let batch: Vec<Value> = page
@@ -221,7 +225,8 @@ impl Exporter {
             self.cursor = page.next_cursor;
             let last_at = page.events.last().map(|e| e.entry.at.as_str());
             self.progress.delivered(page.events.len(), last_at, !full);
-            self.progress.maybe_print(&self.cursor);
+            self.progress
+                .maybe_print(&self.cursor, PROGRESS_INTERVAL_MS);
             if self.args.once && !full {
                 return Ok(());
             }
@@ -238,22 +243,7 @@ impl Exporter {
                 .await
             {
                 Ok(page) => return Ok(page),
-                Err(e) => match e.status() {
-                    None | Some(408 | 429 | 500..=599) => {
-                        let hint = match &e {
-                            tally_client::Error::Problem(p) => p.retry_after,
-                            tally_client::Error::Denied(d) => d.problem().retry_after,
-                            _ => None,
-                        };
-                        Failure::Transient(
-                            format!("reading the feed at {}: {e}", self.args.from),
-                            hint,
-                        )
-                    }
-                    Some(_) => {
-                        Failure::Permanent(format!("reading the feed at {}: {e}", self.args.from))
-                    }
-                },
+                Err(e) => feed_failure(&self.args.from, e),
             };
             self.after_failure(failure, &mut retry).await?;
         }
@@ -318,6 +308,26 @@ impl Exporter {
         );
         tokio::time::sleep(wait).await;
         Ok(())
+    }
+}
+
+/// What a failed read of the feed means: no answer, 408, 429 and 5xx pass (a restart, an
+/// overload); anything else (401, 403, a cursor the server refuses) will not.
+fn feed_failure(from: &str, e: tally_client::Error) -> Failure {
+    use tally_client::Error;
+    let hint = match &e {
+        Error::Problem(p) => p.retry_after,
+        Error::Denied(d) => d.problem().retry_after,
+        _ => None,
+    };
+    match (&e, e.status()) {
+        (Error::Transport { source, .. }, _) => {
+            Failure::Transient(format!("reading the feed at {from}: {source}"), None)
+        }
+        (_, Some(408 | 429 | 500..=599)) => {
+            Failure::Transient(format!("reading the feed at {from}: {e}"), hint)
+        }
+        _ => Failure::Permanent(format!("reading the feed at {from}: {e}")),
     }
 }
 
@@ -427,12 +437,12 @@ impl Progress {
         self.caught_up = caught_up;
     }
 
-    fn maybe_print(&mut self, cursor: &str) {
+    fn maybe_print(&mut self, cursor: &str, interval_ms: u64) {
         let due = self
             .printed
-            .is_none_or(|p| p.elapsed() >= Duration::from_millis(PROGRESS_INTERVAL_MS));
+            .is_none_or(|p| p.elapsed() >= Duration::from_millis(interval_ms));
         if due {
-            self.print("delivered", cursor);
+            self.print("progress", cursor);
         }
     }
 
