@@ -40,6 +40,7 @@ struct Received {
     /// Every batch that reached the receiver, with whether it was answered 2xx.
     batches: Vec<(Vec<Value>, bool)>,
     content_types: BTreeSet<String>,
+    authorizations: BTreeSet<String>,
 }
 
 #[derive(Clone)]
@@ -60,6 +61,10 @@ async fn ingest(State(rx): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
             .get("content-type")
             .map(|v| v.to_str().expect("ascii"));
         got.content_types.insert(ct.unwrap_or("").to_owned());
+        let auth = headers
+            .get("authorization")
+            .map(|v| v.to_str().expect("ascii"));
+        got.authorizations.insert(auth.unwrap_or("").to_owned());
         got.requests
     };
     let answer = match mode {
@@ -267,8 +272,19 @@ async fn every_event_reaches_a_flaky_receiver_as_a_cloud_event() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cursor_file = dir.path().join("cursor");
 
-    let (ok, stderr) =
-        export_to_end(export(&s, &rx, &cursor_file, &["--once", "--batch", "7"])).await;
+    let (ok, stderr) = export_to_end(export(
+        &s,
+        &rx,
+        &cursor_file,
+        &[
+            "--once",
+            "--batch",
+            "7",
+            "--ingest-header",
+            "Authorization: Bearer ingest-secret",
+        ],
+    ))
+    .await;
     assert!(ok, "{stderr}");
     assert_eq!(
         rx.ids(),
@@ -286,6 +302,11 @@ async fn every_event_reaches_a_flaky_receiver_as_a_cloud_event() {
     assert_eq!(
         rx.got.lock().expect("got").content_types,
         BTreeSet::from(["application/cloudevents-batch+json".to_owned()])
+    );
+    assert_eq!(
+        rx.got.lock().expect("got").authorizations,
+        BTreeSet::from(["Bearer ingest-secret".to_owned()]),
+        "--ingest-header on every request"
     );
 
     // Each delivery is a valid CloudEvent carrying its entry.
