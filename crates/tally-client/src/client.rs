@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use crate::error::{Denial, Error, Outcome, Problem};
 use crate::retry::{parse_retry_after, plan_retry, RetryPolicy};
 use crate::types::{
-    Agent, AgentPage, AgentPatch, Capture, CheckResult, Credit, Debit, Hold, JournalEntry,
-    JournalPage, NewAgent, Plans, Receipt, Refund, Usage,
+    Agent, AgentPage, AgentPatch, Capture, CheckResult, Credit, Debit, EventsPage, Hold,
+    JournalEntry, JournalPage, NewAgent, Plans, Receipt, Refund, Usage,
 };
 
 /// Longest idempotency key the server accepts.
@@ -286,6 +286,20 @@ impl Client {
         }
     }
 
+    /// `GET /v1/events?after=&limit=&wait_ms=`: one page of the change feed after `after`
+    /// (the start when empty), waiting up to `wait_ms` for the first event when there is
+    /// none yet. A long poll needs an `attempt_timeout` longer than `wait_ms`.
+    pub async fn events(&self, after: &str, limit: u32, wait_ms: u64) -> Result<EventsPage, Error> {
+        let (limit, wait_ms) = (limit.to_string(), wait_ms.to_string());
+        let url = self.url(
+            &["v1", "events"],
+            &[("after", after), ("limit", &limit), ("wait_ms", &wait_ms)],
+        )?;
+        self.call(Method::GET, url, None, None)
+            .await
+            .and_then(approved)
+    }
+
     /// `GET /v1/agents/{id}/usage?period=YYYY-MM` (the current period when `None`).
     pub async fn usage(&self, agent_id: &str, period: Option<&str>) -> Result<Usage, Error> {
         let query: Vec<(&str, &str)> = period.map(|p| ("period", p)).into_iter().collect();
@@ -476,6 +490,8 @@ impl Client {
 pub(crate) trait Replayable {
     fn set_replayed(&mut self, _replayed: bool) {}
 }
+
+impl Replayable for EventsPage {}
 
 impl Replayable for Receipt {
     fn set_replayed(&mut self, replayed: bool) {

@@ -108,6 +108,8 @@ pub struct JournalEntry {
     pub plan: Option<String>,
     /// Set on `agent_created` / `agent_updated` entries.
     pub status: Option<String>,
+    /// Set on `api_key_issued` / `api_key_revoked` entries.
+    pub api_key_prefix: Option<String>,
 }
 
 /// One page of the journal.
@@ -117,6 +119,25 @@ pub struct JournalPage {
     pub entries: Vec<JournalEntry>,
     /// Pass as `after` to get the next page; `None` on the last page.
     pub next_after: Option<u64>,
+}
+
+/// One change-feed entry (`GET /v1/events`): a journal entry and whose it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct FeedEvent {
+    pub agent_id: String,
+    #[serde(flatten)]
+    pub entry: JournalEntry,
+}
+
+/// One page of the change feed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct EventsPage {
+    /// Every agent's durable events after the cursor, in commit order.
+    pub events: Vec<FeedEvent>,
+    /// Opaque: pass as `after` for the next page. Always set, also on an empty page.
+    pub next_cursor: String,
 }
 
 /// Spend of one period (`GET /v1/agents/{id}/usage`).

@@ -13,6 +13,7 @@ pub mod authorize;
 pub mod batch;
 pub mod config;
 pub mod dto;
+pub mod export;
 pub mod extract;
 pub mod metrics;
 pub mod noop;

@@ -1,5 +1,6 @@
 //! The `tally` binary: `tally serve` runs the HTTP service, `tally loadtest` drives one,
-//! `tally token-hash` prints the SHA-256 a config file wants for a token.
+//! `tally export` pushes its change feed to an ingest URL as CloudEvents, `tally
+//! token-hash` prints the SHA-256 a config file wants for a token.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -31,6 +32,9 @@ enum Cmd {
     Serve(ServeArgs),
     /// Drive a running tally with mock agents and check its invariants.
     Loadtest(tally_client::loadtest::LoadtestArgs),
+    /// Push the change feed to an ingest URL as CloudEvents batches, at least once,
+    /// resuming from a cursor file.
+    Export(tally_server::export::ExportArgs),
     /// Print the SHA-256 (hex) of a token read from stdin, for `[[auth.tokens]]`.
     TokenHash,
     /// Standard Webhooks helpers for receivers of tally's threshold webhooks.
@@ -227,6 +231,9 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Serve(args) => serve(args).await.map(|()| true),
         Cmd::Loadtest(args) => tally_client::loadtest::run(args).await,
+        Cmd::Export(args) => tally_server::export::run(args, shutdown_signal())
+            .await
+            .map(|()| true),
         Cmd::TokenHash => {
             let mut token = String::new();
             std::io::stdin()
