@@ -128,6 +128,10 @@ pub struct FeedEvent {
     pub agent_id: String,
     #[serde(flatten)]
     pub entry: JournalEntry,
+    /// Fields of the entry this client version has no name for (from a newer server, or
+    /// kinds such as `threshold_crossed`), kept so that a relay passes them on.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
 }
 
 /// One page of the change feed.

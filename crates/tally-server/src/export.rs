@@ -334,6 +334,9 @@ fn feed_failure(from: &str, e: tally_client::Error) -> Failure {
 /// The CloudEvent 1.0 (JSON format) of one feed entry.
 pub fn cloud_event(source: &str, e: &FeedEvent) -> Value {
     let mut data = serde_json::to_value(&e.entry).expect("a journal entry serializes");
+    for (k, v) in &e.other {
+        data[k] = v.clone();
+    }
     data["agent_id"] = json!(e.agent_id);
     json!({
         "specversion": "1.0",
