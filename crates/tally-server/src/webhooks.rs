@@ -76,7 +76,9 @@ impl Secret {
         let b64 = text
             .strip_prefix("whsec_")
             .ok_or("a secret starts with whsec_")?;
-        let bytes = base64::engine::general_purpose::STANDARD
+        // Padded or not: both forms are in circulation.
+        let b64 = b64.trim_end_matches('=');
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
             .decode(b64)
             .map_err(|_| "the part after whsec_ is not base64")?;
         if !SECRET_BYTES.contains(&bytes.len()) {
@@ -518,6 +520,9 @@ mod tests {
         let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
         assert!(Secret::parse(&format!("whsec_{}", b64(24))).is_ok());
         assert!(Secret::parse(&format!("whsec_{}", b64(64))).is_ok());
+        let unpadded = b64(32);
+        assert!(unpadded.ends_with('='));
+        assert!(Secret::parse(&format!("whsec_{}", unpadded.trim_end_matches('='))).is_ok());
         assert!(Secret::parse(&format!("whsec_{}", b64(23))).is_err());
         assert!(Secret::parse(&format!("whsec_{}", b64(65))).is_err());
         assert!(Secret::parse(&b64(32)).is_err(), "no prefix");
