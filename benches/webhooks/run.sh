@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DURATION_S=${DURATION_S:-20}
 CONCURRENCY=${CONCURRENCY:-64}
+# Runs of the three modes, interleaved (off hang ok off hang ok ...) so that drift of the
+# machine falls on all of them.
+ROUNDS=${ROUNDS:-2}
 cargo build --release -q -p tally-server
 BIN=$PWD/target/release/tally
 WORK=$(mktemp -d)
@@ -56,20 +59,25 @@ secrets = ["whsec_KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio="]
 TOML
   fi
 }
-for mode in off hang ok; do
-  config "$mode" >"$WORK/$mode.toml"
-  "$BIN" loadtest --spawn --tally-bin "$BIN" --config "$WORK/$mode.toml" --seed 7 \
-    --duration-s "$DURATION_S" --concurrency "$CONCURRENCY" --quiet --json "$WORK/$mode.json" \
-    >"$WORK/$mode.out"
+for round in $(seq "$ROUNDS"); do
+  for mode in off hang ok; do
+    config "$mode" >"$WORK/$mode.toml"
+    "$BIN" loadtest --spawn --tally-bin "$BIN" --config "$WORK/$mode.toml" --seed 7 \
+      --duration-s "$DURATION_S" --concurrency "$CONCURRENCY" --quiet \
+      --json "$WORK/$mode.$round.json" >"$WORK/$mode.$round.out"
+    # The receivers count over all runs; the count after this run is what it got so far.
+    cp "$WORK/$mode.count" "$WORK/$mode.$round.count" 2>/dev/null || true
+  done
 done
-python3 - "$WORK" <<'PY'
+python3 - "$WORK" "$ROUNDS" <<'PY'
 import json, sys, pathlib
-work = pathlib.Path(sys.argv[1])
-print(f"{'webhooks':<34} {'req/s':>8} {'approved p50 ms':>16} {'p99 ms':>8} {'webhook requests':>17}")
-for mode, label in [("off", "none"), ("hang", "receiver never answers"), ("ok", "receiver answers at once")]:
-    r = json.loads((work / f"{mode}.json").read_text())
-    lat = r["latency_ms_by_outcome"]["approved"]
-    count = (work / f"{mode}.count").read_text() if mode != "off" else "-"
-    bad = [] if r["invariants"]["ok"] else [c for c in r["invariants"]["checks"] if not c.get("ok", True)]
-    print(f"{label:<34} {r['requests_per_s']:>8.0f} {lat['p50_ms']:>16.2f} {lat['p99_ms']:>8.2f} {count:>17}" + (f"  INVARIANTS: {bad}" if bad else ""))
+work, rounds = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+print(f"{'round':<6} {'webhooks':<26} {'req/s':>8} {'approved p50 ms':>16} {'p99 ms':>8} {'webhook requests so far':>24}")
+for rnd in range(1, rounds + 1):
+    for mode, label in [("off", "none"), ("hang", "receiver never answers"), ("ok", "receiver answers at once")]:
+        r = json.loads((work / f"{mode}.{rnd}.json").read_text())
+        lat = r["latency_ms_by_outcome"]["approved"]
+        count = (work / f"{mode}.{rnd}.count").read_text() if mode != "off" else "-"
+        bad = [] if r["invariants"]["ok"] else [c["name"] for c in r["invariants"]["checks"] if not c["ok"]]
+        print(f"{rnd:<6} {label:<26} {r['requests_per_s']:>8.0f} {lat['p50_ms']:>16.2f} {lat['p99_ms']:>8.2f} {count:>24}" + (f"  INVARIANTS BROKEN: {bad}" if bad else ""))
 PY
