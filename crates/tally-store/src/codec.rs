@@ -652,7 +652,7 @@ mod tests {
         let mut bytes = encode_agent(&agent).expect("encodes");
         bytes[0] = AGENT_VERSION + 1;
         let err = decode_agent(&bytes).expect_err("newer version");
-        assert!(matches!(err, CodecError::UnknownVersion { found: 4 }));
+        assert!(matches!(err, CodecError::UnknownVersion { found } if found == AGENT_VERSION + 1));
         assert!(err.to_string().contains("newer"));
     }
 
