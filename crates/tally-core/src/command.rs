@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::ValidationError;
+use crate::grant::GrantTerms;
 use crate::id::{AgentId, IdempotencyKey, PlanName, TaskType};
 use crate::state::Status;
 
@@ -136,6 +137,11 @@ pub enum CommandKind {
     RecordUnsettledPayment {
         amount_micros: u64,
     },
+    /// Issue a credit grant with these terms (`expires_at_ms` must be in the future).
+    IssueGrant {
+        amount_micros: u64,
+        terms: GrantTerms,
+    },
 }
 
 impl CommandKind {
@@ -252,6 +258,16 @@ impl Command {
             CommandKind::RevokeApiKey { prefix } => field(b'R', prefix.as_bytes()),
             CommandKind::RecordUnsettledPayment { amount_micros } => {
                 field(b'u', &num(*amount_micros))
+            }
+            CommandKind::IssueGrant {
+                amount_micros,
+                terms,
+            } => {
+                field(b'g', &num(*amount_micros));
+                field(b'n', &[u8::from(terms.expires_at_ms.is_some())]);
+                field(b'e', &num(terms.expires_at_ms.unwrap_or(0)));
+                field(b'p', &u64::from(terms.priority).to_be_bytes());
+                field(b'y', &[terms.category as u8]);
             }
         }
         field(

@@ -202,9 +202,9 @@ pub fn receipt_json<'a>(agent: &'a AgentId, kind: &'a str, r: &Receipt) -> Recei
         balance_micros: r.balance_after_micros,
         expires_at: r.hold_expires_at_ms.map(rfc3339_ms),
         held_micros: r.held_after_micros,
-        hold_id: (kind == "hold").then(|| hold_id(agent, r.first_seq)),
+        hold_id: (kind == "hold").then(|| hold_id(agent, r.seq)),
         kind,
-        seq: r.first_seq,
+        seq: r.seq,
     }
 }
 
@@ -233,7 +233,9 @@ pub fn event_json(e: &Event) -> Value {
         } => (None, Some(*debit_seq), Some(*debit_period), None, None),
         EventKind::ApiKeyIssued { .. }
         | EventKind::ApiKeyRevoked { .. }
-        | EventKind::PaymentUnsettled { .. } => (None, None, None, None, None),
+        | EventKind::PaymentUnsettled { .. }
+        | EventKind::GrantIssued { .. }
+        | EventKind::GrantExpired { .. } => (None, None, None, None, None),
     };
     let api_key_prefix = match &e.kind {
         EventKind::ApiKeyIssued { prefix, .. } | EventKind::ApiKeyRevoked { prefix } => {
@@ -329,6 +331,7 @@ mod tests {
             let r = Receipt {
                 first_seq: 7,
                 last_seq: 7,
+                seq: 7,
                 events: 1,
                 amount_micros: 1_500,
                 balance_after_micros: 98_500,
