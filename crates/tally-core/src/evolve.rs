@@ -55,6 +55,7 @@ fn genesis(id: &AgentId, event: &Event) -> Result<AgentState, InvariantError> {
             api_keys: BTreeMap::new(),
             grants: BTreeMap::new(),
             expired_total_micros: 0,
+            debited_promotional_total_micros: 0,
         }),
         _ => Err(broken(
             id,
@@ -113,6 +114,8 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
             let draws = draw(s, *amount_micros).map_err(&err)?;
             s.balance_micros = sub(s.balance_micros, *amount_micros)?;
             s.debited_total_micros = add(s.debited_total_micros, *amount_micros)?;
+            s.debited_promotional_total_micros =
+                add(s.debited_promotional_total_micros, promotional(&draws))?;
             spend(s, *amount_micros, *period).map_err(&err)?;
             remember_refundable(s, seq, *amount_micros, *period, draws);
         }
@@ -151,6 +154,8 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
             grant::give_back(&mut s.grants, &released).map_err(&err)?;
             s.balance_micros = add(s.balance_micros, *released_micros)?;
             s.debited_total_micros = add(s.debited_total_micros, *captured_micros)?;
+            s.debited_promotional_total_micros =
+                add(s.debited_promotional_total_micros, promotional(&captured))?;
             if *captured_micros > 0 {
                 spend(s, *captured_micros, *period).map_err(&err)?;
                 remember_refundable(s, seq, *captured_micros, *period, captured);
@@ -279,6 +284,15 @@ fn issue(
         .checked_add(amount_micros)
         .ok_or("overflow")?;
     Ok(())
+}
+
+/// The micros of `draws` taken from promotional grants (at most their sum, a spend).
+fn promotional(draws: &[Draw]) -> u64 {
+    draws
+        .iter()
+        .filter(|d| d.terms.category == crate::GrantCategory::Promotional)
+        .map(|d| d.micros)
+        .sum()
 }
 
 /// Takes `amount_micros` from the grants in draw order (see [`crate::grant`]).

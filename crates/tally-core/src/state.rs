@@ -81,6 +81,9 @@ pub struct AgentState {
     pub grants: BTreeMap<u64, Grant>,
     /// Money that left the balance because its grant expired, ever.
     pub expired_total_micros: u64,
+    /// The part of `debited_total_micros` drawn from `promotional` grants (the rest was
+    /// `paid`).
+    pub debited_promotional_total_micros: u64,
 }
 
 impl AgentState {
@@ -222,6 +225,9 @@ impl AgentState {
                 "held {} != sum of holds {holds_sum}",
                 self.held_micros
             ));
+        }
+        if self.debited_promotional_total_micros > self.debited_total_micros {
+            return broken("promotional spend above all spend".into());
         }
         if self.refunded_total_micros > self.debited_total_micros {
             return broken("refunded more than was ever debited".into());

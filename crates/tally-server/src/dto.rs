@@ -217,6 +217,8 @@ pub fn agent_json(a: &AgentState, plans: &PlanBook, now_ms: TimestampMs) -> Valu
         "debited_total_micros": a.debited_total_micros,
         "refunded_total_micros": a.refunded_total_micros,
         "expired_total_micros": a.expired_total_micros,
+        "debited_paid_total_micros": a.debited_total_micros.saturating_sub(a.debited_promotional_total_micros),
+        "debited_promotional_total_micros": a.debited_promotional_total_micros,
         "holds": holds,
         "grants": grants,
         "version": a.last_seq,

@@ -243,13 +243,13 @@ fn build() -> Value {
         })),
         "Hold": object(&["hold_id", "amount_micros", "expires_at"], json!({"hold_id": {"type": "string"}, "amount_micros": u64_schema(), "expires_at": time})),
         "Agent": object(
-            &["id", "plan", "status", "balance_micros", "held_micros", "period", "period_spent_micros", "credited_total_micros", "debited_total_micros", "refunded_total_micros", "expired_total_micros", "holds", "grants", "version", "created_at", "updated_at"],
+            &["id", "plan", "status", "balance_micros", "held_micros", "period", "period_spent_micros", "credited_total_micros", "debited_total_micros", "refunded_total_micros", "expired_total_micros", "debited_paid_total_micros", "debited_promotional_total_micros", "holds", "grants", "version", "created_at", "updated_at"],
             json!({
                 "id": name(128), "plan": name(64), "status": status,
                 "balance_micros": u64_schema(), "held_micros": u64_schema(),
                 "period": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}, "period_spent_micros": u64_schema(),
                 "credited_total_micros": u64_schema(), "debited_total_micros": u64_schema(), "refunded_total_micros": u64_schema(),
-                "expired_total_micros": u64_schema(),
+                "expired_total_micros": u64_schema(), "debited_paid_total_micros": u64_schema(), "debited_promotional_total_micros": u64_schema(),
                 "holds": {"type": "array", "items": r("Hold")},
                 "grants": {"type": "array", "items": r("Grant"), "description": "Live credit grants, in the order spends draw from them: priority, then earliest expiry (never last), then oldest."},
                 "version": u64_schema(), "created_at": time, "updated_at": time,

@@ -768,6 +768,7 @@ async fn grants_201_draw_first_expire_at_their_time_and_show_on_the_agent() {
     assert_eq!(journal[journal.len() - 1]["seq"], d.body["seq"]);
     let a = s.agent_state("g1").await;
     assert_eq!(a["expired_total_micros"], 300);
+    assert_eq!(a["debited_paid_total_micros"], 100);
     assert_eq!(a["grants"].as_array().map(Vec::len), Some(1));
 
     // Bad input is a 4xx problem, never a 500; the reader role may not issue grants.

@@ -367,6 +367,7 @@ mod legacy {
                 api_keys: v.api_keys,
                 grants,
                 expired_total_micros: 0,
+                debited_promotional_total_micros: 0,
             }
         }
     }

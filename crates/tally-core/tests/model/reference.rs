@@ -231,6 +231,8 @@ pub(crate) struct ModelAgent {
     pub(crate) debited: u128,
     pub(crate) refunded: u128,
     pub(crate) expired: u128,
+    /// Debits and captures drawn from promotional grants.
+    pub(crate) debited_promotional: u128,
     pub(crate) seq: u64,
     /// governor's theoretical arrival time, ns; volatile.
     pub(crate) tat_ns: Option<u64>,
@@ -463,6 +465,11 @@ impl ModelAgent {
     }
 
     pub(crate) fn spend(&mut self, amount: u64, now_ms: u64, seq: u64, draws: Vec<(u64, u64)>) {
+        for (id, micros) in &draws {
+            if !self.terms[id].paid {
+                self.debited_promotional += u128::from(*micros);
+            }
+        }
         let period = self.period_now(now_ms);
         *self.spend.entry(period).or_default() += u128::from(amount);
         self.debited += u128::from(amount);

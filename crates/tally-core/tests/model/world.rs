@@ -419,6 +419,10 @@ impl ModelWorld {
             prop_assert_eq!(u128::from(state.debited_total_micros), model.debited);
             prop_assert_eq!(u128::from(state.refunded_total_micros), model.refunded);
             prop_assert_eq!(u128::from(state.expired_total_micros), model.expired);
+            prop_assert_eq!(
+                u128::from(state.debited_promotional_total_micros),
+                model.debited_promotional
+            );
             let grants: BTreeMap<u64, ModelGrant> = state
                 .grants
                 .iter()
