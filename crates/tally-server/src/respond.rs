@@ -320,7 +320,7 @@ pub fn classify(
                     CommandKind::Debit { .. } | CommandKind::Capture { .. } => {
                         m.debited_micros_total.inc_by(receipt.amount_micros)
                     }
-                    CommandKind::Credit { .. } => {
+                    CommandKind::Credit { .. } | CommandKind::IssueGrant { .. } => {
                         m.credited_micros_total.inc_by(receipt.amount_micros)
                     }
                     _ => {}

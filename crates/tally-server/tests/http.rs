@@ -769,6 +769,12 @@ async fn grants_201_draw_first_expire_at_their_time_and_show_on_the_agent() {
     let a = s.agent_state("g1").await;
     assert_eq!(a["expired_total_micros"], 300);
     assert_eq!(a["debited_paid_total_micros"], 100);
+    let u = s.get("/v1/agents/g1/usage?period=2026-11").await;
+    assert_eq!(
+        u.body["credited_micros"], 1_500,
+        "grants count as credits: {}",
+        u.text
+    );
     assert_eq!(a["grants"].as_array().map(Vec::len), Some(1));
 
     // Bad input is a 4xx problem, never a 500; the reader role may not issue grants.
