@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::ValidationError;
+use crate::grant::GrantTerms;
 use crate::id::{AgentId, IdempotencyKey, PlanName, TaskType};
 use crate::state::Status;
 use crate::threshold::Thresholds;
@@ -141,6 +142,11 @@ pub enum CommandKind {
     SetThresholds {
         thresholds: Option<Thresholds>,
     },
+    /// Issue a credit grant with these terms (`expires_at_ms` must be in the future).
+    IssueGrant {
+        amount_micros: u64,
+        terms: GrantTerms,
+    },
 }
 
 impl CommandKind {
@@ -271,6 +277,16 @@ impl Command {
                 let t = thresholds.unwrap_or_default();
                 field(b'b', &opt(t.balance_below_micros));
                 field(b'%', &opt(t.cap_spend_percent.map(u64::from)));
+            }
+            CommandKind::IssueGrant {
+                amount_micros,
+                terms,
+            } => {
+                field(b'g', &num(*amount_micros));
+                field(b'n', &[u8::from(terms.expires_at_ms.is_some())]);
+                field(b'e', &num(terms.expires_at_ms.unwrap_or(0)));
+                field(b'p', &u64::from(terms.priority).to_be_bytes());
+                field(b'y', &[terms.category as u8]);
             }
         }
         field(

@@ -11,13 +11,14 @@ use std::cell::OnceCell;
 use crate::command::{Command, CommandKind, Priority};
 use crate::error::CommandError;
 use crate::event::{Event, EventKind};
+use crate::grant::{self, Draw, GrantTerms};
 use crate::money::{add, sub};
 use crate::outcome::{Denial, Outcome, Receipt};
 use crate::plan::{Plan, PlanBook};
 use crate::rate::{RateState, RateStatus};
 use crate::state::{AgentState, Status};
 use crate::threshold;
-use crate::{TimestampMs, API_KEYS_PER_AGENT_MAX, OPEN_HOLDS_MAX};
+use crate::{TimestampMs, API_KEYS_PER_AGENT_MAX, GRANTS_PER_AGENT_MAX, OPEN_HOLDS_MAX};
 
 /// The result of deciding one command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +74,27 @@ pub fn decide(
     let plan = plans
         .get(&s.plan)
         .ok_or_else(|| CommandError::UnknownPlan(s.plan.to_string()))?;
+    // Grants due now leave the balance before a command that moves money runs, so no
+    // spend ever draws from an expired grant: their `GrantExpired` entries come first in
+    // the command's journal run. A denial or a check journals nothing, expiries included
+    // (the sweep or the next write journals them).
+    let expiries = if moves_money(&cmd.kind) {
+        expire_due(s, &stamp, now_ms)?
+    } else {
+        Vec::new()
+    };
+    let after_expiries;
+    let s = if expiries.is_empty() {
+        s
+    } else {
+        let mut next = s.clone();
+        for e in &expiries {
+            crate::evolve::apply(&mut next, e)
+                .expect("the expiry of a due grant applies to the state it was decided on");
+        }
+        after_expiries = next;
+        &after_expiries
+    };
     let next_seq = s.last_seq + 1;
     let decision = match &cmd.kind {
         CommandKind::CreateAgent { .. } => unreachable!("handled above"),
@@ -96,6 +118,7 @@ pub fn decide(
         }
         CommandKind::Credit { amount_micros } => {
             let amount = nonzero(*amount_micros)?;
+            room_for_grant(s, GrantTerms::PLAIN)?;
             add(s.credited_total_micros, amount)?;
             let balance = add(s.balance_micros, amount)?;
             let event = stamp.event(
@@ -106,6 +129,27 @@ pub fn decide(
                 balance,
                 s.held_micros,
             );
+            approved(vec![event], balance, s.held_micros, now_ms, None)
+        }
+        CommandKind::IssueGrant {
+            amount_micros,
+            terms,
+        } => {
+            let amount = nonzero(*amount_micros)?;
+            if let Some(expires_at_ms) = terms.expires_at_ms.filter(|at| *at <= now_ms) {
+                return Err(CommandError::GrantExpiryNotInFuture {
+                    expires_at_ms,
+                    now_ms,
+                });
+            }
+            room_for_grant(s, *terms)?;
+            add(s.credited_total_micros, amount)?;
+            let balance = add(s.balance_micros, amount)?;
+            let kind = EventKind::GrantIssued {
+                amount_micros: amount,
+                terms: *terms,
+            };
+            let event = stamp.event(next_seq, kind, balance, s.held_micros);
             approved(vec![event], balance, s.held_micros, now_ms, None)
         }
         CommandKind::Debit { amount_micros } => {
@@ -206,8 +250,10 @@ pub fn decide(
                 released_micros: released,
                 period,
             };
-            let event = stamp.event(next_seq, kind, balance, held);
-            approved(vec![event], balance, held, now_ms, None)
+            let (_, returned) = grant::split_front(&hold.draws, *amount_micros);
+            let mut events = vec![stamp.event(next_seq, kind, balance, held)];
+            let balance = lapse(s, &returned, &stamp, &mut events, balance, held, now_ms)?;
+            approved(events, balance, held, now_ms, None)
         }
         CommandKind::Void { hold_seq } => {
             let hold = s
@@ -220,12 +266,14 @@ pub fn decide(
                 hold_seq: *hold_seq,
                 released_micros: hold.amount_micros,
             };
-            let event = stamp.event(next_seq, kind, balance, held);
-            approved(vec![event], balance, held, now_ms, None)
+            let mut events = vec![stamp.event(next_seq, kind, balance, held)];
+            let balance = lapse(s, &hold.draws, &stamp, &mut events, balance, held, now_ms)?;
+            approved(events, balance, held, now_ms, None)
         }
         CommandKind::ExpireHolds => {
             let (mut balance, mut held) = (s.balance_micros, s.held_micros);
             let mut events = Vec::new();
+            let mut returned = Vec::new();
             for (hold_seq, hold) in s.holds.iter().filter(|(_, h)| h.expires_at_ms <= now_ms) {
                 balance = add(balance, hold.amount_micros)?;
                 held = sub(held, hold.amount_micros)?;
@@ -234,7 +282,9 @@ pub fn decide(
                     released_micros: hold.amount_micros,
                 };
                 events.push(stamp.event(next_seq + events.len() as u64, kind, balance, held));
+                returned.extend_from_slice(&hold.draws);
             }
+            let balance = lapse(s, &returned, &stamp, &mut events, balance, held, now_ms)?;
             approved(events, balance, held, now_ms, None)
         }
         CommandKind::Refund {
@@ -258,8 +308,11 @@ pub fn decide(
                 amount_micros: amount,
                 debit_period: debit.period,
             };
-            let event = stamp.event(next_seq, kind, balance, s.held_micros);
-            approved(vec![event], balance, s.held_micros, now_ms, None)
+            let (_, returned) = grant::split_back(&debit.draws, amount);
+            let held = s.held_micros;
+            let mut events = vec![stamp.event(next_seq, kind, balance, held)];
+            let balance = lapse(s, &returned, &stamp, &mut events, balance, held, now_ms)?;
+            approved(events, balance, held, now_ms, None)
         }
         CommandKind::IssueApiKey {
             prefix,
@@ -312,9 +365,17 @@ pub fn decide(
             approved(vec![event], s.balance_micros, s.held_micros, now_ms, None)
         }
     };
-    let decision = with_crossings(s, plan, &stamp, decision, now_ms);
+    let decision = with_expiries(expiries, decision, now_ms);
+    // Judged from the state before the expiries too: an expiry can cross a threshold.
+    let decision = with_crossings(
+        state.expect("checked above"),
+        plan,
+        &stamp,
+        decision,
+        now_ms,
+    );
     #[cfg(debug_assertions)]
-    check_against_evolve(s, &decision.events);
+    check_against_evolve(state.expect("checked above"), &decision.events);
     Ok(decision)
 }
 
@@ -342,6 +403,102 @@ fn with_crossings(
     }
     let rate = decision.rate;
     approved(decision.events, balance, held, now_ms, rate)
+}
+
+/// Commands before which due grants are expired (a check looks at the balance without
+/// them, and journals nothing).
+fn moves_money(kind: &CommandKind) -> bool {
+    matches!(
+        kind,
+        CommandKind::Credit { .. }
+            | CommandKind::IssueGrant { .. }
+            | CommandKind::Debit { .. }
+            | CommandKind::Check { .. }
+            | CommandKind::Hold { .. }
+            | CommandKind::Capture { .. }
+            | CommandKind::Void { .. }
+            | CommandKind::ExpireHolds
+            | CommandKind::Refund { .. }
+    )
+}
+
+/// A `GrantExpired` for each grant due at `now_ms`, in id order.
+fn expire_due(
+    s: &AgentState,
+    stamp: &Stamp<'_>,
+    now_ms: TimestampMs,
+) -> Result<Vec<Event>, CommandError> {
+    let mut events = Vec::new();
+    let (mut balance, mut expired) = (s.balance_micros, s.expired_total_micros);
+    for (id, g) in s.grants.iter().filter(|(_, g)| g.terms.is_due(now_ms)) {
+        balance = sub(balance, g.remaining_micros)?;
+        expired = add(expired, g.remaining_micros)?;
+        let kind = EventKind::GrantExpired {
+            grant_id: *id,
+            expired_micros: g.remaining_micros,
+        };
+        let seq = s.last_seq + 1 + events.len() as u64;
+        events.push(stamp.event(seq, kind, balance, s.held_micros));
+    }
+    Ok(events)
+}
+
+/// Money that `returned` gives back to grants that expired meanwhile lapses: appends a
+/// `GrantExpired` per such grant (after the events that returned it) and returns the
+/// balance after them. `balance` is the balance after the return.
+fn lapse(
+    s: &AgentState,
+    returned: &[Draw],
+    stamp: &Stamp<'_>,
+    events: &mut Vec<Event>,
+    mut balance: u64,
+    held: u64,
+    now_ms: TimestampMs,
+) -> Result<u64, CommandError> {
+    let mut expired = s.expired_total_micros;
+    for (grant_id, micros) in grant::lapsing(&s.grants, returned, now_ms) {
+        balance = sub(balance, micros)?;
+        expired = add(expired, micros)?;
+        let kind = EventKind::GrantExpired {
+            grant_id,
+            expired_micros: micros,
+        };
+        let seq = s.last_seq + 1 + events.len() as u64;
+        events.push(stamp.event(seq, kind, balance, held));
+    }
+    Ok(balance)
+}
+
+/// One more grant on `terms` fits, or merges into a live one.
+fn room_for_grant(s: &AgentState, terms: GrantTerms) -> Result<(), CommandError> {
+    if grant::merge_target(&s.grants, terms).is_none() && s.grants.len() >= GRANTS_PER_AGENT_MAX {
+        return Err(CommandError::TooManyGrants {
+            max: GRANTS_PER_AGENT_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Puts the expiries of due grants in front of an approved command's events.
+fn with_expiries(expiries: Vec<Event>, decision: Decision, now_ms: TimestampMs) -> Decision {
+    let Outcome::Approved(receipt) = &decision.outcome else {
+        return decision;
+    };
+    if expiries.is_empty() {
+        return decision;
+    }
+    let mut events = expiries;
+    events.extend(decision.events);
+    Decision {
+        outcome: Outcome::Approved(Receipt::from_events(
+            &events,
+            receipt.balance_after_micros,
+            receipt.held_after_micros,
+            now_ms,
+        )),
+        events,
+        rate: decision.rate,
+    }
 }
 
 /// In debug builds: the events just decided must evolve the state without complaint.

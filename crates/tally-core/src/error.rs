@@ -61,6 +61,10 @@ pub enum CommandError {
     ApiKeyExists(String),
     #[error("no API key with prefix {0:?}")]
     UnknownApiKey(String),
+    #[error("too many live credit grants (at most {max}); spend or let one expire first")]
+    TooManyGrants { max: usize },
+    #[error("grant expires at {expires_at_ms}, not after now ({now_ms})")]
+    GrantExpiryNotInFuture { expires_at_ms: u64, now_ms: u64 },
     #[error("invalid command: {0}")]
     Invalid(#[from] ValidationError),
 }

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::command::Metadata;
+use crate::grant::GrantTerms;
 use crate::id::{IdempotencyKey, PlanName, TaskType};
 use crate::period::PeriodKey;
 use crate::state::Status;
@@ -94,6 +95,20 @@ pub enum EventKind {
     ThresholdCrossed {
         crossing: Crossing,
     },
+    /// A credit grant with its terms; its id is this event's `seq` (unless it merged into
+    /// the live never-expiring grant of the same terms, see [`crate::grant`]). A plain
+    /// credit is still journaled as `Credited` and issues a [`GrantTerms::PLAIN`] grant.
+    GrantIssued {
+        amount_micros: u64,
+        terms: GrantTerms,
+    },
+    /// The grant's `expires_at_ms` passed: what was left of it leaves the balance. Also
+    /// journaled right after money returned (void, release, refund) to a grant that had
+    /// expired meanwhile: that money lapses.
+    GrantExpired {
+        grant_id: u64,
+        expired_micros: u64,
+    },
 }
 
 impl EventKind {
@@ -114,6 +129,8 @@ impl EventKind {
             EventKind::PaymentUnsettled { .. } => "payment_unsettled",
             EventKind::ThresholdsSet { .. } => "thresholds_set",
             EventKind::ThresholdCrossed { .. } => "threshold_crossed",
+            EventKind::GrantIssued { .. } => "grant",
+            EventKind::GrantExpired { .. } => "grant_expired",
         }
     }
 
@@ -132,7 +149,9 @@ impl EventKind {
             | EventKind::Debited { amount_micros, .. }
             | EventKind::HoldPlaced { amount_micros, .. }
             | EventKind::Refunded { amount_micros, .. }
-            | EventKind::PaymentUnsettled { amount_micros } => amount_micros,
+            | EventKind::PaymentUnsettled { amount_micros }
+            | EventKind::GrantIssued { amount_micros, .. } => amount_micros,
+            EventKind::GrantExpired { expired_micros, .. } => expired_micros,
             EventKind::HoldCaptured {
                 captured_micros, ..
             } => captured_micros,

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::error::InvariantError;
 use crate::event::{Event, EventKind};
+use crate::grant::{self, Draw, Grant, GrantTerms};
 use crate::id::AgentId;
 use crate::state::{AgentState, ApiKey, Hold, Refundable};
 use crate::REFUNDABLE_DEBITS_MAX;
@@ -53,6 +54,9 @@ fn genesis(id: &AgentId, event: &Event) -> Result<AgentState, InvariantError> {
             updated_at_ms: event.at_ms,
             api_keys: BTreeMap::new(),
             thresholds: None,
+            grants: BTreeMap::new(),
+            expired_total_micros: 0,
+            debited_promotional_total_micros: 0,
         }),
         _ => Err(broken(
             id,
@@ -82,22 +86,45 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
             s.status = *status;
         }
         EventKind::Credited { amount_micros } => {
-            s.balance_micros = add(s.balance_micros, *amount_micros)?;
-            s.credited_total_micros = add(s.credited_total_micros, *amount_micros)?;
+            issue(s, seq, *amount_micros, GrantTerms::PLAIN).map_err(&err)?;
+        }
+        EventKind::GrantIssued {
+            amount_micros,
+            terms,
+        } => {
+            issue(s, seq, *amount_micros, *terms).map_err(&err)?;
+        }
+        EventKind::GrantExpired {
+            grant_id,
+            expired_micros,
+        } => {
+            let g = s
+                .grants
+                .remove(grant_id)
+                .ok_or_else(|| err("expiry of an unknown grant"))?;
+            if g.remaining_micros != *expired_micros {
+                return Err(err("expired amount differs from the grant"));
+            }
+            s.balance_micros = sub(s.balance_micros, *expired_micros)?;
+            s.expired_total_micros = add(s.expired_total_micros, *expired_micros)?;
         }
         EventKind::Debited {
             amount_micros,
             period,
         } => {
+            let draws = draw(s, *amount_micros).map_err(&err)?;
             s.balance_micros = sub(s.balance_micros, *amount_micros)?;
             s.debited_total_micros = add(s.debited_total_micros, *amount_micros)?;
+            s.debited_promotional_total_micros =
+                add(s.debited_promotional_total_micros, promotional(&draws))?;
             spend(s, *amount_micros, *period).map_err(&err)?;
-            remember_refundable(s, seq, *amount_micros, *period);
+            remember_refundable(s, seq, *amount_micros, *period, draws);
         }
         EventKind::HoldPlaced {
             amount_micros,
             expires_at_ms,
         } => {
+            let draws = draw(s, *amount_micros).map_err(&err)?;
             s.balance_micros = sub(s.balance_micros, *amount_micros)?;
             s.held_micros = add(s.held_micros, *amount_micros)?;
             s.holds.insert(
@@ -105,6 +132,7 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
                 Hold {
                     amount_micros: *amount_micros,
                     expires_at_ms: *expires_at_ms,
+                    draws,
                 },
             );
         }
@@ -122,11 +150,16 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
                 return Err(err("capture + release differs from the hold"));
             }
             s.held_micros = sub(s.held_micros, hold.amount_micros)?;
+            // The reservation is spent in draw order; the rest goes back to its grants.
+            let (captured, released) = grant::split_front(&hold.draws, *captured_micros);
+            grant::give_back(&mut s.grants, &released).map_err(&err)?;
             s.balance_micros = add(s.balance_micros, *released_micros)?;
             s.debited_total_micros = add(s.debited_total_micros, *captured_micros)?;
+            s.debited_promotional_total_micros =
+                add(s.debited_promotional_total_micros, promotional(&captured))?;
             if *captured_micros > 0 {
                 spend(s, *captured_micros, *period).map_err(&err)?;
-                remember_refundable(s, seq, *captured_micros, *period);
+                remember_refundable(s, seq, *captured_micros, *period, captured);
             }
         }
         EventKind::HoldVoided {
@@ -145,6 +178,7 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
                 return Err(err("released amount differs from the hold"));
             }
             s.held_micros = sub(s.held_micros, hold.amount_micros)?;
+            grant::give_back(&mut s.grants, &hold.draws).map_err(&err)?;
             s.balance_micros = add(s.balance_micros, hold.amount_micros)?;
         }
         EventKind::Refunded {
@@ -156,8 +190,11 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
                 .refundable
                 .binary_search_by_key(debit_seq, |r| r.seq)
                 .map_err(|_| err("refund of a debit outside the refund window"))?;
-            s.refundable[i].remaining_micros =
-                sub(s.refundable[i].remaining_micros, *amount_micros)?;
+            let r = &mut s.refundable[i];
+            r.remaining_micros = sub(r.remaining_micros, *amount_micros)?;
+            let (kept, returned) = grant::split_back(&r.draws, *amount_micros);
+            r.draws = kept;
+            grant::give_back(&mut s.grants, &returned).map_err(&err)?;
             s.balance_micros = add(s.balance_micros, *amount_micros)?;
             s.refunded_total_micros = add(s.refunded_total_micros, *amount_micros)?;
             if s.period == *debit_period {
@@ -220,7 +257,61 @@ fn spend(
     Ok(())
 }
 
-fn remember_refundable(s: &mut AgentState, seq: u64, amount_micros: u64, period: crate::PeriodKey) {
+/// Issues `amount_micros` on `terms` as grant `seq`, or into the live never-expiring
+/// grant of the same terms.
+fn issue(
+    s: &mut AgentState,
+    seq: u64,
+    amount_micros: u64,
+    terms: GrantTerms,
+) -> Result<(), &'static str> {
+    let id = grant::merge_target(&s.grants, terms).unwrap_or(seq);
+    let g = s.grants.entry(id).or_insert(Grant {
+        amount_micros: 0,
+        remaining_micros: 0,
+        terms,
+    });
+    // Informational (issued to this grant); the money itself is checked below.
+    g.amount_micros = g.amount_micros.saturating_add(amount_micros);
+    g.remaining_micros = g
+        .remaining_micros
+        .checked_add(amount_micros)
+        .ok_or("overflow")?;
+    s.balance_micros = s
+        .balance_micros
+        .checked_add(amount_micros)
+        .ok_or("overflow")?;
+    s.credited_total_micros = s
+        .credited_total_micros
+        .checked_add(amount_micros)
+        .ok_or("overflow")?;
+    Ok(())
+}
+
+/// The micros of `draws` taken from promotional grants (at most their sum, a spend).
+fn promotional(draws: &[Draw]) -> u64 {
+    draws
+        .iter()
+        .filter(|d| d.terms.category == crate::GrantCategory::Promotional)
+        .map(|d| d.micros)
+        .sum()
+}
+
+/// Takes `amount_micros` from the grants in draw order (see [`crate::grant`]).
+fn draw(s: &mut AgentState, amount_micros: u64) -> Result<Vec<Draw>, &'static str> {
+    let draws =
+        grant::plan_draws(&s.grants, amount_micros).ok_or("spend exceeds the live grants")?;
+    grant::take(&mut s.grants, &draws)?;
+    Ok(draws)
+}
+
+fn remember_refundable(
+    s: &mut AgentState,
+    seq: u64,
+    amount_micros: u64,
+    period: crate::PeriodKey,
+    draws: Vec<Draw>,
+) {
     if s.refundable.len() == REFUNDABLE_DEBITS_MAX {
         s.refundable.pop_front();
     }
@@ -228,5 +319,6 @@ fn remember_refundable(s: &mut AgentState, seq: u64, amount_micros: u64, period:
         seq,
         remaining_micros: amount_micros,
         period,
+        draws,
     });
 }

@@ -18,6 +18,7 @@ mod decide;
 mod error;
 mod event;
 mod evolve;
+pub mod grant;
 pub mod id;
 pub mod idempotency;
 pub mod money;
@@ -34,6 +35,7 @@ pub use decide::{decide, Decision};
 pub use error::{CommandError, InvariantError, ValidationError};
 pub use event::{Event, EventKind};
 pub use evolve::evolve;
+pub use grant::{Draw, Grant, GrantCategory, GrantTerms, GRANT_PRIORITY_DEFAULT};
 pub use id::{AgentId, IdempotencyKey, PlanName, TaskType};
 pub use outcome::{Denial, Outcome, Receipt};
 pub use period::PeriodKey;
@@ -52,6 +54,11 @@ pub const OPEN_HOLDS_MAX: usize = 1_024;
 pub const REFUNDABLE_DEBITS_MAX: usize = 1_024;
 /// Most live API keys one agent may have; one more is a rejected command.
 pub const API_KEYS_PER_AGENT_MAX: usize = 16;
+/// Most live credit grants one agent may be issued; one more is a rejected command.
+/// A credit or never-expiring grant that merges into a live grant of the same terms is
+/// always accepted. Money returned to a spent-out grant brings it back even past this
+/// bound (at most one per grant an open hold or refundable debit drew from).
+pub const GRANTS_PER_AGENT_MAX: usize = 32;
 /// Longest API key name.
 pub const API_KEY_NAME_LEN_MAX: usize = 64;
 /// Length of an API key's public prefix: what lookups and logs use.

@@ -55,8 +55,11 @@ pub struct Receipt {
     /// Sequence of the first event; 0 when the command changed nothing (no holds to expire).
     pub first_seq: u64,
     pub last_seq: u64,
+    /// Sequence of the command's own event (the debit's or hold's id): the first event
+    /// that is not the expiry of a grant journaled ahead of it; 0 when nothing changed.
+    pub seq: u64,
     pub events: u32,
-    /// The money moved by the first event (see [`EventKind::amount_micros`]).
+    /// The money moved by the command's own event (see [`EventKind::amount_micros`]).
     pub amount_micros: u64,
     pub balance_after_micros: u64,
     pub held_after_micros: u64,
@@ -74,16 +77,23 @@ impl Receipt {
         held_micros: u64,
         at_ms: TimestampMs,
     ) -> Self {
-        match (events.first(), events.last()) {
-            (Some(first), Some(last)) => Receipt {
+        // Due grants expire ahead of the command's own event (`decide`); a run of only
+        // expiries (a sweep) is its own subject.
+        let own = events
+            .iter()
+            .find(|e| !matches!(e.kind, EventKind::GrantExpired { .. }))
+            .or(events.first());
+        match (events.first(), own, events.last()) {
+            (Some(first), Some(own), Some(last)) => Receipt {
                 first_seq: first.seq,
                 last_seq: last.seq,
+                seq: own.seq,
                 events: events.len() as u32,
-                amount_micros: first.kind.amount_micros(),
+                amount_micros: own.kind.amount_micros(),
                 balance_after_micros: last.balance_after_micros,
                 held_after_micros: last.held_after_micros,
                 at_ms: first.at_ms,
-                hold_expires_at_ms: match first.kind {
+                hold_expires_at_ms: match own.kind {
                     EventKind::HoldPlaced { expires_at_ms, .. } => Some(expires_at_ms),
                     _ => None,
                 },
@@ -91,6 +101,7 @@ impl Receipt {
             _ => Receipt {
                 first_seq: 0,
                 last_seq: 0,
+                seq: 0,
                 events: 0,
                 amount_micros: 0,
                 balance_after_micros: balance_micros,

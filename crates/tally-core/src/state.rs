@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::error::InvariantError;
+use crate::grant::{Draw, Grant};
 use crate::id::{AgentId, PlanName};
 use crate::period::{period_of, PeriodKey};
 use crate::threshold::Thresholds;
@@ -19,19 +20,24 @@ pub enum Status {
 }
 
 /// Money authorized for a call whose cost is known only afterwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hold {
     pub amount_micros: u64,
     pub expires_at_ms: TimestampMs,
+    /// What it reserved from which grants, in draw order; sums to `amount_micros`.
+    pub draws: Vec<Draw>,
 }
 
 /// A recent debit or capture that can still be refunded, and how much of it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refundable {
     pub seq: u64,
     pub remaining_micros: u64,
     /// The period the money was spent in; a refund in that period lowers its spend.
     pub period: PeriodKey,
+    /// The grants the remaining money came from, in draw order; sums to
+    /// `remaining_micros`. A refund returns money from the last draw backwards.
+    pub draws: Vec<Draw>,
 }
 
 /// An agent's API key: the SHA-256 of the whole key (never the key), under its public
@@ -49,7 +55,8 @@ pub struct AgentState {
     pub id: AgentId,
     pub plan: PlanName,
     pub status: Status,
-    /// Spendable now: credits − debits − captures + refunds − held.
+    /// Spendable now: credits − debits − captures + refunds − expired − held; the sum of
+    /// the live grants' remaining money.
     pub balance_micros: u64,
     /// Sum of open holds.
     pub held_micros: u64,
@@ -72,6 +79,14 @@ pub struct AgentState {
     pub api_keys: BTreeMap<String, ApiKey>,
     /// The agent's own notification thresholds, replacing its plan's; `None` uses the plan's.
     pub thresholds: Option<Thresholds>,
+    /// Live credit grants by id (the seq of the event that issued them); see
+    /// [`crate::grant`]. Issuing is refused past [`crate::GRANTS_PER_AGENT_MAX`].
+    pub grants: BTreeMap<u64, Grant>,
+    /// Money that left the balance because its grant expired, ever.
+    pub expired_total_micros: u64,
+    /// The part of `debited_total_micros` drawn from `promotional` grants (the rest was
+    /// `paid`).
+    pub debited_promotional_total_micros: u64,
 }
 
 impl AgentState {
@@ -105,6 +120,32 @@ impl AgentState {
         self.holds.values().map(|h| h.expires_at_ms).min()
     }
 
+    /// The earliest expiry among live grants.
+    pub fn next_grant_expiry_ms(&self) -> Option<TimestampMs> {
+        self.grants
+            .values()
+            .filter_map(|g| g.terms.expires_at_ms)
+            .min()
+    }
+
+    /// The earliest moment a sweep (`ExpireHolds`) has something to do: a hold or a
+    /// grant expires.
+    pub fn next_expiry_ms(&self) -> Option<TimestampMs> {
+        match (self.next_hold_expiry_ms(), self.next_grant_expiry_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Money the live grants of `category` hold now.
+    pub fn balance_in(&self, category: crate::GrantCategory) -> u64 {
+        self.grants
+            .values()
+            .filter(|g| g.terms.category == category)
+            .map(|g| g.remaining_micros)
+            .sum()
+    }
+
     pub fn refundable(&self, seq: u64) -> Option<&Refundable> {
         self.refundable
             .binary_search_by_key(&seq, |r| r.seq)
@@ -113,8 +154,11 @@ impl AgentState {
     }
 
     /// Checks the ledger invariants:
-    /// - balance + held + debited = credited + refunded (money is conserved);
-    /// - held = the sum of open holds;
+    /// - balance + held + debited + expired = credited + refunded (money is conserved:
+    ///   balance + held = issued − spent − expired + refunded, where credits are grants);
+    /// - balance = the sum of the live grants' remaining money, none of them empty;
+    /// - held = the sum of open holds, each the sum of its draws;
+    /// - a refundable debit's remaining money is the sum of its draws;
     /// - refunded ≤ debited, and no open hold or refundable entry is zero-sized or newer
     ///   than the agent's version.
     pub fn check_invariants(&self) -> Result<(), InvariantError> {
@@ -126,18 +170,53 @@ impl AgentState {
         };
         let out = u128::from(self.balance_micros)
             + u128::from(self.held_micros)
-            + u128::from(self.debited_total_micros);
+            + u128::from(self.debited_total_micros)
+            + u128::from(self.expired_total_micros);
         let inflow =
             u128::from(self.credited_total_micros) + u128::from(self.refunded_total_micros);
         if out != inflow {
             return broken(format!(
-                "balance {} + held {} + debited {} != credited {} + refunded {}",
+                "balance {} + held {} + debited {} + expired {} != credited {} + refunded {}",
                 self.balance_micros,
                 self.held_micros,
                 self.debited_total_micros,
+                self.expired_total_micros,
                 self.credited_total_micros,
                 self.refunded_total_micros
             ));
+        }
+        let grants_sum: u128 = self
+            .grants
+            .values()
+            .map(|g| u128::from(g.remaining_micros))
+            .sum();
+        if grants_sum != u128::from(self.balance_micros) {
+            return broken(format!(
+                "balance {} != sum of grants {grants_sum}",
+                self.balance_micros
+            ));
+        }
+        if let Some((id, _)) = self
+            .grants
+            .iter()
+            .find(|(id, g)| g.remaining_micros == 0 || **id > self.last_seq)
+        {
+            return broken(format!("grant {id} is empty or newer than the agent"));
+        }
+        let draws_sum = |draws: &[Draw]| draws.iter().map(|d| u128::from(d.micros)).sum::<u128>();
+        if let Some((seq, _)) = self
+            .holds
+            .iter()
+            .find(|(_, h)| draws_sum(&h.draws) != u128::from(h.amount_micros))
+        {
+            return broken(format!("hold {seq} differs from its draws"));
+        }
+        if let Some(r) = self
+            .refundable
+            .iter()
+            .find(|r| draws_sum(&r.draws) != u128::from(r.remaining_micros))
+        {
+            return broken(format!("refundable debit {} differs from its draws", r.seq));
         }
         let holds_sum: u128 = self
             .holds
@@ -149,6 +228,9 @@ impl AgentState {
                 "held {} != sum of holds {holds_sum}",
                 self.held_micros
             ));
+        }
+        if self.debited_promotional_total_micros > self.debited_total_micros {
+            return broken("promotional spend above all spend".into());
         }
         if self.refunded_total_micros > self.debited_total_micros {
             return broken("refunded more than was ever debited".into());

@@ -212,7 +212,7 @@ pub async fn issue(
     // the first answer issued, with `key: null`.
     let (shown, prefix) = if replayed {
         let first = engine
-            .journal(&id, receipt.first_seq.saturating_sub(1), 1)
+            .journal(&id, receipt.seq.saturating_sub(1), 1)
             .await
             .map_err(submit_error)?;
         match first.first().map(|e| &e.kind) {

@@ -297,6 +297,10 @@ pub fn router(st: AppState) -> Router {
         // Admin credits, and x402 top-ups by the agent or a service: roles in the handler.
         .route("/v1/agents/{id}/credits", post(topup::credit))
         .route(
+            "/v1/agents/{id}/grants",
+            post(routes::grant).route_layer(admin()),
+        )
+        .route(
             "/v1/agents/{id}/debits",
             post(routes::debit).route_layer(service()),
         )

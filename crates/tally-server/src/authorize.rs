@@ -281,7 +281,7 @@ async fn decide(
     else {
         return Err(Problem::invalid("unexpected dry-run answer"));
     };
-    let receipt_id = format!("{agent}~{}", receipt.first_seq);
+    let receipt_id = format!("{agent}~{}", receipt.seq);
     let mut resp = json_response(
         StatusCode::OK,
         json!({

@@ -5,8 +5,9 @@ use chrono::{DateTime, SecondsFormat};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tally_core::{
-    AgentId, AgentState, Crossing, Event, EventKind, Metadata, Plan, PlanBook, PlanName, Priority,
-    Receipt, Status, TaskType, Thresholds, TimestampMs,
+    grant::draw_order, AgentId, AgentState, Crossing, Event, EventKind, GrantCategory, Metadata,
+    Plan, PlanBook, PlanName, Priority, Receipt, Status, TaskType, Thresholds, TimestampMs,
+    GRANT_PRIORITY_DEFAULT,
 };
 use tally_store::{FeedCursor, Usage};
 
@@ -75,6 +76,37 @@ pub struct CreditBody {
     pub amount_micros: u64,
     #[serde(default)]
     pub metadata: Metadata,
+}
+
+/// `POST /v1/agents/{id}/grants`: a credit grant. Without `expires_at` it never expires;
+/// `priority` (lower is drawn first) defaults to a plain credit's, `category` to `paid`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantBody {
+    pub amount_micros: u64,
+    /// RFC 3339; must be in the future.
+    pub expires_at: Option<String>,
+    #[serde(default = "grant_priority_default")]
+    pub priority: u32,
+    #[serde(default = "grant_category_default")]
+    pub category: GrantCategory,
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+fn grant_priority_default() -> u32 {
+    GRANT_PRIORITY_DEFAULT
+}
+
+fn grant_category_default() -> GrantCategory {
+    GrantCategory::Paid
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time; a time before 1970 is 0 (it is in
+/// the past either way). `None` when it does not parse.
+pub fn parse_rfc3339_ms(text: &str) -> Option<TimestampMs> {
+    let t = DateTime::parse_from_rfc3339(text).ok()?;
+    Some(u64::try_from(t.timestamp_millis()).unwrap_or(0))
 }
 
 /// `POST /v1/agents/{id}/debits` and `/check`.
@@ -167,6 +199,21 @@ pub fn agent_json(a: &AgentState, plans: &PlanBook, now_ms: TimestampMs) -> Valu
             })
         })
         .collect();
+    // In the order spends draw from them.
+    let grants: Vec<Value> = draw_order(&a.grants)
+        .into_iter()
+        .map(|id| {
+            let g = &a.grants[&id];
+            json!({
+                "grant_id": id,
+                "amount_micros": g.amount_micros,
+                "remaining_micros": g.remaining_micros,
+                "expires_at": g.terms.expires_at_ms.map(rfc3339_ms),
+                "priority": g.terms.priority,
+                "category": g.terms.category.as_str(),
+            })
+        })
+        .collect();
     json!({
         "id": a.id.as_str(),
         "plan": a.plan.as_str(),
@@ -178,8 +225,12 @@ pub fn agent_json(a: &AgentState, plans: &PlanBook, now_ms: TimestampMs) -> Valu
         "credited_total_micros": a.credited_total_micros,
         "debited_total_micros": a.debited_total_micros,
         "refunded_total_micros": a.refunded_total_micros,
+        "expired_total_micros": a.expired_total_micros,
+        "debited_paid_total_micros": a.debited_total_micros.saturating_sub(a.debited_promotional_total_micros),
+        "debited_promotional_total_micros": a.debited_promotional_total_micros,
         "holds": holds,
         "thresholds": a.thresholds.as_ref().map(thresholds_json),
+        "grants": grants,
         "version": a.last_seq,
         "created_at": rfc3339_ms(a.created_at_ms),
         "updated_at": rfc3339_ms(a.updated_at_ms),
@@ -211,9 +262,9 @@ pub fn receipt_json<'a>(agent: &'a AgentId, kind: &'a str, r: &Receipt) -> Recei
         balance_micros: r.balance_after_micros,
         expires_at: r.hold_expires_at_ms.map(rfc3339_ms),
         held_micros: r.held_after_micros,
-        hold_id: (kind == "hold").then(|| hold_id(agent, r.first_seq)),
+        hold_id: (kind == "hold").then(|| hold_id(agent, r.seq)),
         kind,
-        seq: r.first_seq,
+        seq: r.seq,
     }
 }
 
@@ -247,12 +298,18 @@ pub fn event_json(e: &Event) -> Value {
         | EventKind::ApiKeyRevoked { .. }
         | EventKind::PaymentUnsettled { .. }
         | EventKind::ThresholdsSet { .. }
-        | EventKind::ThresholdCrossed { .. } => (None, None, None, None, None),
+        | EventKind::ThresholdCrossed { .. }
+        | EventKind::GrantIssued { .. }
+        | EventKind::GrantExpired { .. } => (None, None, None, None, None),
     };
     let (thresholds, crossing) = match &e.kind {
         EventKind::ThresholdsSet { thresholds } => (thresholds.as_ref().map(thresholds_json), None),
         EventKind::ThresholdCrossed { crossing } => (None, Some(crossing_json(crossing))),
         _ => (None, None),
+    };
+    let grant_id = match &e.kind {
+        EventKind::GrantExpired { grant_id, .. } => Some(*grant_id),
+        _ => None,
     };
     let api_key_prefix = match &e.kind {
         EventKind::ApiKeyIssued { prefix, .. } | EventKind::ApiKeyRevoked { prefix } => {
@@ -278,6 +335,7 @@ pub fn event_json(e: &Event) -> Value {
         "api_key_prefix": api_key_prefix,
         "thresholds": thresholds,
         "crossing": crossing,
+        "grant_id": grant_id,
     })
 }
 
@@ -383,6 +441,7 @@ mod tests {
             let r = Receipt {
                 first_seq: 7,
                 last_seq: 7,
+                seq: 7,
                 events: 1,
                 amount_micros: 1_500,
                 balance_after_micros: 98_500,

@@ -44,8 +44,10 @@ impl Metrics {
             "tally_debited_micros_total",
             "Micros debited (debits and captures).",
         )?;
-        let credited_micros_total =
-            IntCounter::new("tally_credited_micros_total", "Micros credited (top-ups).")?;
+        let credited_micros_total = IntCounter::new(
+            "tally_credited_micros_total",
+            "Micros credited (top-ups and grants).",
+        )?;
         let http_request_duration_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "tally_http_request_duration_seconds",

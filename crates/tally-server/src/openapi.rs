@@ -40,7 +40,7 @@ fn nullable(mut schema: Value) -> Value {
 
 /// The fields of a journal entry as `GET .../journal` shows it (the change feed adds
 /// `agent_id`).
-const JOURNAL_ENTRY_FIELDS: [&str; 17] = [
+const JOURNAL_ENTRY_FIELDS: [&str; 18] = [
     "seq",
     "kind",
     "amount_micros",
@@ -58,6 +58,7 @@ const JOURNAL_ENTRY_FIELDS: [&str; 17] = [
     "api_key_prefix",
     "thresholds",
     "crossing",
+    "grant_id",
 ];
 
 fn object(required: &[&str], props: Value) -> Value {
@@ -213,7 +214,7 @@ fn build() -> Value {
     );
     let journal_entry = json!({
         "seq": u64_schema(),
-        "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked", "payment_unsettled", "thresholds_set", "threshold_crossed"]},
+        "kind": {"type": "string", "enum": ["agent_created", "agent_updated", "credit", "debit", "hold", "capture", "void", "expire", "refund", "api_key_issued", "api_key_revoked", "payment_unsettled", "grant", "grant_expired", "thresholds_set", "threshold_crossed"]},
         "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(), "at": time,
         "idempotency_key": nullable(json!({"type": "string"})), "task_type": nullable(json!({"type": "string"})),
         "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
@@ -222,6 +223,7 @@ fn build() -> Value {
         "api_key_prefix": nullable(json!({"type": "string"})),
         "thresholds": nullable(r("Thresholds")),
         "crossing": nullable(r("Crossing")),
+        "grant_id": nullable(u64_schema()),
     });
     let mut feed_event = journal_entry.clone();
     feed_event["agent_id"] = name(128);
@@ -245,14 +247,16 @@ fn build() -> Value {
         })),
         "Hold": object(&["hold_id", "amount_micros", "expires_at"], json!({"hold_id": {"type": "string"}, "amount_micros": u64_schema(), "expires_at": time})),
         "Agent": object(
-            &["id", "plan", "status", "balance_micros", "held_micros", "period", "period_spent_micros", "credited_total_micros", "debited_total_micros", "refunded_total_micros", "holds", "thresholds", "version", "created_at", "updated_at"],
+            &["id", "plan", "status", "balance_micros", "held_micros", "period", "period_spent_micros", "credited_total_micros", "debited_total_micros", "refunded_total_micros", "expired_total_micros", "debited_paid_total_micros", "debited_promotional_total_micros", "holds", "grants", "thresholds", "version", "created_at", "updated_at"],
             json!({
                 "id": name(128), "plan": name(64), "status": status,
                 "balance_micros": u64_schema(), "held_micros": u64_schema(),
                 "period": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}, "period_spent_micros": u64_schema(),
                 "credited_total_micros": u64_schema(), "debited_total_micros": u64_schema(), "refunded_total_micros": u64_schema(),
+                "expired_total_micros": u64_schema(), "debited_paid_total_micros": u64_schema(), "debited_promotional_total_micros": u64_schema(),
                 "holds": {"type": "array", "items": r("Hold")},
                 "thresholds": nullable(r("Thresholds")),
+                "grants": {"type": "array", "items": r("Grant"), "description": "Live credit grants, in the order spends draw from them: priority, then earliest expiry (never last), then oldest."},
                 "version": u64_schema(), "created_at": time, "updated_at": time,
             }),
         ),
@@ -261,7 +265,7 @@ fn build() -> Value {
             &["agent_id", "seq", "kind", "amount_micros", "balance_micros", "held_micros", "at", "hold_id", "expires_at"],
             json!({
                 "agent_id": name(128), "seq": u64_schema(),
-                "kind": {"type": "string", "enum": ["credit", "debit", "hold", "capture", "void", "refund"]},
+                "kind": {"type": "string", "enum": ["credit", "grant", "debit", "hold", "capture", "void", "refund"]},
                 "amount_micros": u64_schema(), "balance_micros": u64_schema(), "held_micros": u64_schema(),
                 "at": time, "hold_id": nullable(json!({"type": "string"})), "expires_at": nullable(time.clone()),
             }),
@@ -375,6 +379,33 @@ fn build() -> Value {
         "Unavailable": problem_resp("`overloaded`, `shutting-down`, `not-ready`, `timeout`.", r("Problem"), json!({"Retry-After": retry_after})),
     });
 
+    // Added apart: one more entry in the literal above passes json!'s recursion limit.
+    schemas["Grant"] = object(
+        &[
+            "grant_id",
+            "amount_micros",
+            "remaining_micros",
+            "expires_at",
+            "priority",
+            "category",
+        ],
+        json!({
+            "grant_id": u64_schema(), "amount_micros": u64_schema(), "remaining_micros": u64_schema(),
+            "expires_at": nullable(time.clone()), "priority": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
+            "category": {"type": "string", "enum": ["paid", "promotional"]},
+        }),
+    );
+    schemas["GrantRequest"] = object(
+        &["amount_micros"],
+        json!({
+            "amount_micros": amount_schema(),
+            "expires_at": {"type": "string", "format": "date-time", "description": "When the rest of the grant leaves the balance (at exactly this time); omitted: never. Must be in the future."},
+            "priority": {"type": "integer", "minimum": 0, "maximum": u32::MAX, "default": 100, "description": "Lower is drawn first."},
+            "category": {"type": "string", "enum": ["paid", "promotional"], "default": "paid"},
+            "metadata": metadata,
+        }),
+    );
+
     let receipt_ok = |code: &str, desc: &str| {
         let mut m = serde_json::Map::new();
         m.insert(code.into(), ok_json(desc, r("Receipt"), replay_headers()));
@@ -446,7 +477,8 @@ fn build() -> Value {
             "delete": operation("clearThresholds", "Back to the plan's notification thresholds", keyed(agent_ops()), None,
                 with(json!({"200": ok_json("The agent.", r("Agent"), replay_headers())}), &[("404", "NotFound"), ("422", "Unprocessable")])),
         },
-        "/v1/agents/{id}/credits": {"post": operation("credit", "Top up", keyed(agent_ops()), Some(body("Credit", true)), credits)},
+                "/v1/agents/{id}/credits": {"post": operation("credit", "Top up", keyed(agent_ops()), Some(body("Credit", true)), credits.clone())},
+        "/v1/agents/{id}/grants": {"post": operation("issueGrant", "Issue a credit grant (expiry, priority, category); the receipt's seq is its id", keyed(agent_ops()), Some(body("GrantRequest", true)), credits)},
         "/v1/agents/{id}/debits": {"post": operation("debit", "Debit", keyed(agent_ops()), Some(body("Debit", true)), debits)},
         "/v1/agents/{id}/check": {"post": operation("check", "Would this debit pass? Changes nothing", agent_ops(), Some(body("Debit", true)), check)},
         "/v1/agents/{id}/holds": {"post": operation("hold", "Authorize up to an amount for a TTL", keyed(agent_ops()), Some(body("HoldRequest", true)), holds)},
@@ -549,6 +581,6 @@ mod tests {
             }
         }
         walk(&doc, &doc);
-        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(23));
+        assert_eq!(doc["paths"].as_object().map(|p| p.len()), Some(24));
     }
 }

@@ -403,7 +403,7 @@ impl Proxy {
                 Ok(_) => Problem::invalid("unexpected dry-run answer"),
             });
         };
-        let id = format!("{agent}~{}", receipt.first_seq);
+        let id = format!("{agent}~{}", receipt.seq);
         let mut headers = vec![
             (X_TALLY_AGENT, agent.to_string()),
             (X_TALLY_ROUTE, route.name.clone()),
@@ -416,14 +416,14 @@ impl Proxy {
             headers.push((X_TALLY_HOLD, id));
             headers.push((X_TALLY_HOLD_MICROS, receipt.amount_micros.to_string()));
             ChargeKind::Hold {
-                seq: receipt.first_seq,
+                seq: receipt.seq,
                 max_micros: receipt.amount_micros,
             }
         } else {
             headers.push((X_TALLY_RECEIPT, id));
             headers.push((X_TALLY_CHARGED_MICROS, receipt.amount_micros.to_string()));
             ChargeKind::Debit {
-                seq: receipt.first_seq,
+                seq: receipt.seq,
                 amount_micros: receipt.amount_micros,
             }
         };

@@ -187,6 +187,20 @@ pub fn classify(
                     e.to_string(),
                 ),
                 CommandError::UnknownApiKey(_) => Problem::not_found(e.to_string()),
+                CommandError::TooManyGrants { max } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "too-many-grants",
+                    "Too many credit grants",
+                    e.to_string(),
+                )
+                .field("grants_max", max),
+                CommandError::GrantExpiryNotInFuture { expires_at_ms, .. } => problem(
+                    S::UNPROCESSABLE_ENTITY,
+                    "grant-expires-in-past",
+                    "Grant expires in the past",
+                    e.to_string(),
+                )
+                .field("expires_at", rfc3339_ms(expires_at_ms)),
                 CommandError::Invalid(v) => Problem::invalid(v.to_string()),
             })
         }
@@ -306,7 +320,7 @@ pub fn classify(
                     CommandKind::Debit { .. } | CommandKind::Capture { .. } => {
                         m.debited_micros_total.inc_by(receipt.amount_micros)
                     }
-                    CommandKind::Credit { .. } => {
+                    CommandKind::Credit { .. } | CommandKind::IssueGrant { .. } => {
                         m.credited_micros_total.inc_by(receipt.amount_micros)
                     }
                     _ => {}

@@ -5,13 +5,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tally_core::{AgentId, Command, CommandKind, PeriodKey, Status, Thresholds};
+use tally_core::{AgentId, Command, CommandKind, GrantTerms, PeriodKey, Status, Thresholds};
 
 use crate::app::AppState;
 use crate::dto::{
-    agent_json, cursor_text, event_json, feed_event_json, parse_cursor, parse_hold_id, plan_json,
-    receipt_json, usage_json, CaptureBody, CreateAgentBody, CreditBody, DebitBody, HoldBody,
-    PatchAgentBody, RefundBody, ThresholdsBody, VoidBody,
+    agent_json, cursor_text, event_json, feed_event_json, parse_cursor, parse_hold_id,
+    parse_rfc3339_ms, plan_json, receipt_json, usage_json, CaptureBody, CreateAgentBody,
+    CreditBody, DebitBody, GrantBody, HoldBody, PatchAgentBody, RefundBody, ThresholdsBody,
+    VoidBody,
 };
 use crate::extract::{AgentPath, ApiJson, ApiQuery, HoldPath, IdemKey, OptionalJson};
 use crate::problem::Problem;
@@ -182,6 +183,34 @@ pub async fn credit(
     .with_key(key);
     cmd.metadata = body.metadata;
     submit_receipt(&st, cmd, StatusCode::CREATED, "credit").await
+}
+
+/// `POST /v1/agents/{id}/grants`: answers the receipt; the grant's id is its `seq` (a
+/// never-expiring grant merges into the live one of the same terms, whose id it keeps).
+pub async fn grant(
+    State(st): State<AppState>,
+    AgentPath(id): AgentPath,
+    IdemKey(key): IdemKey,
+    ApiJson(body): ApiJson<GrantBody>,
+) -> Answer {
+    let expires_at_ms = match &body.expires_at {
+        None => None,
+        Some(text) => Some(parse_rfc3339_ms(text).ok_or_else(|| {
+            Problem::invalid("expires_at must be an RFC 3339 time (2027-01-31T00:00:00Z)")
+        })?),
+    };
+    let terms = GrantTerms {
+        expires_at_ms,
+        priority: body.priority,
+        category: body.category,
+    };
+    let kind = CommandKind::IssueGrant {
+        amount_micros: body.amount_micros,
+        terms,
+    };
+    let mut cmd = Command::new(id, kind).with_key(key);
+    cmd.metadata = body.metadata;
+    submit_receipt(&st, cmd, StatusCode::CREATED, "grant").await
 }
 
 /// A debit or check command with the body's priority, task type and metadata.

@@ -713,3 +713,104 @@ async fn ratelimit_t_is_the_wait_for_the_next_request_on_a_201_and_on_the_429_af
     assert_eq!(emptied.header("ratelimit"), limited.header("ratelimit"));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn grants_201_draw_first_expire_at_their_time_and_show_on_the_agent() {
+    let s = TestServer::start().await;
+    s.agent("g1", "default", 1_000).await; // a plain credit: grant 2
+    let body = json!({
+        "amount_micros": 500, "expires_at": "2026-11-29T13:00:10Z", "priority": 10,
+        "category": "promotional", "metadata": {"campaign": "launch"},
+    });
+    let g = s.post("/v1/agents/g1/grants", "g-1", body.clone()).await;
+    assert_eq!(g.status, 201, "{}", g.text);
+    assert_eq!(
+        (g.body["kind"].clone(), g.body["seq"].clone()),
+        (json!("grant"), json!(3))
+    );
+    assert_eq!(g.body["balance_micros"], 1_500);
+    let replay = s.post("/v1/agents/g1/grants", "g-1", body).await;
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.text, g.text);
+
+    // Shown in draw order: the promotional grant (priority 10) first.
+    let a = s.agent_state("g1").await;
+    assert_eq!(
+        a["grants"],
+        json!([
+            {"grant_id": 3, "amount_micros": 500, "remaining_micros": 500,
+             "expires_at": "2026-11-29T13:00:10.000Z", "priority": 10, "category": "promotional"},
+            {"grant_id": 2, "amount_micros": 1_000, "remaining_micros": 1_000,
+             "expires_at": null, "priority": 100, "category": "paid"},
+        ])
+    );
+    assert_eq!(s.debit("g1", "d-1", 200).await.status, 201);
+    assert_eq!(
+        s.agent_state("g1").await["grants"][0]["remaining_micros"],
+        300
+    );
+
+    // At exactly expires_at the rest leaves the balance, journaled before the next spend.
+    s.clock.advance(10_000);
+    let d = s.debit("g1", "d-2", 100).await;
+    assert_eq!(d.status, 201, "{}", d.text);
+    assert_eq!(d.body["balance_micros"], 900);
+    let journal = s.journal("g1").await;
+    let expired = &journal[journal.len() - 2];
+    assert_eq!(expired["kind"], "grant_expired");
+    assert_eq!(
+        (
+            expired["grant_id"].clone(),
+            expired["amount_micros"].clone()
+        ),
+        (json!(3), json!(300))
+    );
+    assert_eq!(journal[journal.len() - 1]["seq"], d.body["seq"]);
+    let a = s.agent_state("g1").await;
+    assert_eq!(a["expired_total_micros"], 300);
+    assert_eq!(a["debited_paid_total_micros"], 100);
+    let u = s.get("/v1/agents/g1/usage?period=2026-11").await;
+    assert_eq!(
+        u.body["credited_micros"], 1_500,
+        "grants count as credits: {}",
+        u.text
+    );
+    assert_eq!(a["grants"].as_array().map(Vec::len), Some(1));
+
+    // Bad input is a 4xx problem, never a 500; the reader role may not issue grants.
+    let past = json!({"amount_micros": 1, "expires_at": "2026-11-29T13:00:10Z"});
+    s.post("/v1/agents/g1/grants", "g-2", past)
+        .await
+        .assert_problem(422, "grant-expires-in-past");
+    let garbage = json!({"amount_micros": 1, "expires_at": "tomorrow"});
+    s.post("/v1/agents/g1/grants", "g-3", garbage)
+        .await
+        .assert_problem(400, "invalid-request");
+    for bad in [
+        json!({"amount_micros": 1, "category": "gift"}),
+        json!({"amount_micros": 1, "priority": -1}),
+        json!({"amount_micros": 1, "priority": 4_294_967_296u64}),
+        json!({"amount_micros": 1, "expires_at": "+999999-01-01T00:00:00Z"}),
+        json!({"amount_micros": 0}),
+        json!({"amount_micros": 1, "extra": true}),
+    ] {
+        let r = s.post("/v1/agents/g1/grants", "g-4", bad.clone()).await;
+        assert!(
+            (400..500).contains(&r.status),
+            "{bad}: {} {}",
+            r.status,
+            r.text
+        );
+    }
+    let r = s
+        .call(
+            "POST",
+            "/v1/agents/g1/grants",
+            common::READER,
+            Some("g-5"),
+            Some(json!({"amount_micros": 1})),
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    s.stop().await;
+}

@@ -17,17 +17,23 @@ pub const RECORD_VERSION: u8 = 1;
 /// The format of a journal chunk (several events of one agent under one key). Version 1
 /// journal values, written before chunks existed, hold a single event and still decode.
 pub const CHUNK_VERSION: u8 = 2;
-/// The format of agent records and WAL batches since agents carry their own notification
-/// thresholds (`AgentState::thresholds`). Version 3 ones (API keys, no thresholds) and
-/// version 1 ones (neither) still decode; events and numbers stay at version 1 (new
-/// event kinds are appended variants, so old events decode unchanged).
+/// The format of agent records and WAL batches since agents hold credit grants
+/// (`AgentState::grants`, and the draws of holds and refundable debits) and their own
+/// notification thresholds (`AgentState::thresholds`, none after a migration). Version 3 ones
+/// (with API keys, before grants) and version 1 ones (before API keys) still decode: an
+/// old balance becomes one never-expiring `paid` grant of the default priority with id 0,
+/// from which every open hold and refundable debit is taken to have drawn. Events and
+/// numbers stay at version 1 (new event kinds are appended variants, so old events
+/// decode unchanged).
 pub const AGENT_VERSION: u8 = 4;
-/// Agent records and WAL batches with API keys and without thresholds.
-const AGENT_VERSION_3: u8 = 3;
-/// Largest record body decoded. Far above the largest agent record (1,024 holds and
-/// 1,024 refundable debits, ~60 KB); a corrupted length prefix claiming more is a decode
-/// error instead of an allocation of whatever the prefix says.
-pub const RECORD_BYTES_MAX: usize = 1 << 20;
+/// The agent record format before credit grants.
+pub const AGENT_VERSION_V3: u8 = 3;
+/// Largest record body decoded. Above the largest agent record: 1,024 holds and 1,024
+/// refundable debits, each with the draws of up to `GRANTS_PER_AGENT_MAX` (32) grants
+/// at ~30 bytes a draw, ~2 MB at worst (~60 KB with one grant); a corrupted length
+/// prefix claiming more is a decode error instead of an allocation of whatever the
+/// prefix says.
+pub const RECORD_BYTES_MAX: usize = 4 << 20;
 
 /// A stored record could not be read.
 #[derive(Debug, Error)]
@@ -133,7 +139,7 @@ pub fn decode_write(bytes: &[u8]) -> Result<AgentWrite, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     let write: AgentWrite = match version {
         AGENT_VERSION => decode_body(body)?,
-        AGENT_VERSION_3 => decode_body::<legacy::AgentWriteV3>(body)?.into(),
+        AGENT_VERSION_V3 => decode_body::<legacy::AgentWriteV3>(body)?.into(),
         RECORD_VERSION => decode_body::<legacy::AgentWriteV1>(body)?.into(),
         found => return Err(CodecError::UnknownVersion { found }),
     };
@@ -163,7 +169,7 @@ pub fn decode_agent(bytes: &[u8]) -> Result<AgentState, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     let agent: AgentState = match version {
         AGENT_VERSION => decode_body(body)?,
-        AGENT_VERSION_3 => decode_body::<legacy::AgentStateV3>(body)?.into(),
+        AGENT_VERSION_V3 => decode_body::<legacy::AgentStateV3>(body)?.into(),
         RECORD_VERSION => decode_body::<legacy::AgentStateV1>(body)?.into(),
         found => return Err(CodecError::UnknownVersion { found }),
     };
@@ -198,19 +204,35 @@ fn decode_fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N], CodecError> {
         .map_err(|_| CodecError::Decode(format!("expected {N} bytes")))
 }
 
-/// The version 1 shapes of agent records and WAL batches (before API keys) and the
-/// version 3 ones (before thresholds), field for field, so that a data dir written by an
-/// older build opens.
+/// The older shapes of agent records and WAL batches, field for field, so that a data
+/// dir written by an older build opens: version 1 (before API keys) and version 3 (before
+/// credit grants).
 mod legacy {
     use std::collections::{BTreeMap, VecDeque};
 
-    use serde::Deserialize;
+    use serde::{Deserialize, Serialize};
     use tally_core::{
-        AgentId, AgentState, ApiKey, Event, Hold, PeriodKey, PlanName, Refundable, Status,
-        TimestampMs,
+        AgentId, AgentState, ApiKey, Draw, Event, Grant, GrantTerms, Hold, PeriodKey, PlanName,
+        Refundable, Status, TimestampMs,
     };
 
     use crate::storage::AgentWrite;
+
+    /// The id of the grant an old balance becomes (real grant ids are seqs, from 1).
+    pub(super) const MIGRATED_GRANT_ID: u64 = 0;
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct HoldV3 {
+        pub(super) amount_micros: u64,
+        pub(super) expires_at_ms: TimestampMs,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct RefundableV3 {
+        pub(super) seq: u64,
+        pub(super) remaining_micros: u64,
+        pub(super) period: PeriodKey,
+    }
 
     #[derive(Deserialize)]
     pub(super) struct AgentStateV1 {
@@ -219,21 +241,41 @@ mod legacy {
         status: Status,
         balance_micros: u64,
         held_micros: u64,
-        holds: BTreeMap<u64, Hold>,
+        holds: BTreeMap<u64, HoldV3>,
         period: PeriodKey,
         period_spent_micros: u64,
         credited_total_micros: u64,
         debited_total_micros: u64,
         refunded_total_micros: u64,
-        refundable: VecDeque<Refundable>,
+        refundable: VecDeque<RefundableV3>,
         last_seq: u64,
         created_at_ms: TimestampMs,
         updated_at_ms: TimestampMs,
     }
 
-    impl From<AgentStateV1> for AgentState {
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct AgentStateV3 {
+        pub(super) id: AgentId,
+        pub(super) plan: PlanName,
+        pub(super) status: Status,
+        pub(super) balance_micros: u64,
+        pub(super) held_micros: u64,
+        pub(super) holds: BTreeMap<u64, HoldV3>,
+        pub(super) period: PeriodKey,
+        pub(super) period_spent_micros: u64,
+        pub(super) credited_total_micros: u64,
+        pub(super) debited_total_micros: u64,
+        pub(super) refunded_total_micros: u64,
+        pub(super) refundable: VecDeque<RefundableV3>,
+        pub(super) last_seq: u64,
+        pub(super) created_at_ms: TimestampMs,
+        pub(super) updated_at_ms: TimestampMs,
+        pub(super) api_keys: BTreeMap<String, ApiKey>,
+    }
+
+    impl From<AgentStateV1> for AgentStateV3 {
         fn from(v: AgentStateV1) -> Self {
-            AgentState {
+            AgentStateV3 {
                 id: v.id,
                 plan: v.plan,
                 status: v.status,
@@ -250,70 +292,84 @@ mod legacy {
                 created_at_ms: v.created_at_ms,
                 updated_at_ms: v.updated_at_ms,
                 api_keys: BTreeMap::new(),
-                thresholds: None,
             }
         }
     }
 
-    #[derive(Deserialize)]
-    pub(super) struct AgentStateV3 {
-        id: AgentId,
-        plan: PlanName,
-        status: Status,
-        balance_micros: u64,
-        held_micros: u64,
-        holds: BTreeMap<u64, Hold>,
-        period: PeriodKey,
-        period_spent_micros: u64,
-        credited_total_micros: u64,
-        debited_total_micros: u64,
-        refunded_total_micros: u64,
-        refundable: VecDeque<Refundable>,
-        last_seq: u64,
-        created_at_ms: TimestampMs,
-        updated_at_ms: TimestampMs,
-        api_keys: BTreeMap<String, ApiKey>,
+    impl From<AgentStateV1> for AgentState {
+        fn from(v: AgentStateV1) -> Self {
+            AgentStateV3::from(v).into()
+        }
     }
 
+    /// Money of the migrated grant: what a hold reserved or a debit took before grants.
+    fn from_migrated(micros: u64) -> Vec<Draw> {
+        if micros == 0 {
+            return Vec::new();
+        }
+        vec![Draw {
+            grant_id: MIGRATED_GRANT_ID,
+            micros,
+            terms: GrantTerms::PLAIN,
+        }]
+    }
+
+    /// Before grants: the balance becomes one never-expiring `paid` grant of the default
+    /// priority (what a plain credit issues), and holds and refundable debits drew from it.
     impl From<AgentStateV3> for AgentState {
         fn from(v: AgentStateV3) -> Self {
+            let mut grants = BTreeMap::new();
+            if v.balance_micros > 0 {
+                grants.insert(
+                    MIGRATED_GRANT_ID,
+                    Grant {
+                        amount_micros: v.balance_micros,
+                        remaining_micros: v.balance_micros,
+                        terms: GrantTerms::PLAIN,
+                    },
+                );
+            }
             AgentState {
                 id: v.id,
                 plan: v.plan,
                 status: v.status,
                 balance_micros: v.balance_micros,
                 held_micros: v.held_micros,
-                holds: v.holds,
+                holds: v
+                    .holds
+                    .into_iter()
+                    .map(|(seq, h)| {
+                        let hold = Hold {
+                            amount_micros: h.amount_micros,
+                            expires_at_ms: h.expires_at_ms,
+                            draws: from_migrated(h.amount_micros),
+                        };
+                        (seq, hold)
+                    })
+                    .collect(),
                 period: v.period,
                 period_spent_micros: v.period_spent_micros,
                 credited_total_micros: v.credited_total_micros,
                 debited_total_micros: v.debited_total_micros,
                 refunded_total_micros: v.refunded_total_micros,
-                refundable: v.refundable,
+                refundable: v
+                    .refundable
+                    .into_iter()
+                    .map(|r| Refundable {
+                        seq: r.seq,
+                        remaining_micros: r.remaining_micros,
+                        period: r.period,
+                        draws: from_migrated(r.remaining_micros),
+                    })
+                    .collect(),
                 last_seq: v.last_seq,
                 created_at_ms: v.created_at_ms,
                 updated_at_ms: v.updated_at_ms,
                 api_keys: v.api_keys,
                 thresholds: None,
-            }
-        }
-    }
-
-    #[derive(Deserialize)]
-    pub(super) struct AgentWriteV3 {
-        agent: AgentId,
-        expected_seq: u64,
-        events: Vec<Event>,
-        checkpoint: Option<AgentStateV3>,
-    }
-
-    impl From<AgentWriteV3> for AgentWrite {
-        fn from(v: AgentWriteV3) -> Self {
-            AgentWrite {
-                agent: v.agent,
-                expected_seq: v.expected_seq,
-                events: v.events,
-                checkpoint: v.checkpoint.map(Into::into),
+                grants,
+                expired_total_micros: 0,
+                debited_promotional_total_micros: 0,
             }
         }
     }
@@ -337,6 +393,66 @@ mod legacy {
         }
     }
 
+    #[derive(Deserialize)]
+    pub(super) struct AgentWriteV3 {
+        agent: AgentId,
+        expected_seq: u64,
+        events: Vec<Event>,
+        checkpoint: Option<AgentStateV3>,
+    }
+
+    impl From<AgentWriteV3> for AgentWrite {
+        fn from(v: AgentWriteV3) -> Self {
+            AgentWrite {
+                agent: v.agent,
+                expected_seq: v.expected_seq,
+                events: v.events,
+                checkpoint: v.checkpoint.map(Into::into),
+            }
+        }
+    }
+
+    /// For the tests: `agent` (which must hold only plain money) in the version 3 shape.
+    #[cfg(test)]
+    pub(super) fn to_v3(a: &AgentState) -> AgentStateV3 {
+        AgentStateV3 {
+            id: a.id.clone(),
+            plan: a.plan.clone(),
+            status: a.status,
+            balance_micros: a.balance_micros,
+            held_micros: a.held_micros,
+            holds: a
+                .holds
+                .iter()
+                .map(|(s, h)| {
+                    let hold = HoldV3 {
+                        amount_micros: h.amount_micros,
+                        expires_at_ms: h.expires_at_ms,
+                    };
+                    (*s, hold)
+                })
+                .collect(),
+            period: a.period,
+            period_spent_micros: a.period_spent_micros,
+            credited_total_micros: a.credited_total_micros,
+            debited_total_micros: a.debited_total_micros,
+            refunded_total_micros: a.refunded_total_micros,
+            refundable: a
+                .refundable
+                .iter()
+                .map(|r| RefundableV3 {
+                    seq: r.seq,
+                    remaining_micros: r.remaining_micros,
+                    period: r.period,
+                })
+                .collect(),
+            last_seq: a.last_seq,
+            created_at_ms: a.created_at_ms,
+            updated_at_ms: a.updated_at_ms,
+            api_keys: a.api_keys.clone(),
+        }
+    }
+
     /// For the test: a version 1 record of `agent` (without its keys).
     #[cfg(test)]
     pub(super) fn encode_v1(agent: &AgentState) -> Vec<u8> {
@@ -347,18 +463,18 @@ mod legacy {
             status: Status,
             balance_micros: u64,
             held_micros: u64,
-            holds: &'a BTreeMap<u64, Hold>,
+            holds: &'a BTreeMap<u64, HoldV3>,
             period: PeriodKey,
             period_spent_micros: u64,
             credited_total_micros: u64,
             debited_total_micros: u64,
             refunded_total_micros: u64,
-            refundable: &'a VecDeque<Refundable>,
+            refundable: &'a VecDeque<RefundableV3>,
             last_seq: u64,
             created_at_ms: TimestampMs,
             updated_at_ms: TimestampMs,
         }
-        let a = agent;
+        let a = to_v3(agent);
         super::encode_as(
             super::RECORD_VERSION,
             &V1 {
@@ -542,6 +658,79 @@ mod tests {
         ])
     }
 
+    /// `agent` as a pre-grant record decodes: its balance, holds and refundable debits
+    /// are the migrated grant's.
+    fn migrated(agent: &AgentState) -> AgentState {
+        let mut want = agent.clone();
+        let plain = |micros| {
+            if micros == 0 {
+                Vec::new()
+            } else {
+                vec![tally_core::Draw {
+                    grant_id: legacy::MIGRATED_GRANT_ID,
+                    micros,
+                    terms: tally_core::GrantTerms::PLAIN,
+                }]
+            }
+        };
+        want.grants = std::collections::BTreeMap::from([(
+            legacy::MIGRATED_GRANT_ID,
+            tally_core::Grant {
+                amount_micros: agent.balance_micros,
+                remaining_micros: agent.balance_micros,
+                terms: tally_core::GrantTerms::PLAIN,
+            },
+        )]);
+        for h in want.holds.values_mut() {
+            h.draws = plain(h.amount_micros);
+        }
+        for r in &mut want.refundable {
+            r.draws = plain(r.remaining_micros);
+        }
+        want
+    }
+
+    #[test]
+    fn version_3_agent_records_and_writes_migrate_to_one_plain_grant() {
+        let (agent, events) = sample();
+        let want = migrated(&agent);
+        let old = encode_as(AGENT_VERSION_V3, &legacy::to_v3(&agent)).expect("encodes");
+        let back = decode_agent(&old).expect("decodes");
+        assert_eq!(back, want);
+        assert_eq!(back.grants.len(), 1);
+        assert_eq!(back.balance_micros, agent.balance_micros);
+        // A version 3 WAL record: agent, expected_seq, events, then the checkpoint.
+        let mut write = vec![AGENT_VERSION_V3];
+        write.extend_from_slice(
+            &encode_as(0, &(&agent.id, 0u64, &events[..])).expect("encodes")[1..],
+        );
+        write.push(1); // Some(checkpoint)
+        write.extend_from_slice(&old[1..]);
+        let back = decode_write(&write).expect("decodes");
+        assert_eq!(back.events, events);
+        assert_eq!(back.checkpoint, Some(want.clone()));
+        // The migrated agent goes on: an old journal's tail (a debit) draws from the
+        // migrated grant.
+        let debit = Event {
+            seq: want.last_seq + 1,
+            balance_after_micros: want.balance_micros - 10,
+            kind: tally_core::EventKind::Debited {
+                amount_micros: 10,
+                period: want.period,
+            },
+            ..events[3].clone()
+        };
+        let state = tally_core::evolve(Some(want), &agent.id, &debit).expect("applies");
+        assert_eq!(
+            state.grants[&legacy::MIGRATED_GRANT_ID].remaining_micros,
+            agent.balance_micros - 10
+        );
+        assert_eq!(
+            state.refundable.back().expect("the debit").draws[0].grant_id,
+            legacy::MIGRATED_GRANT_ID
+        );
+    }
+
     #[test]
     fn thresholds_round_trip() {
         let (mut agent, _) = sample();
@@ -560,6 +749,7 @@ mod tests {
         agent.api_keys.clear();
         let old = legacy::encode_v1(&agent);
         assert_eq!(old[0], RECORD_VERSION);
+        let agent = migrated(&agent);
         assert_eq!(decode_agent(&old).expect("decodes"), agent);
         // A version 1 WAL record: agent, expected_seq, events, then the checkpoint.
         let mut write = vec![RECORD_VERSION];
@@ -570,30 +760,6 @@ mod tests {
         write.extend_from_slice(&old[1..]);
         let back = decode_write(&write).expect("decodes");
         assert_eq!(back.events, events[..4].to_vec());
-        assert_eq!(back.checkpoint, Some(agent));
-    }
-
-    #[test]
-    fn version_3_agent_records_and_writes_still_decode_without_thresholds() {
-        let (agent, events) = sample();
-        assert_eq!(agent.thresholds, None);
-        // Version 3 is version 4 without the trailing `thresholds` (None: one 0 byte).
-        let as_v3 = |mut v4: Vec<u8>| {
-            assert_eq!(v4.pop(), Some(0));
-            v4[0] = AGENT_VERSION_3;
-            v4
-        };
-        let old = as_v3(encode_agent(&agent).expect("encodes"));
-        assert_eq!(decode_agent(&old).expect("decodes"), agent);
-        let write = AgentWrite {
-            agent: agent.id.clone(),
-            expected_seq: 0,
-            events: events.clone(),
-            checkpoint: Some(agent.clone()),
-        };
-        let old = as_v3(encode_write(&write).expect("encodes"));
-        let back = decode_write(&old).expect("decodes");
-        assert_eq!(back.events, events);
         assert_eq!(back.checkpoint, Some(agent));
     }
 

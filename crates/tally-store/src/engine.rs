@@ -635,6 +635,7 @@ impl Usage {
                 t.refunded_micros = t.refunded_micros.saturating_add(amount_micros);
             }
             EventKind::Credited { amount_micros }
+            | EventKind::GrantIssued { amount_micros, .. }
                 if e.at_ms >= self.start_ms && e.at_ms < self.end_ms =>
             {
                 self.credited_micros = self.credited_micros.saturating_add(amount_micros);

@@ -346,7 +346,8 @@ impl Shard {
             return;
         }
         if cmd.kind.spends() {
-            // Money in holds that expired is the agent's again before it spends.
+            // Money in holds that expired is the agent's again before it spends, and money
+            // of grants that expired is gone.
             self.expire_holds(&cmd.agent, run);
         }
         let mut fresh_rate = RateState::default();
@@ -440,17 +441,14 @@ impl Shard {
         Ok(())
     }
 
-    /// Releases the agent's holds that are due, as an `ExpireHolds` command.
+    /// Releases the agent's holds that are due and expires its due credit grants, as an
+    /// `ExpireHolds` command (the core journals both).
     fn expire_holds(&mut self, agent: &AgentId, run: &mut Run) {
         let now_ms = self.now_ms;
         let Some(slot) = self.agents.get_mut(agent) else {
             return;
         };
-        if slot
-            .state()
-            .next_hold_expiry_ms()
-            .is_none_or(|at| at > now_ms)
-        {
+        if slot.state().next_expiry_ms().is_none_or(|at| at > now_ms) {
             return;
         }
         let cmd = Command::new(agent.clone(), CommandKind::ExpireHolds);
@@ -525,11 +523,7 @@ impl Shard {
             let due: Vec<AgentId> = self
                 .agents
                 .iter()
-                .filter(|(_, s)| {
-                    s.state()
-                        .next_hold_expiry_ms()
-                        .is_some_and(|at| at <= now_ms)
-                })
+                .filter(|(_, s)| s.state().next_expiry_ms().is_some_and(|at| at <= now_ms))
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in due {

@@ -13,10 +13,10 @@
 //!
 //! Where the engine differs from a bare `decide` by design, the harness does the
 //! equivalent on the model's side, explicitly:
-//! - Before every spend (debit, hold, check) the engine releases the agent's due holds as
-//!   an `ExpireHolds` command of its own, journaled, even when the spend is then denied or
-//!   rejected. The model is sent the same `ExpireHolds` first whenever one of its holds is
-//!   due, and the step must have written exactly those entries plus the command's own.
+//! - Before every spend (debit, hold, check) the engine releases the agent's due holds and
+//!   expires its due grants as an `ExpireHolds` command of its own, journaled, even when
+//!   the spend is then denied or rejected. The model is sent the same `ExpireHolds` first
+//!   whenever one of its holds or grants is due, and the step must have written exactly those entries plus the command's own.
 //!   The engine's background sweep is turned off (`hold_sweep_interval_ms = u64::MAX`): it
 //!   writes at moments the model cannot see.
 //! - State-changing commands need an idempotency key; each gets a fresh one, so the
@@ -140,11 +140,12 @@ impl Harness {
     /// writes.
     fn expire_due(&mut self, agent: usize) -> Result<u64, TestCaseError> {
         let now_ms = self.m.now_ms;
-        let due = self
-            .m
-            .model
-            .get(&self.m.key(agent))
-            .is_some_and(|m| m.holds.values().any(|h| h.expires_at_ms <= now_ms));
+        let due = self.m.model.get(&self.m.key(agent)).is_some_and(|m| {
+            m.holds.values().any(|h| h.expires_at_ms <= now_ms)
+                || m.grants
+                    .values()
+                    .any(|g| g.terms.expires_at_ms.is_some_and(|at| at <= now_ms))
+        });
         if !due {
             return Ok(0);
         }

@@ -146,3 +146,71 @@ async fn with_a_cache_of_two_records_a_hold_is_swept_before_and_after_a_restart(
     assert_eq!(engine.metrics().open_holds.get(), 0);
     engine.shutdown().await.expect("shuts down");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_grant_leaves_the_balance_by_the_sweep_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let mut cfg = config(dir.path());
+    cfg.hold_sweep_interval_ms = 1_000;
+    let engine = Engine::open(cfg, plans(), clock.clone(), None).expect("engine opens");
+    let a = agent("granted");
+    create_funded(&engine, &a, "default", 100).await;
+    let terms = tally_core::GrantTerms {
+        expires_at_ms: Some(T0_MS + 60_000),
+        priority: 100,
+        category: tally_core::GrantCategory::Promotional,
+    };
+    let grant = approve(
+        &engine,
+        cmd(
+            &a,
+            CommandKind::IssueGrant {
+                amount_micros: 40,
+                terms,
+            },
+            "g",
+        ),
+    )
+    .await;
+
+    clock.set(T0_MS + 60_000 + 1_000);
+    let deadline = Instant::now() + SWEEP_WAIT_MAX;
+    loop {
+        let journal = engine.journal(&a, 0, usize::MAX).await.expect("reads");
+        if journal
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::GrantExpired { .. }))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no GrantExpired within {SWEEP_WAIT_MAX:?}; journal: {journal:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // More sweeps pass; the grant expired once.
+    clock.set(T0_MS + 70_000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let journal = engine.journal(&a, 0, usize::MAX).await.expect("reads");
+    let expiries: Vec<_> = journal
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::GrantExpired { .. }))
+        .collect();
+    assert_eq!(expiries.len(), 1, "{journal:?}");
+    assert_eq!(
+        expiries[0].kind,
+        EventKind::GrantExpired {
+            grant_id: grant.seq,
+            expired_micros: 40,
+        }
+    );
+    let after = engine.agent(&a).await.expect("reads").expect("exists");
+    assert_eq!(
+        (after.balance_micros, after.expired_total_micros),
+        (100, 40)
+    );
+    after.check_invariants().expect("invariants hold");
+    engine.shutdown().await.expect("shuts down");
+}

@@ -139,14 +139,15 @@ impl Ledger {
         self.run_cmd(&cmd, now_ms)
     }
 
-    /// Runs a command that must be approved; returns the seq of its first event.
+    /// Runs a command that must be approved; returns the seq of its own event (after the
+    /// expiries of due grants journaled ahead of it).
     fn approve(&mut self, kind: CommandKind, now_ms: u64) -> u64 {
         let label = format!("{kind:?}");
         match self.run(kind, now_ms) {
             Ok(Decision {
                 outcome: Outcome::Approved(receipt),
                 ..
-            }) => receipt.first_seq,
+            }) => receipt.seq,
             other => panic!("{label} should be approved, got {other:?}"),
         }
     }
@@ -240,6 +241,7 @@ fn debit_low(ledger: &Ledger, amount_micros: u64) -> Command {
 mod amounts;
 mod api_keys;
 mod caps;
+mod grants;
 mod holds;
 mod order;
 mod thresholds;

@@ -80,6 +80,20 @@ pub(crate) enum Op {
         debit: Pick,
         part: Part,
     },
+    /// A credit grant expiring `expires_in_ms` from now (0: now, refused), if any.
+    Grant {
+        agent: usize,
+        amount: u64,
+        expires_in_ms: Option<u64>,
+        priority: u32,
+        promotional: bool,
+    },
+    /// Jump to `early_ms` before a live grant's expiry (0: exactly at it), if later.
+    ToGrantExpiry {
+        agent: usize,
+        grant: usize,
+        early_ms: u64,
+    },
     /// A served call whose payment could not be settled: journaled, no money moves.
     Unsettled {
         agent: usize,
@@ -174,8 +188,34 @@ pub(crate) fn advance_ms() -> impl Strategy<Value = u64> {
     ]
 }
 
+pub(crate) fn grant_priority() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        3 => Just(100u32),
+        2 => Just(50u32),
+        1 => Just(0u32),
+        1 => Just(200u32),
+        1 => Just(u32::MAX),
+    ]
+}
+
+pub(crate) fn expires_in_ms() -> impl Strategy<Value = Option<u64>> {
+    prop_oneof![
+        2 => Just(None),
+        1 => Just(Some(0u64)),
+        3 => (1u64..3_000).prop_map(Some),
+        2 => (3_000u64..=HOLD_TTL_MAX_MS).prop_map(Some),
+        1 => (0u64..=40 * MS_PER_DAY).prop_map(Some),
+    ]
+}
+
 pub(crate) fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
+        4 => (agent(), credit_amount(), expires_in_ms(), grant_priority(), prop::bool::weighted(0.4))
+            .prop_map(|(agent, amount, expires_in_ms, priority, promotional)| Op::Grant {
+                agent, amount, expires_in_ms, priority, promotional,
+            }),
+        2 => (agent(), any::<usize>(), 0u64..=1)
+            .prop_map(|(agent, grant, early_ms)| Op::ToGrantExpiry { agent, grant, early_ms }),
         1 => (agent(), 0..PLANS.len()).prop_map(|(agent, plan)| Op::Create { agent, plan }),
         6 => (agent(), credit_amount()).prop_map(|(agent, amount)| Op::Credit { agent, amount }),
         7 => (agent(), spend_amount(), priority())

@@ -8,13 +8,16 @@
 use std::collections::BTreeMap;
 
 use tally_core::{
-    CommandError, CommandKind, Denial, Plan, PlanBook, PlanName, Priority, RateBucket, RateStatus,
-    Status,
+    CommandError, CommandKind, Denial, GrantCategory, GrantTerms, Plan, PlanBook, PlanName,
+    Priority, RateBucket, RateStatus, Status,
 };
 
 pub(crate) const MS_PER_DAY: u64 = 86_400_000;
 pub(crate) const NANOS_PER_MS: u64 = 1_000_000;
 pub(crate) const HOLD_TTL_MAX_MS: u64 = 3_600_000;
+/// The core's `GRANTS_PER_AGENT_MAX` and `GRANT_PRIORITY_DEFAULT`, restated.
+pub(crate) const MODEL_GRANTS_MAX: usize = 32;
+pub(crate) const MODEL_PRIORITY_DEFAULT: u32 = 100;
 
 // ---- the model's plans ---------------------------------------------------------------
 
@@ -168,16 +171,50 @@ pub(crate) fn period_end_ms(period: (i64, u32), anchor_day: u32) -> u64 {
 
 // ---- the model ledger --------------------------------------------------------------------
 
+/// A grant's terms: (expiry, priority, category).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ModelHold {
-    pub(crate) amount: u64,
-    pub(crate) expires_at_ms: u64,
+pub(crate) struct ModelTerms {
+    pub(crate) expires_at_ms: Option<u64>,
+    pub(crate) priority: u32,
+    pub(crate) paid: bool,
+}
+
+impl ModelTerms {
+    pub(crate) const PLAIN: ModelTerms = ModelTerms {
+        expires_at_ms: None,
+        priority: MODEL_PRIORITY_DEFAULT,
+        paid: true,
+    };
+
+    pub(crate) fn of(t: &GrantTerms) -> Self {
+        ModelTerms {
+            expires_at_ms: t.expires_at_ms,
+            priority: t.priority,
+            paid: t.category == GrantCategory::Paid,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ModelGrant {
+    pub(crate) amount: u64,
+    pub(crate) remaining: u64,
+    pub(crate) terms: ModelTerms,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ModelHold {
+    pub(crate) amount: u64,
+    pub(crate) expires_at_ms: u64,
+    /// (grant id, micros) in draw order.
+    pub(crate) draws: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ModelDebit {
     pub(crate) remaining: u64,
     pub(crate) period: (i64, u32),
+    pub(crate) draws: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -193,9 +230,15 @@ pub(crate) struct ModelAgent {
     pub(crate) credited: u128,
     pub(crate) debited: u128,
     pub(crate) refunded: u128,
+    pub(crate) expired: u128,
+    /// Debits and captures drawn from promotional grants.
+    pub(crate) debited_promotional: u128,
     pub(crate) seq: u64,
     /// governor's theoretical arrival time, ns; volatile.
     pub(crate) tat_ns: Option<u64>,
+    pub(crate) grants: BTreeMap<u64, ModelGrant>,
+    /// The terms of every grant ever drawn from, by id (for money that comes back).
+    pub(crate) terms: BTreeMap<u64, ModelTerms>,
 }
 
 /// What the model expects a command to answer: the outcome, and the `RateLimit` status
@@ -399,7 +442,7 @@ impl ModelAgent {
         }
         if i128::from(amount) > self.balance {
             // Retry-After only if holds expiring on their own would free enough.
-            let mut by_expiry: Vec<ModelHold> = self.holds.values().copied().collect();
+            let mut by_expiry: Vec<ModelHold> = self.holds.values().cloned().collect();
             by_expiry.sort_by_key(|h| h.expires_at_ms);
             let mut available = self.balance;
             let mut retry_after_ms = None;
@@ -421,7 +464,12 @@ impl ModelAgent {
         Ok(())
     }
 
-    pub(crate) fn spend(&mut self, amount: u64, now_ms: u64, seq: u64) {
+    pub(crate) fn spend(&mut self, amount: u64, now_ms: u64, seq: u64, draws: Vec<(u64, u64)>) {
+        for (id, micros) in &draws {
+            if !self.terms[id].paid {
+                self.debited_promotional += u128::from(*micros);
+            }
+        }
         let period = self.period_now(now_ms);
         *self.spend.entry(period).or_default() += u128::from(amount);
         self.debited += u128::from(amount);
@@ -433,12 +481,193 @@ impl ModelAgent {
                 ModelDebit {
                     remaining: amount,
                     period,
+                    draws,
                 },
             );
         }
     }
 
+    /// Grants in the order a spend draws from them: priority, then the earliest expiry
+    /// (never after any date), then the oldest.
+    pub(crate) fn grant_order(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.grants.keys().copied().collect();
+        ids.sort_by(|a, b| {
+            let (ta, tb) = (self.grants[a].terms, self.grants[b].terms);
+            let by_expiry = match (ta.expires_at_ms, tb.expires_at_ms) {
+                (Some(x), Some(y)) => x.cmp(&y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            };
+            ta.priority.cmp(&tb.priority).then(by_expiry).then(a.cmp(b))
+        });
+        ids
+    }
+
+    /// Takes `amount` from the grants in order; empty ones go.
+    fn take(&mut self, amount: u64) -> Vec<(u64, u64)> {
+        let mut left = amount;
+        let mut draws = Vec::new();
+        for id in self.grant_order() {
+            if left == 0 {
+                break;
+            }
+            let g = self.grants.get_mut(&id).expect("listed");
+            let t = g.remaining.min(left);
+            g.remaining -= t;
+            left -= t;
+            draws.push((id, t));
+            if g.remaining == 0 {
+                self.grants.remove(&id);
+            }
+        }
+        assert_eq!(left, 0, "the model spends only what its grants hold");
+        self.balance -= i128::from(amount);
+        draws
+    }
+
+    /// Money back to grant `id`: to it if live; a never-expiring one's to the live grant
+    /// of the same terms; else the grant comes back with its terms.
+    fn give(&mut self, id: u64, micros: u64) {
+        let terms = self.terms[&id];
+        let home = if self.grants.contains_key(&id) || terms.expires_at_ms.is_some() {
+            id
+        } else {
+            self.grants
+                .iter()
+                .find(|(_, g)| g.terms == terms)
+                .map_or(id, |(i, _)| *i)
+        };
+        let g = self.grants.entry(home).or_insert(ModelGrant {
+            amount: 0,
+            remaining: 0,
+            terms,
+        });
+        g.remaining += micros;
+        g.amount = g.amount.max(g.remaining);
+        self.balance += i128::from(micros);
+    }
+
+    /// Every grant due at `now` expires (in id order): the number of expiries.
+    fn expire_grants(&mut self, now: u64) -> Result<u32, CommandError> {
+        self.expire_grants_first(now).map(|(n, _)| n)
+    }
+
+    /// [`Self::expire_grants`], and the money the first expiry took.
+    fn expire_grants_first(&mut self, now: u64) -> Result<(u32, u64), CommandError> {
+        let due: Vec<u64> = self
+            .grants
+            .iter()
+            .filter(|(_, g)| g.terms.expires_at_ms.is_some_and(|at| at <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        let sum: u128 = due
+            .iter()
+            .map(|id| u128::from(self.grants[id].remaining))
+            .sum();
+        fits(self.expired, sum)?;
+        let first = due.first().map_or(0, |id| self.grants[id].remaining);
+        for id in &due {
+            let g = self.grants.remove(id).expect("due");
+            self.balance -= i128::from(g.remaining);
+            self.expired += u128::from(g.remaining);
+        }
+        Ok((due.len() as u32, first))
+    }
+
+    /// Whether a grant on `terms` merges, or fits under the limit.
+    fn room_for(&self, terms: ModelTerms) -> Result<(), CommandError> {
+        let merges =
+            terms.expires_at_ms.is_none() && self.grants.values().any(|g| g.terms == terms);
+        if !merges && self.grants.len() >= MODEL_GRANTS_MAX {
+            return Err(CommandError::TooManyGrants {
+                max: MODEL_GRANTS_MAX,
+            });
+        }
+        Ok(())
+    }
+
+    fn issue(&mut self, seq: u64, amount: u64, terms: ModelTerms) {
+        let merge = self
+            .grants
+            .iter()
+            .find(|(_, g)| terms.expires_at_ms.is_none() && g.terms == terms)
+            .map(|(id, _)| *id);
+        match merge {
+            Some(id) => {
+                let g = self.grants.get_mut(&id).expect("found");
+                g.amount = g.amount.saturating_add(amount);
+                g.remaining += amount;
+            }
+            None => {
+                self.grants.insert(
+                    seq,
+                    ModelGrant {
+                        amount,
+                        remaining: amount,
+                        terms,
+                    },
+                );
+                self.terms.insert(seq, terms);
+            }
+        }
+        self.credited += u128::from(amount);
+        self.balance += i128::from(amount);
+    }
+
+    /// A command, with the expiry of due grants first for those that move money: on
+    /// approval the expiries are journaled ahead of the command's own entries; on a
+    /// denial or an error nothing but the limiter's state changes.
     pub(crate) fn step(
+        &mut self,
+        kind: &CommandKind,
+        prio: Priority,
+        now: u64,
+    ) -> Result<Expect, CommandError> {
+        let moves_money = matches!(
+            kind,
+            CommandKind::Credit { .. }
+                | CommandKind::IssueGrant { .. }
+                | CommandKind::Debit { .. }
+                | CommandKind::Check { .. }
+                | CommandKind::Hold { .. }
+                | CommandKind::Capture { .. }
+                | CommandKind::Void { .. }
+                | CommandKind::ExpireHolds
+                | CommandKind::Refund { .. }
+        );
+        if !moves_money {
+            return self.step_after_expiry(kind, prio, now);
+        }
+        let mut next = self.clone();
+        let result = next.expire_then_step(kind, prio, now);
+        match result {
+            Ok(Expect::Approved { .. }) => *self = next,
+            _ => self.tat_ns = next.tat_ns,
+        }
+        result
+    }
+
+    fn expire_then_step(
+        &mut self,
+        kind: &CommandKind,
+        prio: Priority,
+        now: u64,
+    ) -> Result<Expect, CommandError> {
+        let (expired, first) = self.expire_grants_first(now)?;
+        self.seq += u64::from(expired);
+        let mut result = self.step_after_expiry(kind, prio, now)?;
+        if let Expect::Approved { events, amount, .. } = &mut result {
+            if *events == 0 {
+                // A sweep with only grants to expire: the receipt is of the first.
+                *amount = first;
+            }
+            *events += expired;
+        }
+        Ok(result)
+    }
+
+    fn step_after_expiry(
         &mut self,
         kind: &CommandKind,
         prio: Priority,
@@ -465,10 +694,32 @@ impl ModelAgent {
                 if a == 0 {
                     return Err(CommandError::ZeroAmount);
                 }
+                self.room_for(ModelTerms::PLAIN)?;
                 fits(self.credited, a.into())?;
                 fits(self.balance as u128, a.into())?;
-                self.credited += u128::from(a);
-                self.balance += i128::from(a);
+                self.issue(next, a, ModelTerms::PLAIN);
+                Ok(self.approved(1, a))
+            }
+            CommandKind::IssueGrant {
+                amount_micros: a,
+                ref terms,
+            } => {
+                if a == 0 {
+                    return Err(CommandError::ZeroAmount);
+                }
+                if let Some(at) = terms.expires_at_ms {
+                    if at <= now {
+                        return Err(CommandError::GrantExpiryNotInFuture {
+                            expires_at_ms: at,
+                            now_ms: now,
+                        });
+                    }
+                }
+                let terms = ModelTerms::of(terms);
+                self.room_for(terms)?;
+                fits(self.credited, a.into())?;
+                fits(self.balance as u128, a.into())?;
+                self.issue(next, a, terms);
                 Ok(self.approved(1, a))
             }
             CommandKind::Debit { amount_micros: a } => {
@@ -480,8 +731,8 @@ impl ModelAgent {
                 }
                 fits(self.debited, a.into())?;
                 fits(self.spent_at(now), a.into())?;
-                self.balance -= i128::from(a);
-                self.spend(a, now, next);
+                let draws = self.take(a);
+                self.spend(a, now, next, draws);
                 let rate = self.rate_status(now);
                 Ok(self.approved_with(1, a, None, rate))
             }
@@ -515,13 +766,14 @@ impl ModelAgent {
                     return Ok(Expect::denied(d));
                 }
                 fits(self.held(), a.into())?;
-                self.balance -= i128::from(a);
+                let draws = self.take(a);
                 let expires_at_ms = now + ttl_ms;
                 self.holds.insert(
                     next,
                     ModelHold {
                         amount: a,
                         expires_at_ms,
+                        draws,
                     },
                 );
                 let rate = self.rate_status(now);
@@ -531,9 +783,10 @@ impl ModelAgent {
                 hold_seq,
                 amount_micros: a,
             } => {
-                let hold = *self
+                let hold = self
                     .holds
                     .get(&hold_seq)
+                    .cloned()
                     .ok_or(CommandError::UnknownHold(hold_seq))?;
                 if now >= hold.expires_at_ms {
                     return Err(CommandError::HoldExpired {
@@ -552,19 +805,33 @@ impl ModelAgent {
                 fits(self.spent_at(now), a.into())?;
                 fits(self.balance as u128, released.into())?;
                 self.holds.remove(&hold_seq);
-                self.balance += i128::from(released);
-                self.spend(a, now, next);
-                Ok(self.approved(1, a))
+                // The reservation is spent from its first draw on; the rest goes back.
+                let (mut captured, mut left) = (Vec::new(), a);
+                for (id, micros) in hold.draws {
+                    let t = micros.min(left);
+                    left -= t;
+                    if t > 0 {
+                        captured.push((id, t));
+                    }
+                    if micros > t {
+                        self.give(id, micros - t);
+                    }
+                }
+                self.spend(a, now, next, captured);
+                let lapsed = self.expire_grants(now)?;
+                Ok(self.approved(1 + lapsed, a))
             }
             CommandKind::Void { hold_seq } => {
-                let hold = *self
+                let hold = self
                     .holds
-                    .get(&hold_seq)
+                    .remove(&hold_seq)
                     .ok_or(CommandError::UnknownHold(hold_seq))?;
                 fits(self.balance as u128, hold.amount.into())?;
-                self.holds.remove(&hold_seq);
-                self.balance += i128::from(hold.amount);
-                Ok(self.approved(1, hold.amount))
+                for (id, micros) in hold.draws {
+                    self.give(id, micros);
+                }
+                let lapsed = self.expire_grants(now)?;
+                Ok(self.approved(1 + lapsed, hold.amount))
             }
             CommandKind::ExpireHolds => {
                 let due: Vec<u64> = self
@@ -579,9 +846,12 @@ impl ModelAgent {
                 let first = due.first().map_or(0, |s| self.holds[s].amount);
                 for s in &due {
                     let h = self.holds.remove(s).expect("due hold is open");
-                    self.balance += i128::from(h.amount);
+                    for (id, micros) in h.draws {
+                        self.give(id, micros);
+                    }
                 }
-                Ok(self.approved(due.len() as u32, first))
+                let lapsed = self.expire_grants(now)?;
+                Ok(self.approved(due.len() as u32 + lapsed, first))
             }
             // Recorded whatever the status, limits or cap: the call already happened.
             CommandKind::RecordUnsettledPayment { amount_micros: a } => {
@@ -603,9 +873,10 @@ impl ModelAgent {
                 if a == 0 {
                     return Err(CommandError::ZeroAmount);
                 }
-                let debit = *self
+                let debit = self
                     .debits
                     .get(&debit_seq)
+                    .cloned()
                     .ok_or(CommandError::UnknownDebit(debit_seq))?;
                 if a > debit.remaining {
                     return Err(CommandError::RefundExceedsDebit {
@@ -616,11 +887,27 @@ impl ModelAgent {
                 fits(self.refunded, a.into())?;
                 fits(self.balance as u128, a.into())?;
                 self.refunded += u128::from(a);
-                self.balance += i128::from(a);
-                self.debits.get_mut(&debit_seq).expect("exists").remaining -= a;
+                // A refund undoes the spend from its last draw backwards.
+                let (mut kept, mut returned, mut left) = (debit.draws.clone(), Vec::new(), a);
+                for d in kept.iter_mut().rev() {
+                    let t = d.1.min(left);
+                    left -= t;
+                    d.1 -= t;
+                    if t > 0 {
+                        returned.push((d.0, t));
+                    }
+                }
+                kept.retain(|d| d.1 > 0);
+                for (id, micros) in returned.into_iter().rev() {
+                    self.give(id, micros);
+                }
+                let entry = self.debits.get_mut(&debit_seq).expect("exists");
+                entry.remaining -= a;
+                entry.draws = kept;
                 let spent = self.spend.entry(debit.period).or_default();
                 *spent = spent.saturating_sub(u128::from(a));
-                Ok(self.approved(1, a))
+                let lapsed = self.expire_grants(now)?;
+                Ok(self.approved(1 + lapsed, a))
             }
         }
     }

@@ -10,14 +10,18 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use tally_core::{
-    AgentId, AgentState, CommandError, CommandKind, Outcome, PeriodKey, Priority, RateStatus,
-    Status,
+    AgentId, AgentState, CommandError, CommandKind, GrantCategory, GrantTerms, Outcome, PeriodKey,
+    Priority, RateStatus, Status,
 };
 
 use crate::ops::{Op, Part, Pick, AGENTS};
 use crate::reference::{
-    period_end_ms, plan_name, Expect, ModelAgent, ModelHold, PLANS, PLAN_MOVES,
+    period_end_ms, plan_name, Expect, ModelAgent, ModelGrant, ModelHold, ModelTerms, PLANS,
+    PLAN_MOVES,
 };
+
+/// A refundable debit as compared: seq, remaining micros, (grant id, micros) drawn.
+type RefundableView = (u64, u64, Vec<(u64, u64)>);
 
 pub(crate) struct ModelWorld {
     pub(crate) ids: Vec<AgentId>,
@@ -27,6 +31,7 @@ pub(crate) struct ModelWorld {
     credited: u128,
     debited: u128,
     refunded: u128,
+    expired: u128,
 }
 
 /// The model's name for an answer of the system under test: its outcome and the
@@ -69,6 +74,7 @@ impl ModelWorld {
             credited: 0,
             debited: 0,
             refunded: 0,
+            expired: 0,
         }
     }
 
@@ -200,6 +206,28 @@ impl ModelWorld {
                     normal,
                 )
             }
+            Op::Grant {
+                agent,
+                amount,
+                expires_in_ms,
+                priority,
+                promotional,
+            } => (
+                *agent,
+                CommandKind::IssueGrant {
+                    amount_micros: *amount,
+                    terms: GrantTerms {
+                        expires_at_ms: expires_in_ms.map(|ms| self.now_ms + ms),
+                        priority: *priority,
+                        category: if *promotional {
+                            GrantCategory::Promotional
+                        } else {
+                            GrantCategory::Paid
+                        },
+                    },
+                },
+                normal,
+            ),
             Op::Unsettled { agent, amount } => (
                 *agent,
                 CommandKind::RecordUnsettledPayment {
@@ -227,9 +255,11 @@ impl ModelWorld {
                 },
                 normal,
             ),
-            Op::Advance { .. } | Op::ToHoldExpiry { .. } | Op::ToPeriodEnd { .. } | Op::Restart => {
-                return None
-            }
+            Op::Advance { .. }
+            | Op::ToHoldExpiry { .. }
+            | Op::ToGrantExpiry { .. }
+            | Op::ToPeriodEnd { .. }
+            | Op::Restart => return None,
         })
     }
 
@@ -260,11 +290,12 @@ impl ModelWorld {
                 _ => Err(CommandError::UnknownAgent),
             };
         };
-        let before = (m.credited, m.debited, m.refunded);
+        let before = (m.credited, m.debited, m.refunded, m.expired);
         let result = m.step(kind, prio, now);
         self.credited += m.credited - before.0;
         self.debited += m.debited - before.1;
         self.refunded += m.refunded - before.2;
+        self.expired += m.expired - before.3;
         result
     }
 
@@ -284,6 +315,26 @@ impl ModelWorld {
                     .and_then(|m| m.holds.get(&seq))
                 {
                     self.now_ms = self.now_ms.max(h.expires_at_ms - early_ms);
+                }
+            }
+            Op::ToGrantExpiry {
+                agent,
+                grant,
+                early_ms,
+            } => {
+                let expiries: Vec<u64> = self
+                    .model
+                    .get(&self.key(*agent))
+                    .map(|m| {
+                        m.grants
+                            .values()
+                            .filter_map(|g| g.terms.expires_at_ms)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !expiries.is_empty() {
+                    let at = expiries[grant % expiries.len()];
+                    self.now_ms = self.now_ms.max(at - early_ms);
                 }
             }
             Op::ToPeriodEnd { agent, early_ms } => {
@@ -344,25 +395,54 @@ impl ModelWorld {
                         ModelHold {
                             amount: h.amount_micros,
                             expires_at_ms: h.expires_at_ms,
+                            draws: h.draws.iter().map(|d| (d.grant_id, d.micros)).collect(),
                         },
                     )
                 })
                 .collect();
             prop_assert_eq!(&holds, &model.holds, "holds {}", i);
-            let refundable: Vec<(u64, u64)> = state
+            let refundable: Vec<RefundableView> = state
                 .refundable
                 .iter()
-                .map(|r| (r.seq, r.remaining_micros))
+                .map(|r| {
+                    let draws = r.draws.iter().map(|d| (d.grant_id, d.micros)).collect();
+                    (r.seq, r.remaining_micros, draws)
+                })
                 .collect();
-            let model_refundable: Vec<(u64, u64)> = model
+            let model_refundable: Vec<RefundableView> = model
                 .debits
                 .iter()
-                .map(|(s, d)| (*s, d.remaining))
+                .map(|(s, d)| (*s, d.remaining, d.draws.clone()))
                 .collect();
             prop_assert_eq!(refundable, model_refundable, "refundable {}", i);
             prop_assert_eq!(u128::from(state.credited_total_micros), model.credited);
             prop_assert_eq!(u128::from(state.debited_total_micros), model.debited);
             prop_assert_eq!(u128::from(state.refunded_total_micros), model.refunded);
+            prop_assert_eq!(u128::from(state.expired_total_micros), model.expired);
+            prop_assert_eq!(
+                u128::from(state.debited_promotional_total_micros),
+                model.debited_promotional
+            );
+            let grants: BTreeMap<u64, ModelGrant> = state
+                .grants
+                .iter()
+                .map(|(id, g)| {
+                    let grant = ModelGrant {
+                        amount: g.amount_micros,
+                        remaining: g.remaining_micros,
+                        terms: ModelTerms::of(&g.terms),
+                    };
+                    (*id, grant)
+                })
+                .collect();
+            prop_assert_eq!(&grants, &model.grants, "grants {}", i);
+            let grants_sum: i128 = model.grants.values().map(|g| i128::from(g.remaining)).sum();
+            prop_assert_eq!(
+                grants_sum,
+                model.balance,
+                "model balance = its grants {}",
+                i
+            );
             let (y, m) = model.period_now(self.now_ms);
             let period = PeriodKey::new(y as i32, m).expect("model period in range");
             prop_assert_eq!(
@@ -372,10 +452,11 @@ impl ModelWorld {
                 i,
                 period
             );
-            // Conservation per agent: balance + held + debited = credited + refunded.
+            // Conservation per agent: balance + held = issued − spent − expired + refunded.
             let out = u128::from(state.balance_micros)
                 + u128::from(state.held_micros)
-                + u128::from(state.debited_total_micros);
+                + u128::from(state.debited_total_micros)
+                + u128::from(state.expired_total_micros);
             let inn =
                 u128::from(state.credited_total_micros) + u128::from(state.refunded_total_micros);
             prop_assert_eq!(out, inn, "money conserved for agent {}", i);
@@ -391,7 +472,7 @@ impl ModelWorld {
             .map(|s| u128::from(s.balance_micros) + u128::from(s.held_micros))
             .sum();
         prop_assert_eq!(
-            balances_and_held + self.debited,
+            balances_and_held + self.debited + self.expired,
             self.credited + self.refunded
         );
         Ok(())
