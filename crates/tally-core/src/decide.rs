@@ -388,11 +388,16 @@ fn with_crossings(
     mut decision: Decision,
     now_ms: TimestampMs,
 ) -> Decision {
-    let Some(last) = decision.events.last() else {
+    // Denials and checks journal nothing; an approved command with no events (a sweep
+    // with nothing to release) may still have a grant's expiry warning to journal.
+    if !matches!(decision.outcome, Outcome::Approved(_)) {
         return decision;
+    }
+    let (mut seq, balance, held) = match decision.events.last() {
+        Some(last) => (last.seq, last.balance_after_micros, last.held_after_micros),
+        None => (s.last_seq, s.balance_micros, s.held_micros),
     };
-    let (mut seq, balance, held) = (last.seq, last.balance_after_micros, last.held_after_micros);
-    let crossings = threshold::crossings(s, plan, &decision.events);
+    let crossings = threshold::crossings(s, plan, &decision.events, now_ms);
     if crossings.is_empty() {
         return decision;
     }

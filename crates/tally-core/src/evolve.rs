@@ -9,6 +9,7 @@ use crate::event::{Event, EventKind};
 use crate::grant::{self, Draw, Grant, GrantTerms};
 use crate::id::AgentId;
 use crate::state::{AgentState, ApiKey, Hold, Refundable};
+use crate::threshold::Crossing;
 use crate::REFUNDABLE_DEBITS_MAX;
 
 /// Applies `event` to the agent's state (`None` before its creation) and returns the new
@@ -223,6 +224,14 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
                 return Err(err("revoke of an unknown API key"));
             }
         }
+        EventKind::ThresholdCrossed {
+            crossing: Crossing::GrantExpiring { grant_id, .. },
+        } => {
+            s.grants
+                .get_mut(grant_id)
+                .ok_or_else(|| err("expiry warning for an unknown grant"))?
+                .expiry_warned = true;
+        }
         EventKind::PaymentUnsettled { .. } | EventKind::ThresholdCrossed { .. } => {}
         EventKind::ThresholdsSet { thresholds } => s.thresholds = *thresholds,
     }
@@ -270,6 +279,7 @@ fn issue(
         amount_micros: 0,
         remaining_micros: 0,
         terms,
+        expiry_warned: false,
     });
     // Informational (issued to this grant); the money itself is checked below.
     g.amount_micros = g.amount_micros.saturating_add(amount_micros);

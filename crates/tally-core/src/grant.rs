@@ -83,6 +83,8 @@ pub struct Grant {
     pub amount_micros: u64,
     pub remaining_micros: u64,
     pub terms: GrantTerms,
+    /// A `grant.expiring` notification was journaled for it (see [`crate::threshold`]).
+    pub expiry_warned: bool,
 }
 
 /// Money a hold reserved, or a debit took, from one grant.
@@ -186,6 +188,7 @@ pub(crate) fn give_back(
             amount_micros: 0,
             remaining_micros: 0,
             terms: d.terms,
+            expiry_warned: false,
         });
         g.remaining_micros = g.remaining_micros.checked_add(d.micros).ok_or("overflow")?;
         // A grant that comes back, or takes in money of a merged one, shows it as issued.

@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
 use crate::event::{Event, EventKind};
+use crate::grant::Grant;
 use crate::period::PeriodKey;
 use crate::plan::Plan;
 use crate::state::AgentState;
+use crate::TimestampMs;
 
 /// What to be told about, per plan (and replaced as a whole per agent).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -22,7 +24,13 @@ pub struct Thresholds {
     /// Once per period: spend only grows within a period, and a refund that lowers it
     /// again re-arms it.
     pub cap_spend_percent: Option<u8>,
+    /// Tell when a credit grant with money left is this close to its expiry (once per
+    /// grant; at the first command or sweep of the agent at or past `expires_at − this`).
+    pub grant_expiring_within_ms: Option<u64>,
 }
+
+/// Longest `grant_expiring_within_ms`: a year.
+pub const GRANT_EXPIRING_WITHIN_MS_MAX: u64 = 366 * 86_400_000;
 
 impl Thresholds {
     pub fn validate(&self) -> Result<(), ValidationError> {
@@ -34,11 +42,28 @@ impl Thresholds {
                 });
             }
         }
+        if let Some(ms) = self.grant_expiring_within_ms {
+            if !(1..=GRANT_EXPIRING_WITHIN_MS_MAX).contains(&ms) {
+                return Err(ValidationError::Invalid {
+                    field: "grant_expiring_within_ms",
+                    reason: format!("must be 1..={GRANT_EXPIRING_WITHIN_MS_MAX}"),
+                });
+            }
+        }
         Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.balance_below_micros.is_none() && self.cap_spend_percent.is_none()
+        self.balance_below_micros.is_none()
+            && self.cap_spend_percent.is_none()
+            && self.grant_expiring_within_ms.is_none()
+    }
+
+    /// When grant `g` is due for its expiry warning under these thresholds, if ever.
+    fn warning_at_ms(&self, g: &Grant) -> Option<TimestampMs> {
+        let within = self.grant_expiring_within_ms?;
+        let expires_at_ms = g.terms.expires_at_ms?;
+        (!g.expiry_warned && g.remaining_micros > 0).then(|| expires_at_ms.saturating_sub(within))
     }
 }
 
@@ -56,6 +81,14 @@ pub enum Crossing {
         spent_micros: u64,
         period: PeriodKey,
     },
+    /// Grant `grant_id` (with `remaining_micros` left) expires at `expires_at_ms`, within
+    /// `within_ms` of the change or sweep that noticed.
+    GrantExpiring {
+        grant_id: u64,
+        expires_at_ms: TimestampMs,
+        remaining_micros: u64,
+        within_ms: u64,
+    },
 }
 
 impl Crossing {
@@ -64,6 +97,7 @@ impl Crossing {
         match self {
             Crossing::BalanceBelow { .. } => "balance.low",
             Crossing::CapSpend { .. } => "cap.threshold_reached",
+            Crossing::GrantExpiring { .. } => "grant.expiring",
         }
     }
 }
@@ -73,12 +107,25 @@ pub fn effective<'a>(s: &'a AgentState, plan: &'a Plan) -> &'a Thresholds {
     s.thresholds.as_ref().unwrap_or(&plan.thresholds)
 }
 
-/// The thresholds that `events` (one command's, applied in order to `before`) cross.
-pub(crate) fn crossings(before: &AgentState, plan: &Plan, events: &[Event]) -> Vec<Crossing> {
+/// The earliest moment an agent with no command has a notification due (a grant's
+/// expiry warning), for the sweep to know when to come by.
+pub fn next_warning_ms(s: &AgentState, plan: &Plan) -> Option<TimestampMs> {
+    let thresholds = effective(s, plan);
+    s.grants
+        .values()
+        .filter_map(|g| thresholds.warning_at_ms(g))
+        .min()
+}
+
+/// The thresholds that `events` (one command's, applied in order to `before`, maybe none)
+/// cross at `now_ms`.
+pub(crate) fn crossings(
+    before: &AgentState,
+    plan: &Plan,
+    events: &[Event],
+    now_ms: TimestampMs,
+) -> Vec<Crossing> {
     let mut out = Vec::new();
-    let Some(last) = events.last() else {
-        return out;
-    };
     // Judged on the agent's thresholds after the change, so that setting them is not
     // itself a crossing (a set-thresholds command moves no money).
     let thresholds = events
@@ -90,6 +137,12 @@ pub(crate) fn crossings(before: &AgentState, plan: &Plan, events: &[Event]) -> V
         })
         .unwrap_or(before.thresholds.as_ref())
         .unwrap_or(&plan.thresholds);
+    if thresholds.grant_expiring_within_ms.is_some() {
+        expiry_warnings(before, thresholds, events, now_ms, &mut out);
+    }
+    let Some(last) = events.last() else {
+        return out;
+    };
     if let Some(threshold_micros) = thresholds.balance_below_micros {
         if before.balance_micros >= threshold_micros && last.balance_after_micros < threshold_micros
         {
@@ -123,4 +176,47 @@ pub(crate) fn crossings(before: &AgentState, plan: &Plan, events: &[Event]) -> V
         }
     }
     out
+}
+
+/// Grants (after `events`) whose warning is due at `now_ms` and that still have money to
+/// lose; an expired one is gone already, so it is not warned about.
+fn expiry_warnings(
+    before: &AgentState,
+    thresholds: &Thresholds,
+    events: &[Event],
+    now_ms: TimestampMs,
+    out: &mut Vec<Crossing>,
+) {
+    let after;
+    let state = if events.is_empty() {
+        before
+    } else {
+        let mut next = before.clone();
+        for e in events {
+            if crate::evolve::apply(&mut next, e).is_err() {
+                // `decide` checks its events against `evolve` in debug builds; a release
+                // build that gets here skips the warning rather than invent one.
+                return;
+            }
+        }
+        after = next;
+        &after
+    };
+    let within_ms = thresholds.grant_expiring_within_ms.unwrap_or(0);
+    for (id, g) in &state.grants {
+        let Some(expires_at_ms) = g.terms.expires_at_ms else {
+            continue;
+        };
+        if thresholds
+            .warning_at_ms(g)
+            .is_some_and(|at| at <= now_ms && now_ms < expires_at_ms)
+        {
+            out.push(Crossing::GrantExpiring {
+                grant_id: *id,
+                expires_at_ms,
+                remaining_micros: g.remaining_micros,
+                within_ms,
+            });
+        }
+    }
 }

@@ -67,6 +67,7 @@ pub struct PatchAgentBody {
 pub struct ThresholdsBody {
     pub balance_below_micros: Option<u64>,
     pub cap_spend_percent: Option<u8>,
+    pub grant_expiring_within_ms: Option<u64>,
 }
 
 /// `POST /v1/agents/{id}/credits`.
@@ -344,6 +345,7 @@ pub fn thresholds_json(t: &Thresholds) -> Value {
     json!({
         "balance_below_micros": t.balance_below_micros,
         "cap_spend_percent": t.cap_spend_percent,
+        "grant_expiring_within_ms": t.grant_expiring_within_ms,
     })
 }
 
@@ -367,6 +369,18 @@ pub fn crossing_json(c: &Crossing) -> Value {
             "cap_micros": cap_micros,
             "spent_micros": spent_micros,
             "period": period.to_string(),
+        }),
+        Crossing::GrantExpiring {
+            grant_id,
+            expires_at_ms,
+            remaining_micros,
+            within_ms,
+        } => json!({
+            "type": c.name(),
+            "grant_id": grant_id,
+            "expires_at": rfc3339_ms(expires_at_ms),
+            "remaining_micros": remaining_micros,
+            "within_ms": within_ms,
         }),
     }
 }

@@ -334,10 +334,15 @@ fn build() -> Value {
     // Outside the `json!` above, which is at the macro's recursion limit.
     schemas["FeedEvent"] = object(&feed_event_fields, feed_event);
     schemas["Thresholds"] = object(
-        &["balance_below_micros", "cap_spend_percent"],
+        &[
+            "balance_below_micros",
+            "cap_spend_percent",
+            "grant_expiring_within_ms",
+        ],
         json!({
             "balance_below_micros": nullable(u64_schema()),
             "cap_spend_percent": nullable(json!({"type": "integer", "minimum": 1, "maximum": 100})),
+            "grant_expiring_within_ms": nullable(json!({"type": "integer", "minimum": 1, "maximum": 31_622_400_000u64})),
         }),
     );
     schemas["SetThresholds"] = object(
@@ -345,14 +350,17 @@ fn build() -> Value {
         json!({
             "balance_below_micros": u64_schema(),
             "cap_spend_percent": {"type": "integer", "minimum": 1, "maximum": 100},
+            "grant_expiring_within_ms": {"type": "integer", "minimum": 1, "maximum": 31_622_400_000u64},
         }),
     );
     schemas["Crossing"] = object(
-        &["type", "threshold_micros"],
+        &["type"],
         json!({
-            "type": {"type": "string", "enum": ["balance.low", "cap.threshold_reached"]},
+            "type": {"type": "string", "enum": ["balance.low", "cap.threshold_reached", "grant.expiring"]},
             "threshold_micros": u64_schema(), "percent": {"type": "integer"}, "cap_micros": u64_schema(),
             "spent_micros": u64_schema(), "period": {"type": "string"},
+            "grant_id": u64_schema(), "expires_at": {"type": "string", "format": "date-time"},
+            "remaining_micros": u64_schema(), "within_ms": u64_schema(),
         }),
     );
     schemas["FeedPage"] = object(

@@ -100,6 +100,7 @@ pub async fn put_thresholds(
     let thresholds = Thresholds {
         balance_below_micros: body.balance_below_micros,
         cap_spend_percent: body.cap_spend_percent,
+        grant_expiring_within_ms: body.grant_expiring_within_ms,
     };
     let kind = CommandKind::SetThresholds {
         thresholds: Some(thresholds),

@@ -40,7 +40,7 @@ pub const WEBHOOK_RETRY_FOR_MS_MAX: u64 = 3 * 86_400_000;
 pub const WEBHOOK_BACKOFF_FIRST_MS_DEFAULT: u64 = 1_000;
 pub const WEBHOOK_BACKOFF_MS_MAX: u64 = 300_000;
 /// The webhook types, one per kind of crossing.
-pub const WEBHOOK_TYPES: &[&str] = &["balance.low", "cap.threshold_reached"];
+pub const WEBHOOK_TYPES: &[&str] = &["balance.low", "cap.threshold_reached", "grant.expiring"];
 /// How old a `webhook-timestamp` `tally webhooks verify` accepts by default, as the
 /// spec's reference libraries do (and as far in the future).
 pub const SIGNATURE_TOLERANCE_S: i64 = 300;

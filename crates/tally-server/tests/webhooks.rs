@@ -146,6 +146,7 @@ monthly_cap_micros = 10000
 [plans.thresholds]
 balance_below_micros = 500
 cap_spend_percent = 50
+grant_expiring_within_ms = 86400000
 
 [[webhooks]]
 name = "billing"
@@ -261,6 +262,36 @@ async fn one_crossing_is_one_signed_delivery() {
 }
 
 #[tokio::test]
+async fn a_grant_about_to_expire_is_one_webhook() {
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    let s = TestServer::start_with(cfg(&url, "")).await;
+    s.agent("w1", "watched", 1_000).await;
+    // The server's clock is 2026-11-29T13:00:00Z: an hour to go, inside the day's window.
+    let body = json!({"amount_micros": 300, "expires_at": "2026-11-29T14:00:00Z",
+                      "category": "promotional"});
+    let g = s.post("/v1/agents/w1/grants", "g-1", body).await;
+    assert_eq!(g.status, 201, "{}", g.text);
+    let grant_id = g.body["seq"].as_u64().expect("seq");
+    let got = receiver
+        .wait_for("the warning", |got| !got.is_empty())
+        .await;
+    let hook = got[0].json();
+    assert!(verifies(SECRET, &got[0]));
+    assert_eq!(hook["type"], "grant.expiring");
+    assert_eq!(hook["data"]["grant_id"], grant_id);
+    assert_eq!(hook["data"]["expires_at"], "2026-11-29T14:00:00.000Z");
+    assert_eq!(hook["data"]["remaining_micros"], 300);
+    assert_eq!(hook["data"]["within_ms"], 86_400_000);
+    assert_eq!(hook["data"]["balance_micros"], 1_300);
+    // Once: the marker (a low balance) is the next and last thing the receiver gets.
+    assert_eq!(s.debit("w1", "w1-d1", 900).await.status, 201);
+    let got = receiver.wait_for("the marker", |got| got.len() >= 2).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1].json()["type"], "balance.low");
+}
+
+#[tokio::test]
 async fn a_receiver_that_fails_twice_gets_it_the_third_time_under_the_same_id() {
     let receiver = Receiver::default();
     let url = receiver.start().await;
@@ -368,7 +399,7 @@ async fn an_agents_own_thresholds_over_http() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(
         r.body["thresholds"],
-        json!({"balance_below_micros": 100, "cap_spend_percent": null})
+        json!({"balance_below_micros": 100, "cap_spend_percent": null, "grant_expiring_within_ms": null})
     );
     // Replayed under its key; a different body under it is refused.
     let again = put("t1", json!({"balance_below_micros": 100})).await;
@@ -424,7 +455,7 @@ async fn an_agents_own_thresholds_over_http() {
         .clone();
     assert_eq!(
         watched["thresholds"],
-        json!({"balance_below_micros": 500, "cap_spend_percent": 50})
+        json!({"balance_below_micros": 500, "cap_spend_percent": 50, "grant_expiring_within_ms": 86_400_000})
     );
 }
 

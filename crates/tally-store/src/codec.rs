@@ -326,6 +326,7 @@ mod legacy {
                         amount_micros: v.balance_micros,
                         remaining_micros: v.balance_micros,
                         terms: GrantTerms::PLAIN,
+                        expiry_warned: false,
                     },
                 );
             }
@@ -679,6 +680,7 @@ mod tests {
                 amount_micros: agent.balance_micros,
                 remaining_micros: agent.balance_micros,
                 terms: tally_core::GrantTerms::PLAIN,
+                expiry_warned: false,
             },
         )]);
         for h in want.holds.values_mut() {
@@ -737,6 +739,7 @@ mod tests {
         agent.thresholds = Some(tally_core::Thresholds {
             balance_below_micros: Some(7),
             cap_spend_percent: Some(80),
+            grant_expiring_within_ms: None,
         });
         let bytes = encode_agent(&agent).expect("encodes");
         assert_eq!(bytes[0], AGENT_VERSION);

@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tally_core::idempotency::{judge, Seen, Verdict};
 use tally_core::{
     decide, evolve, AgentId, AgentState, Command, CommandKind, Event, EventKind, Outcome, PlanBook,
-    RateState, Receipt,
+    RateState, Receipt, TimestampMs,
 };
 use tokio::sync::oneshot;
 
@@ -442,13 +442,14 @@ impl Shard {
     }
 
     /// Releases the agent's holds that are due and expires its due credit grants, as an
-    /// `ExpireHolds` command (the core journals both).
+    /// `ExpireHolds` command (the core journals both, and the expiry warnings of grants
+    /// that are due).
     fn expire_holds(&mut self, agent: &AgentId, run: &mut Run) {
         let now_ms = self.now_ms;
         let Some(slot) = self.agents.get_mut(agent) else {
             return;
         };
-        if slot.state().next_expiry_ms().is_none_or(|at| at > now_ms) {
+        if sweep_due_ms(slot.state(), &self.shared.plans).is_none_or(|at| at > now_ms) {
             return;
         }
         let cmd = Command::new(agent.clone(), CommandKind::ExpireHolds);
@@ -523,7 +524,9 @@ impl Shard {
             let due: Vec<AgentId> = self
                 .agents
                 .iter()
-                .filter(|(_, s)| s.state().next_expiry_ms().is_some_and(|at| at <= now_ms))
+                .filter(|(_, s)| {
+                    sweep_due_ms(s.state(), &self.shared.plans).is_some_and(|at| at <= now_ms)
+                })
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in due {
@@ -705,5 +708,17 @@ pub(crate) fn run_committer(rx: Receiver<CommitBatch>, shared: Arc<Shared>) {
                 p.send(failure.as_ref());
             }
         }
+    }
+}
+
+/// When the sweep has something to do for an agent: a hold or a grant expires, or a
+/// grant's expiry warning is due under its plan's (or its own) thresholds.
+fn sweep_due_ms(state: &AgentState, plans: &PlanBook) -> Option<TimestampMs> {
+    let warning = plans
+        .get(&state.plan)
+        .and_then(|plan| tally_core::threshold::next_warning_ms(state, plan));
+    match (state.next_expiry_ms(), warning) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

@@ -214,3 +214,74 @@ async fn an_expired_grant_leaves_the_balance_by_the_sweep_exactly_once() {
     after.check_invariants().expect("invariants hold");
     engine.shutdown().await.expect("shuts down");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_about_to_expire_is_warned_about_by_the_sweep_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let mut cfg = config(dir.path());
+    cfg.hold_sweep_interval_ms = 1_000;
+    let engine = Engine::open(cfg, plans(), clock.clone(), None).expect("engine opens");
+    let a = agent("warned");
+    create_funded(&engine, &a, "default", 100).await;
+    let thresholds = tally_core::Thresholds {
+        balance_below_micros: None,
+        cap_spend_percent: None,
+        grant_expiring_within_ms: Some(30_000),
+    };
+    let set = CommandKind::SetThresholds {
+        thresholds: Some(thresholds),
+    };
+    approve(&engine, cmd(&a, set, "thresholds-1")).await;
+    let terms = tally_core::GrantTerms {
+        expires_at_ms: Some(T0_MS + 60_000),
+        priority: 100,
+        category: tally_core::GrantCategory::Promotional,
+    };
+    let issue = CommandKind::IssueGrant {
+        amount_micros: 40,
+        terms,
+    };
+    let grant = approve(&engine, cmd(&a, issue, "grant-1")).await;
+    let warnings = |journal: &[tally_core::Event]| -> Vec<tally_core::Crossing> {
+        journal
+            .iter()
+            .filter_map(|e| match e.kind {
+                EventKind::ThresholdCrossed { crossing } => Some(crossing),
+                _ => None,
+            })
+            .collect()
+    };
+    // Inside the window, before the expiry; no command for the agent.
+    clock.set(T0_MS + 31_000);
+    let deadline = Instant::now() + SWEEP_WAIT_MAX;
+    loop {
+        let journal = engine.journal(&a, 0, usize::MAX).await.expect("reads");
+        if !warnings(&journal).is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no warning within {SWEEP_WAIT_MAX:?}; journal: {journal:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // More sweeps pass in the window; it was said once.
+    clock.set(T0_MS + 40_000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let journal = engine.journal(&a, 0, usize::MAX).await.expect("reads");
+    assert_eq!(
+        warnings(&journal),
+        [tally_core::Crossing::GrantExpiring {
+            grant_id: grant.seq,
+            expires_at_ms: T0_MS + 60_000,
+            remaining_micros: 40,
+            within_ms: 30_000,
+        }],
+        "{journal:?}"
+    );
+    let after = engine.agent(&a).await.expect("reads").expect("exists");
+    assert!(after.grants[&grant.seq].expiry_warned);
+    after.check_invariants().expect("invariants hold");
+    engine.shutdown().await.expect("shuts down");
+}

@@ -27,7 +27,7 @@ impl Ledger {
     }
 
     /// The kinds of the events the last approved command wrote.
-    fn last_kinds(&self, n: usize) -> Vec<&'static str> {
+    pub(super) fn last_kinds(&self, n: usize) -> Vec<&'static str> {
         self.journal[self.journal.len() - n..]
             .iter()
             .map(|e| e.kind.name())

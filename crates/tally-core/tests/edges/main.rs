@@ -54,6 +54,7 @@ fn plans() -> PlanBook {
         .with_thresholds(Thresholds {
             balance_below_micros: Some(LOW_BALANCE_MICROS),
             cap_spend_percent: Some(50),
+            grant_expiring_within_ms: None,
         })
         .expect("valid thresholds");
     for p in [&open, &capped, &capped28, &limited] {

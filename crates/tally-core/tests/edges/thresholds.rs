@@ -143,6 +143,7 @@ fn an_agents_own_thresholds_replace_its_plans_and_setting_them_is_not_a_crossing
             thresholds: Some(Thresholds {
                 balance_below_micros: Some(100),
                 cap_spend_percent: None,
+                grant_expiring_within_ms: None,
             }),
         },
         T0,
@@ -174,6 +175,7 @@ fn invalid_thresholds_are_rejected_and_plans_without_thresholds_say_nothing() {
                 thresholds: Some(Thresholds {
                     balance_below_micros: None,
                     cap_spend_percent: Some(pct),
+                    grant_expiring_within_ms: None,
                 }),
             },
             T0,
@@ -189,6 +191,122 @@ fn invalid_thresholds_are_rejected_and_plans_without_thresholds_say_nothing() {
     let no_cap = Plan::unlimited(plan_name("x")).with_thresholds(Thresholds {
         balance_below_micros: None,
         cap_spend_percent: Some(80),
+        grant_expiring_within_ms: None,
     });
     assert!(no_cap.is_err(), "a cap share needs a cap");
+}
+
+/// 2026-11-29T13:00:00Z + one day: when the promotional grant below expires.
+const GRANT_EXPIRES: u64 = T0 + 86_400_000;
+const WITHIN_MS: u64 = 3_600_000;
+
+fn warned_plan_ledger() -> Ledger {
+    let mut l = Ledger::new("open", T0);
+    l.approve(
+        CommandKind::SetThresholds {
+            thresholds: Some(Thresholds {
+                balance_below_micros: Some(LOW_BALANCE_MICROS),
+                cap_spend_percent: None,
+                grant_expiring_within_ms: Some(WITHIN_MS),
+            }),
+        },
+        T0,
+    );
+    l.credit(1_000, T0);
+    l.approve(
+        CommandKind::IssueGrant {
+            amount_micros: 300,
+            terms: tally_core::GrantTerms {
+                expires_at_ms: Some(GRANT_EXPIRES),
+                priority: 100,
+                category: tally_core::GrantCategory::Promotional,
+            },
+        },
+        T0,
+    );
+    l
+}
+
+#[test]
+fn a_grant_is_warned_about_once_from_exactly_expires_at_minus_the_window() {
+    let mut l = warned_plan_ledger();
+    let grant_id = l.journal.last().expect("issued").seq;
+    let mark = l.journal.len();
+    // One ms before the window: a sweep finds nothing to say.
+    l.approve(CommandKind::ExpireHolds, GRANT_EXPIRES - WITHIN_MS - 1);
+    assert_eq!(crossings_since(&l, mark), []);
+    assert_eq!(l.journal.len(), mark, "an idle sweep writes nothing");
+    // At exactly expires_at − window a sweep journals the warning, alone.
+    l.approve(CommandKind::ExpireHolds, GRANT_EXPIRES - WITHIN_MS);
+    assert_eq!(
+        crossings_since(&l, mark),
+        [Crossing::GrantExpiring {
+            grant_id,
+            expires_at_ms: GRANT_EXPIRES,
+            remaining_micros: 300,
+            within_ms: WITHIN_MS,
+        }]
+    );
+    assert!(l.state().grants[&grant_id].expiry_warned);
+    // Once: neither the next sweep nor a debit says it again.
+    let mark = l.journal.len();
+    l.approve(CommandKind::ExpireHolds, GRANT_EXPIRES - 1);
+    l.debit(1, GRANT_EXPIRES - 1);
+    assert_eq!(crossings_since(&l, mark), []);
+    // At expiry the remainder goes (299: the debit drew from the earlier-expiring grant).
+    let mark = l.journal.len();
+    l.approve(CommandKind::ExpireHolds, GRANT_EXPIRES);
+    assert_eq!(l.last_kinds(1), ["grant_expired"]);
+    assert_eq!(crossings_since(&l, mark), []);
+    assert_eq!(l.balance(), 1_000);
+}
+
+#[test]
+fn a_command_in_the_window_carries_the_warning_and_an_expiry_can_cross_the_balance() {
+    let mut l = warned_plan_ledger();
+    let mark = l.journal.len();
+    let seq = l.debit(800, GRANT_EXPIRES - 10);
+    // The debit drew the 300 of the grant first (earliest expiry), then 500 of the plain.
+    assert_eq!(l.balance(), 500);
+    let kinds: Vec<_> = l.journal[mark..].iter().map(|e| e.kind.name()).collect();
+    assert_eq!(
+        kinds,
+        ["debit"],
+        "the grant is spent out: nothing to warn about"
+    );
+    let mark = l.journal.len();
+    assert_eq!(seq, l.journal[mark - 1].seq);
+    // A new grant issued inside the window is warned about by its own command. Priority
+    // 200: drawn after the plain credit.
+    l.approve(
+        CommandKind::IssueGrant {
+            amount_micros: 100,
+            terms: tally_core::GrantTerms {
+                expires_at_ms: Some(GRANT_EXPIRES),
+                priority: 200,
+                category: tally_core::GrantCategory::Promotional,
+            },
+        },
+        GRANT_EXPIRES - 10,
+    );
+    assert!(matches!(
+        crossings_since(&l, mark).as_slice(),
+        [Crossing::GrantExpiring {
+            remaining_micros: 100,
+            ..
+        }]
+    ));
+    // 600 → 599 (from the plain credit) crosses nothing; the grant's expiry takes the
+    // balance to 499: the sweep that expires it journals the crossing.
+    l.debit(1, GRANT_EXPIRES - 5);
+    let mark = l.journal.len();
+    l.approve(CommandKind::ExpireHolds, GRANT_EXPIRES);
+    assert_eq!(l.balance(), 499);
+    assert_eq!(l.last_kinds(2), ["grant_expired", "threshold_crossed"]);
+    assert_eq!(
+        crossings_since(&l, mark),
+        [Crossing::BalanceBelow {
+            threshold_micros: LOW_BALANCE_MICROS
+        }]
+    );
 }

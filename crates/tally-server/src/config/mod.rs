@@ -540,6 +540,7 @@ impl Config {
                     Some(t) => plan.with_thresholds(Thresholds {
                         balance_below_micros: t.balance_below_micros,
                         cap_spend_percent: t.cap_spend_percent,
+                        grant_expiring_within_ms: t.grant_expiring_within_ms,
                     }),
                 })
                 .map_err(|e| lines.err(&key, &span, e))?;

@@ -100,6 +100,7 @@ pub(super) struct RawPlan {
 pub(super) struct RawThresholds {
     pub(super) balance_below_micros: Option<u64>,
     pub(super) cap_spend_percent: Option<u8>,
+    pub(super) grant_expiring_within_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
