@@ -62,7 +62,7 @@ impl Receiver {
             post(move |headers: HeaderMap, body: axum::body::Bytes| {
                 let me = me.clone();
                 async move {
-                    let status = me.script.lock().unwrap().pop_front().unwrap_or(204);
+                    let status = me.script.lock().expect("lock").pop_front().unwrap_or(204);
                     let h = |name: &str| {
                         headers
                             .get(name)
@@ -70,7 +70,7 @@ impl Receiver {
                             .unwrap_or_default()
                             .to_owned()
                     };
-                    me.got.lock().unwrap().push(Received {
+                    me.got.lock().expect("lock").push(Received {
                         id: h("webhook-id"),
                         timestamp: h("webhook-timestamp"),
                         signature: h("webhook-signature"),
@@ -91,11 +91,11 @@ impl Receiver {
     }
 
     fn fail_next(&self, statuses: &[u16]) {
-        self.script.lock().unwrap().extend(statuses);
+        self.script.lock().expect("lock").extend(statuses);
     }
 
     fn got(&self) -> Vec<Received> {
-        self.got.lock().unwrap().clone()
+        self.got.lock().expect("lock").clone()
     }
 
     /// Waits until a request satisfies `pred`.
@@ -326,7 +326,7 @@ async fn a_restart_between_the_crossing_and_its_delivery_still_delivers_it_once(
         .wait_for("a first attempt", |got| got.iter().any(|r| r.id == id))
         .await;
     s.shut_down().await;
-    receiver.script.lock().unwrap().clear();
+    receiver.script.lock().expect("lock").clear();
     s.restart(cfg(&url, "")).await;
     receiver.wait_accepted(&id).await;
     // A marker crossing after the restart: once it is in, nothing else is coming.
@@ -370,7 +370,7 @@ async fn a_receiver_that_never_answers_is_given_up_after_retry_for_ms() {
         .expect("given up");
     s.agent("w2", "watched", 20_000).await;
     assert_eq!(s.debit("w2", "w2-d1", 5_000).await.status, 201);
-    receiver.script.lock().unwrap().clear();
+    receiver.script.lock().expect("lock").clear();
     let marker = cross_low_balance(&s, "w3").await;
     let got = receiver.wait_accepted(&format!("w3:{marker}")).await;
     assert!(got.iter().all(|r| r.json()["type"] == "balance.low"));
