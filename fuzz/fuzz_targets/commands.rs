@@ -1,5 +1,6 @@
 //! Fuzzes `tally_core::decide` + `evolve` with command sequences for three agents under plans
-//! with rate buckets, a monthly cap and a soft threshold, as time advances: never panics;
+//! with rate buckets, a monthly cap, a soft threshold and notification thresholds, with
+//! credit grants that expire, as time advances: never panics;
 //! after every step `check_invariants` holds, balances move exactly by approved amounts,
 //! denials and checks write nothing, and replaying the journal from `None` gives the state.
 #![no_main]
@@ -7,8 +8,9 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tally_core::{
-    decide, evolve, AgentId, AgentState, Command, CommandKind, Event, IdempotencyKey, Outcome,
-    Plan, PlanBook, PlanName, Pricing, Priority, RateBucket, RateState, Status, TaskType,
+    decide, evolve, AgentId, AgentState, Command, CommandKind, Event, EventKind, GrantCategory,
+    GrantTerms, IdempotencyKey, Outcome, Plan, PlanBook, PlanName, Pricing, Priority, RateBucket,
+    RateState, Status, TaskType, Thresholds,
 };
 
 /// 2026-01-27T00:00:00Z: a few days before a month end and the plans' anchor days.
@@ -75,6 +77,18 @@ enum Op {
     Void { hold: Pick },
     ExpireHolds,
     Refund { debit: Pick, amount: Part },
+    Grant {
+        amount: Amount,
+        expires_in_ms: Option<u32>,
+        priority: u8,
+        promotional: bool,
+    },
+    SetThresholds {
+        clear: bool,
+        balance_below: Option<Amount>,
+        cap_percent: Option<u8>,
+        within_ms: Option<u32>,
+    },
 }
 
 impl Amount {
@@ -113,6 +127,13 @@ fn plans() -> PlanBook {
         Pricing::default(),
         3_600_000,
     )
+    .and_then(|p| {
+        p.with_thresholds(Thresholds {
+            balance_below_micros: Some(10 * UNIT_MICROS),
+            cap_spend_percent: Some(60),
+            grant_expiring_within_ms: Some(3_600_000),
+        })
+    })
     .expect("valid plan");
     let tight = Plan::new(
         plan_name("tight"),
@@ -151,7 +172,7 @@ fn pick(p: Pick, ids: impl Iterator<Item = u64>) -> u64 {
     }
 }
 
-fn command_kind(op: &Op, state: Option<&AgentState>) -> CommandKind {
+fn command_kind(op: &Op, state: Option<&AgentState>, now_ms: u64) -> CommandKind {
     match *op {
         Op::Create { plan, suspended } => CommandKind::CreateAgent {
             plan: plan_name(PLAN_NAMES[usize::from(plan) % PLAN_NAMES.len()]),
@@ -203,7 +224,47 @@ fn command_kind(op: &Op, state: Option<&AgentState>) -> CommandKind {
                 amount_micros: amount.of(whole),
             }
         }
+        Op::Grant {
+            amount,
+            expires_in_ms,
+            priority,
+            promotional,
+        } => CommandKind::IssueGrant {
+            amount_micros: amount.micros(),
+            terms: GrantTerms {
+                expires_at_ms: expires_in_ms.map(|ms| now_ms + u64::from(ms)),
+                priority: u32::from(priority % 4) * 50,
+                category: if promotional {
+                    GrantCategory::Promotional
+                } else {
+                    GrantCategory::Paid
+                },
+            },
+        },
+        Op::SetThresholds {
+            clear,
+            balance_below,
+            cap_percent,
+            within_ms,
+        } => CommandKind::SetThresholds {
+            thresholds: (!clear).then(|| Thresholds {
+                balance_below_micros: balance_below.map(Amount::micros),
+                cap_spend_percent: cap_percent,
+                grant_expiring_within_ms: within_ms.map(u64::from),
+            }),
+        },
     }
+}
+
+/// Money that left the balance by grant expiries in a run of events.
+fn expired_in(events: &[Event]) -> u64 {
+    events
+        .iter()
+        .map(|e| match e.kind {
+            EventKind::GrantExpired { expired_micros, .. } => expired_micros,
+            _ => 0,
+        })
+        .sum()
 }
 
 fuzz_target!(|steps: Vec<Step>| {
@@ -225,7 +286,7 @@ fuzz_target!(|steps: Vec<Step>| {
         let id = &ids[i];
         let agent = &mut agents[i];
 
-        let mut cmd = Command::new(id.clone(), command_kind(&step.op, agent.state.as_ref()))
+        let mut cmd = Command::new(id.clone(), command_kind(&step.op, agent.state.as_ref(), now_ms))
             .with_priority(match step.priority {
                 Pri::Low => Priority::Low,
                 Pri::Normal => Priority::Normal,
@@ -286,17 +347,25 @@ fuzz_target!(|steps: Vec<Step>| {
             panic!("invariants broken after {cmd:?}: {e}");
         }
         // Money moves by exactly the approved amount, and only on approval.
+        // (Less the grants that expired ahead of the command, which the run says.)
         if let (Some(b), Outcome::Approved(_)) = (&before, &decision.outcome) {
+            let expired = expired_in(&decision.events);
+            assert_eq!(
+                s.expired_total_micros,
+                b.expired_total_micros + expired,
+                "expiries are journaled"
+            );
             match cmd.kind {
                 CommandKind::Debit { amount_micros } => {
-                    assert_eq!(s.balance_micros, b.balance_micros - amount_micros);
+                    assert_eq!(s.balance_micros, b.balance_micros - expired - amount_micros);
                     assert_eq!(s.debited_total_micros, b.debited_total_micros + amount_micros);
                 }
-                CommandKind::Credit { amount_micros } => {
-                    assert_eq!(s.balance_micros, b.balance_micros + amount_micros);
+                CommandKind::Credit { amount_micros }
+                | CommandKind::IssueGrant { amount_micros, .. } => {
+                    assert_eq!(s.balance_micros, b.balance_micros - expired + amount_micros);
                 }
                 CommandKind::Hold { amount_micros, .. } => {
-                    assert_eq!(s.balance_micros, b.balance_micros - amount_micros);
+                    assert_eq!(s.balance_micros, b.balance_micros - expired - amount_micros);
                     assert_eq!(s.held_micros, b.held_micros + amount_micros);
                 }
                 _ => {}
