@@ -77,11 +77,16 @@ impl Receipt {
         held_micros: u64,
         at_ms: TimestampMs,
     ) -> Self {
-        // Due grants expire ahead of the command's own event (`decide`); a run of only
-        // expiries (a sweep) is its own subject.
+        // Due grants expire ahead of the command's own event and notifications follow it
+        // (`decide`); a run of only those (a sweep) has its first as its subject.
         let own = events
             .iter()
-            .find(|e| !matches!(e.kind, EventKind::GrantExpired { .. }))
+            .find(|e| {
+                !matches!(
+                    e.kind,
+                    EventKind::GrantExpired { .. } | EventKind::ThresholdCrossed { .. }
+                )
+            })
             .or(events.first());
         match (events.first(), own, events.last()) {
             (Some(first), Some(own), Some(last)) => Receipt {

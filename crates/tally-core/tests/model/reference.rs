@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use tally_core::{
     CommandError, CommandKind, Denial, GrantCategory, GrantTerms, Plan, PlanBook, PlanName,
-    Priority, RateBucket, RateStatus, Status,
+    Priority, RateBucket, RateStatus, Status, Thresholds,
 };
 
 pub(crate) const MS_PER_DAY: u64 = 86_400_000;
@@ -35,6 +35,9 @@ pub(crate) struct ModelPlan {
     pub(crate) cap_micros: Option<u64>,
     pub(crate) soft_pct: Option<u64>,
     pub(crate) anchor_day: u32,
+    /// Notification thresholds: balance below, and a share of the cap (percent).
+    pub(crate) low_below: Option<u64>,
+    pub(crate) cap_alert_pct: Option<u64>,
 }
 
 pub(crate) const PLANS: [ModelPlan; 6] = [
@@ -44,6 +47,8 @@ pub(crate) const PLANS: [ModelPlan; 6] = [
         cap_micros: None,
         soft_pct: None,
         anchor_day: 1,
+        low_below: None,
+        cap_alert_pct: None,
     },
     ModelPlan {
         name: "capped",
@@ -51,6 +56,8 @@ pub(crate) const PLANS: [ModelPlan; 6] = [
         cap_micros: Some(20_000),
         soft_pct: Some(80),
         anchor_day: 1,
+        low_below: Some(1_000),
+        cap_alert_pct: Some(50),
     },
     ModelPlan {
         name: "metered",
@@ -62,6 +69,8 @@ pub(crate) const PLANS: [ModelPlan; 6] = [
         cap_micros: Some(10_000),
         soft_pct: Some(50),
         anchor_day: 15,
+        low_below: None,
+        cap_alert_pct: Some(75),
     },
     ModelPlan {
         name: "tight",
@@ -73,6 +82,8 @@ pub(crate) const PLANS: [ModelPlan; 6] = [
         cap_micros: None,
         soft_pct: None,
         anchor_day: 1,
+        low_below: Some(300),
+        cap_alert_pct: None,
     },
     ModelPlan {
         name: "capped15",
@@ -80,6 +91,8 @@ pub(crate) const PLANS: [ModelPlan; 6] = [
         cap_micros: Some(20_000),
         soft_pct: Some(80),
         anchor_day: 15,
+        low_below: None,
+        cap_alert_pct: None,
     },
     // A cell every 333.33 ms: waits that are not whole milliseconds, so that their
     // rounding (always up) shows.
@@ -93,6 +106,8 @@ pub(crate) const PLANS: [ModelPlan; 6] = [
         cap_micros: None,
         soft_pct: None,
         anchor_day: 1,
+        low_below: None,
+        cap_alert_pct: None,
     },
 ];
 
@@ -119,6 +134,11 @@ pub(crate) fn plan_book() -> PlanBook {
         p.soft_threshold_pct = m.soft_pct.map(|p| p as u8);
         p.anchor_day = m.anchor_day as u8;
         p.hold_ttl_max_ms = HOLD_TTL_MAX_MS;
+        p.thresholds = Thresholds {
+            balance_below_micros: m.low_below,
+            cap_spend_percent: m.cap_alert_pct.map(|p| p as u8),
+            grant_expiring_within_ms: None,
+        };
         p.validate().expect("valid plan");
         p
     }))
@@ -618,7 +638,41 @@ impl ModelAgent {
     /// A command, with the expiry of due grants first for those that move money: on
     /// approval the expiries are journaled ahead of the command's own entries; on a
     /// denial or an error nothing but the limiter's state changes.
+    /// One command, and the notifications it journals after its own entries: a fall of
+    /// the balance below the plan's `low_below`, a rise of the period's spend to its
+    /// `cap_alert_pct` share of the cap (DESIGN.md, "Billing stacks").
     pub(crate) fn step(
+        &mut self,
+        kind: &CommandKind,
+        prio: Priority,
+        now: u64,
+    ) -> Result<Expect, CommandError> {
+        let plan = self.plan();
+        let balance_before = self.balance;
+        let period = self.period_now(now);
+        let spent_before = self.spend.get(&period).copied().unwrap_or(0);
+        let mut result = self.step_without_notices(kind, prio, now)?;
+        if let Expect::Approved { events, .. } = &mut result {
+            let mut notices = 0;
+            if let Some(low) = plan.low_below.map(i128::from) {
+                if balance_before >= low && self.balance < low {
+                    notices += 1;
+                }
+            }
+            if let (Some(pct), Some(cap)) = (plan.cap_alert_pct, plan.cap_micros) {
+                let alert = u128::from(cap) * u128::from(pct) / 100;
+                let spent_after = self.spend.get(&period).copied().unwrap_or(0);
+                if spent_before < alert && spent_after >= alert {
+                    notices += 1;
+                }
+            }
+            *events += notices;
+            self.seq += u64::from(notices);
+        }
+        Ok(result)
+    }
+
+    fn step_without_notices(
         &mut self,
         kind: &CommandKind,
         prio: Priority,
