@@ -379,31 +379,12 @@ pub fn read_cursor(path: &Path) -> anyhow::Result<Option<String>> {
     Ok(Some(cursor.to_owned()))
 }
 
-/// Replaces the cursor file atomically and durably: a temp file, fsync, rename over the
-/// old one, fsync of the directory. A crash leaves the old cursor or the new one.
+/// Replaces the cursor file atomically and durably
+/// ([`crate::auth::write_file_atomically`]: a temp file, fsync, rename over the old one,
+/// fsync of the directory). A crash leaves the old cursor or the new one.
 pub fn write_cursor(path: &Path, cursor: &str) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp_name = path
-        .file_name()
-        .context("cursor file: no file name")?
-        .to_owned();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let context = || format!("writing cursor file {}", path.display());
-    {
-        let mut f = std::fs::File::create(&tmp).with_context(context)?;
-        f.write_all(cursor.as_bytes()).with_context(context)?;
-        f.write_all(b"\n").with_context(context)?;
-        f.sync_all().with_context(context)?;
-    }
-    std::fs::rename(&tmp, path).with_context(context)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(context)?;
-    Ok(())
+    crate::auth::write_file_atomically(path, true, |f| writeln!(f, "{cursor}"))
+        .with_context(|| format!("writing cursor file {}", path.display()))
 }
 
 /// Counts for the progress line on stderr: one line at most every

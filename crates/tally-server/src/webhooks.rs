@@ -228,20 +228,13 @@ impl CursorFile {
         })
     }
 
-    /// Writes the cursor to a temporary file, fsyncs it, renames it over the old one and
-    /// fsyncs the directory: after a crash the file holds the old cursor or the new one.
+    /// Replaces the cursor file durably ([`crate::auth::write_file_atomically`]): after
+    /// a crash it holds the old cursor or the new one.
     fn save(&self, cursor: FeedCursor) -> std::io::Result<()> {
         use std::io::Write as _;
-        let tmp = self.path.with_extension("cursor.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(cursor_text(cursor).as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        crate::auth::write_file_atomically(&self.path, true, |f| {
+            writeln!(f, "{}", cursor_text(cursor))
+        })
     }
 
     async fn save_async(&self, cursor: FeedCursor) {
