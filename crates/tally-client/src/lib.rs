@@ -64,7 +64,7 @@ pub use client::{Client, ClientBuilder, IDEMPOTENCY_KEY_LEN_MAX, JOURNAL_PAGE_LI
 pub use error::{Denial, Error, Outcome, Problem, PROBLEM_TYPE_PREFIX};
 pub use retry::RetryPolicy;
 pub use types::{
-    Agent, AgentPage, AgentPatch, BucketInfo, Capture, CheckResult, Credit, Debit, EventsPage,
-    FeedEvent, Hold, JournalEntry, JournalPage, Metadata, NewAgent, OpenHold, PlanInfo, Plans,
-    Priority, Receipt, Refund, TaskUsage, Usage,
+    Agent, AgentPage, AgentPatch, BucketInfo, Capture, CategoryUsage, CheckResult, Credit, Debit,
+    EventsPage, FeedEvent, Hold, JournalEntry, JournalPage, Metadata, NewAgent, OpenHold, PlanInfo,
+    Plans, Priority, Receipt, Refund, TaskUsage, Usage,
 };

@@ -110,6 +110,9 @@ pub struct JournalEntry {
     pub status: Option<String>,
     /// Set on `api_key_issued` / `api_key_revoked` entries.
     pub api_key_prefix: Option<String>,
+    /// Set on spends and refunds: the part of `amount_micros` drawn from (or returned to)
+    /// promotional credit grants.
+    pub promotional_micros: Option<u64>,
 }
 
 /// One page of the journal.
@@ -154,8 +157,21 @@ pub struct Usage {
     pub spent_micros: u64,
     pub refunded_micros: u64,
     pub credited_micros: u64,
+    /// Money of credit grants that expired in the period.
+    pub expired_micros: u64,
     pub debits: u64,
+    /// `"paid"` and `"promotional"`: spend, refunds and credits by grant category.
+    pub by_category: BTreeMap<String, CategoryUsage>,
     pub by_task_type: BTreeMap<String, TaskUsage>,
+}
+
+/// Spend, refunds and credits of one grant category within a period.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct CategoryUsage {
+    pub spent_micros: u64,
+    pub refunded_micros: u64,
+    pub credited_micros: u64,
 }
 
 /// Spend of one task type within a period.

@@ -165,10 +165,8 @@ pub fn decide(
             add(s.spent_in(period), amount)?;
             let balance = sub(s.balance_micros, amount)?;
             let status = admit(rate, plan, now_ms);
-            let kind = EventKind::Debited {
-                amount_micros: amount,
-                period,
-            };
+            let promotional = grant::promotional_part(&s.grants, amount);
+            let kind = EventKind::debit(amount, period, promotional);
             let event = stamp.event(next_seq, kind, balance, s.held_micros);
             approved(vec![event], balance, s.held_micros, now_ms, status)
         }
@@ -244,13 +242,9 @@ pub fn decide(
             add(s.spent_in(period), *amount_micros)?;
             let balance = add(s.balance_micros, released)?;
             let held = sub(s.held_micros, hold.amount_micros)?;
-            let kind = EventKind::HoldCaptured {
-                hold_seq: *hold_seq,
-                captured_micros: *amount_micros,
-                released_micros: released,
-                period,
-            };
-            let (_, returned) = grant::split_front(&hold.draws, *amount_micros);
+            let (captured, returned) = grant::split_front(&hold.draws, *amount_micros);
+            let promotional = grant::promotional(&captured);
+            let kind = EventKind::capture(*hold_seq, *amount_micros, released, period, promotional);
             let mut events = vec![stamp.event(next_seq, kind, balance, held)];
             let balance = lapse(s, &returned, &stamp, &mut events, balance, held, now_ms)?;
             approved(events, balance, held, now_ms, None)
@@ -303,12 +297,9 @@ pub fn decide(
             }
             add(s.refunded_total_micros, amount)?;
             let balance = add(s.balance_micros, amount)?;
-            let kind = EventKind::Refunded {
-                debit_seq: *debit_seq,
-                amount_micros: amount,
-                debit_period: debit.period,
-            };
             let (_, returned) = grant::split_back(&debit.draws, amount);
+            let promotional = grant::promotional(&returned);
+            let kind = EventKind::refund(*debit_seq, amount, debit.period, promotional);
             let held = s.held_micros;
             let mut events = vec![stamp.event(next_seq, kind, balance, held)];
             let balance = lapse(s, &returned, &stamp, &mut events, balance, held, now_ms)?;
@@ -514,7 +505,7 @@ fn check_against_evolve(s: &AgentState, events: &[Event]) {
     }
     let mut next = s.clone();
     for e in events {
-        if let Err(e) = crate::evolve::apply(&mut next, e) {
+        if let Err(e) = crate::evolve::apply_as(&mut next, e, crate::evolve::Split::Strict) {
             panic!("decide produced an event evolve rejects: {e}");
         }
     }

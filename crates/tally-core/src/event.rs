@@ -109,21 +109,169 @@ pub enum EventKind {
         grant_id: u64,
         expired_micros: u64,
     },
+    /// A debit that drew `promotional_micros` of its amount from promotional grants. A
+    /// debit drawn from paid grants only is still journaled as `Debited`, so journals
+    /// without promotional money keep the shape they had before grants. Built by
+    /// [`EventKind::debit`].
+    DebitedSplit {
+        amount_micros: u64,
+        period: PeriodKey,
+        promotional_micros: u64,
+    },
+    /// A capture whose captured money drew `promotional_micros` from promotional grants
+    /// (see `DebitedSplit`). Built by [`EventKind::capture`].
+    HoldCapturedSplit {
+        hold_seq: u64,
+        captured_micros: u64,
+        released_micros: u64,
+        period: PeriodKey,
+        promotional_micros: u64,
+    },
+    /// A refund that returned `promotional_micros` to promotional grants (see
+    /// `DebitedSplit`). Built by [`EventKind::refund`].
+    RefundedSplit {
+        debit_seq: u64,
+        amount_micros: u64,
+        debit_period: PeriodKey,
+        promotional_micros: u64,
+    },
 }
 
 impl EventKind {
+    /// A debit of `amount_micros`, `promotional_micros` of it from promotional grants.
+    pub fn debit(amount_micros: u64, period: PeriodKey, promotional_micros: u64) -> Self {
+        if promotional_micros == 0 {
+            EventKind::Debited {
+                amount_micros,
+                period,
+            }
+        } else {
+            EventKind::DebitedSplit {
+                amount_micros,
+                period,
+                promotional_micros,
+            }
+        }
+    }
+
+    /// A capture of `captured_micros` (`promotional_micros` of it promotional) releasing
+    /// `released_micros` of the hold.
+    pub fn capture(
+        hold_seq: u64,
+        captured_micros: u64,
+        released_micros: u64,
+        period: PeriodKey,
+        promotional_micros: u64,
+    ) -> Self {
+        if promotional_micros == 0 {
+            EventKind::HoldCaptured {
+                hold_seq,
+                captured_micros,
+                released_micros,
+                period,
+            }
+        } else {
+            EventKind::HoldCapturedSplit {
+                hold_seq,
+                captured_micros,
+                released_micros,
+                period,
+                promotional_micros,
+            }
+        }
+    }
+
+    /// A refund of `amount_micros` of debit `debit_seq`, `promotional_micros` of it going
+    /// back to promotional grants.
+    pub fn refund(
+        debit_seq: u64,
+        amount_micros: u64,
+        debit_period: PeriodKey,
+        promotional_micros: u64,
+    ) -> Self {
+        if promotional_micros == 0 {
+            EventKind::Refunded {
+                debit_seq,
+                amount_micros,
+                debit_period,
+            }
+        } else {
+            EventKind::RefundedSplit {
+                debit_seq,
+                amount_micros,
+                debit_period,
+                promotional_micros,
+            }
+        }
+    }
+
+    /// Of the money a spend or refund moved, the part drawn from (or returned to)
+    /// promotional grants; 0 for every other event.
+    pub fn promotional_micros(&self) -> u64 {
+        match *self {
+            EventKind::DebitedSplit {
+                promotional_micros, ..
+            }
+            | EventKind::HoldCapturedSplit {
+                promotional_micros, ..
+            }
+            | EventKind::RefundedSplit {
+                promotional_micros, ..
+            } => promotional_micros,
+            _ => 0,
+        }
+    }
+
+    /// A refund's debit, amount and the period the refunded money was spent in.
+    pub fn refund_of(&self) -> Option<(u64, u64, PeriodKey)> {
+        match *self {
+            EventKind::Refunded {
+                debit_seq,
+                amount_micros,
+                debit_period,
+            }
+            | EventKind::RefundedSplit {
+                debit_seq,
+                amount_micros,
+                debit_period,
+                ..
+            } => Some((debit_seq, amount_micros, debit_period)),
+            _ => None,
+        }
+    }
+
+    /// A capture's hold, captured and released money, and the period it counts in.
+    pub fn capture_of(&self) -> Option<(u64, u64, u64, PeriodKey)> {
+        match *self {
+            EventKind::HoldCaptured {
+                hold_seq,
+                captured_micros,
+                released_micros,
+                period,
+            }
+            | EventKind::HoldCapturedSplit {
+                hold_seq,
+                captured_micros,
+                released_micros,
+                period,
+                ..
+            } => Some((hold_seq, captured_micros, released_micros, period)),
+            _ => None,
+        }
+    }
+
     /// A short stable name for the journal API and reports.
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::AgentCreated { .. } => "agent_created",
             EventKind::AgentUpdated { .. } => "agent_updated",
             EventKind::Credited { .. } => "credit",
-            EventKind::Debited { .. } => "debit",
+            EventKind::Debited { .. } | EventKind::DebitedSplit { .. } => "debit",
             EventKind::HoldPlaced { .. } => "hold",
-            EventKind::HoldCaptured { .. } => "capture",
+            EventKind::HoldCaptured { .. } | EventKind::HoldCapturedSplit { .. } => "capture",
             EventKind::HoldVoided { .. } => "void",
             EventKind::HoldExpired { .. } => "expire",
-            EventKind::Refunded { .. } => "refund",
+            EventKind::Refunded { .. } | EventKind::RefundedSplit { .. } => "refund",
             EventKind::ApiKeyIssued { .. } => "api_key_issued",
             EventKind::ApiKeyRevoked { .. } => "api_key_revoked",
             EventKind::PaymentUnsettled { .. } => "payment_unsettled",
@@ -147,12 +295,17 @@ impl EventKind {
             | EventKind::ThresholdCrossed { .. } => 0,
             EventKind::Credited { amount_micros }
             | EventKind::Debited { amount_micros, .. }
+            | EventKind::DebitedSplit { amount_micros, .. }
             | EventKind::HoldPlaced { amount_micros, .. }
             | EventKind::Refunded { amount_micros, .. }
+            | EventKind::RefundedSplit { amount_micros, .. }
             | EventKind::PaymentUnsettled { amount_micros }
             | EventKind::GrantIssued { amount_micros, .. } => amount_micros,
             EventKind::GrantExpired { expired_micros, .. } => expired_micros,
             EventKind::HoldCaptured {
+                captured_micros, ..
+            }
+            | EventKind::HoldCapturedSplit {
                 captured_micros, ..
             } => captured_micros,
             EventKind::HoldVoided {
@@ -170,8 +323,18 @@ impl EventKind {
             EventKind::Debited {
                 amount_micros,
                 period,
+            }
+            | EventKind::DebitedSplit {
+                amount_micros,
+                period,
+                ..
             } => Some((amount_micros, period)),
             EventKind::HoldCaptured {
+                captured_micros,
+                period,
+                ..
+            }
+            | EventKind::HoldCapturedSplit {
                 captured_micros,
                 period,
                 ..

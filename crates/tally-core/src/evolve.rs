@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::error::InvariantError;
 use crate::event::{Event, EventKind};
-use crate::grant::{self, Draw, Grant, GrantTerms};
+use crate::grant::{self, promotional, Draw, Grant, GrantTerms};
 use crate::id::AgentId;
 use crate::state::{AgentState, ApiKey, Hold, Refundable};
 use crate::threshold::Crossing;
@@ -69,6 +69,26 @@ fn genesis(id: &AgentId, event: &Event) -> Result<AgentState, InvariantError> {
 
 /// Applies `event` in place. On error the state may be partly changed; callers discard it.
 pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantError> {
+    apply_as(s, event, Split::Lenient)
+}
+
+/// How a spend or refund journaled without a promotional part is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Split {
+    /// Accepted whatever it drew: journals written before spends recorded their split
+    /// (`EventKind::DebitedSplit` and its kin) replay as they were acknowledged.
+    Lenient,
+    /// Must have drawn no promotional money: what `decide` writes now (checked in debug
+    /// builds on every decision).
+    Strict,
+}
+
+/// [`apply`], judging the recorded promotional part of spends and refunds by `split`.
+pub(crate) fn apply_as(
+    s: &mut AgentState,
+    event: &Event,
+    split: Split,
+) -> Result<(), InvariantError> {
     let id = s.id.clone();
     let seq = event.seq;
     let err = |reason: &str| broken(&id, seq, reason);
@@ -109,17 +129,16 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
             s.balance_micros = sub(s.balance_micros, *expired_micros)?;
             s.expired_total_micros = add(s.expired_total_micros, *expired_micros)?;
         }
-        EventKind::Debited {
-            amount_micros,
-            period,
-        } => {
-            let draws = draw(s, *amount_micros).map_err(&err)?;
-            s.balance_micros = sub(s.balance_micros, *amount_micros)?;
-            s.debited_total_micros = add(s.debited_total_micros, *amount_micros)?;
+        EventKind::Debited { .. } | EventKind::DebitedSplit { .. } => {
+            let (amount_micros, period) = event.kind.spend().expect("a debit spends");
+            let draws = draw(s, amount_micros).map_err(&err)?;
+            split_matches(&event.kind, &draws, split).map_err(&err)?;
+            s.balance_micros = sub(s.balance_micros, amount_micros)?;
+            s.debited_total_micros = add(s.debited_total_micros, amount_micros)?;
             s.debited_promotional_total_micros =
                 add(s.debited_promotional_total_micros, promotional(&draws))?;
-            spend(s, *amount_micros, *period).map_err(&err)?;
-            remember_refundable(s, seq, *amount_micros, *period, draws);
+            spend(s, amount_micros, period).map_err(&err)?;
+            remember_refundable(s, seq, amount_micros, period, draws);
         }
         EventKind::HoldPlaced {
             amount_micros,
@@ -137,30 +156,28 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
                 },
             );
         }
-        EventKind::HoldCaptured {
-            hold_seq,
-            captured_micros,
-            released_micros,
-            period,
-        } => {
+        EventKind::HoldCaptured { .. } | EventKind::HoldCapturedSplit { .. } => {
+            let (hold_seq, captured_micros, released_micros, period) =
+                event.kind.capture_of().expect("a capture");
             let hold = s
                 .holds
-                .remove(hold_seq)
+                .remove(&hold_seq)
                 .ok_or_else(|| err("capture of an unknown hold"))?;
-            if add(*captured_micros, *released_micros)? != hold.amount_micros {
+            if add(captured_micros, released_micros)? != hold.amount_micros {
                 return Err(err("capture + release differs from the hold"));
             }
             s.held_micros = sub(s.held_micros, hold.amount_micros)?;
             // The reservation is spent in draw order; the rest goes back to its grants.
-            let (captured, released) = grant::split_front(&hold.draws, *captured_micros);
+            let (captured, released) = grant::split_front(&hold.draws, captured_micros);
+            split_matches(&event.kind, &captured, split).map_err(&err)?;
             grant::give_back(&mut s.grants, &released).map_err(&err)?;
-            s.balance_micros = add(s.balance_micros, *released_micros)?;
-            s.debited_total_micros = add(s.debited_total_micros, *captured_micros)?;
+            s.balance_micros = add(s.balance_micros, released_micros)?;
+            s.debited_total_micros = add(s.debited_total_micros, captured_micros)?;
             s.debited_promotional_total_micros =
                 add(s.debited_promotional_total_micros, promotional(&captured))?;
-            if *captured_micros > 0 {
-                spend(s, *captured_micros, *period).map_err(&err)?;
-                remember_refundable(s, seq, *captured_micros, *period, captured);
+            if captured_micros > 0 {
+                spend(s, captured_micros, period).map_err(&err)?;
+                remember_refundable(s, seq, captured_micros, period, captured);
             }
         }
         EventKind::HoldVoided {
@@ -182,24 +199,23 @@ pub(crate) fn apply(s: &mut AgentState, event: &Event) -> Result<(), InvariantEr
             grant::give_back(&mut s.grants, &hold.draws).map_err(&err)?;
             s.balance_micros = add(s.balance_micros, hold.amount_micros)?;
         }
-        EventKind::Refunded {
-            debit_seq,
-            amount_micros,
-            debit_period,
-        } => {
+        EventKind::Refunded { .. } | EventKind::RefundedSplit { .. } => {
+            let (debit_seq, amount_micros, debit_period) =
+                event.kind.refund_of().expect("a refund");
             let i = s
                 .refundable
-                .binary_search_by_key(debit_seq, |r| r.seq)
+                .binary_search_by_key(&debit_seq, |r| r.seq)
                 .map_err(|_| err("refund of a debit outside the refund window"))?;
             let r = &mut s.refundable[i];
-            r.remaining_micros = sub(r.remaining_micros, *amount_micros)?;
-            let (kept, returned) = grant::split_back(&r.draws, *amount_micros);
+            r.remaining_micros = sub(r.remaining_micros, amount_micros)?;
+            let (kept, returned) = grant::split_back(&r.draws, amount_micros);
+            split_matches(&event.kind, &returned, split).map_err(&err)?;
             r.draws = kept;
             grant::give_back(&mut s.grants, &returned).map_err(&err)?;
-            s.balance_micros = add(s.balance_micros, *amount_micros)?;
-            s.refunded_total_micros = add(s.refunded_total_micros, *amount_micros)?;
-            if s.period == *debit_period {
-                s.period_spent_micros = s.period_spent_micros.saturating_sub(*amount_micros);
+            s.balance_micros = add(s.balance_micros, amount_micros)?;
+            s.refunded_total_micros = add(s.refunded_total_micros, amount_micros)?;
+            if s.period == debit_period {
+                s.period_spent_micros = s.period_spent_micros.saturating_sub(amount_micros);
             }
         }
         EventKind::ApiKeyIssued {
@@ -298,13 +314,15 @@ fn issue(
     Ok(())
 }
 
-/// The micros of `draws` taken from promotional grants (at most their sum, a spend).
-fn promotional(draws: &[Draw]) -> u64 {
-    draws
-        .iter()
-        .filter(|d| d.terms.category == crate::GrantCategory::Promotional)
-        .map(|d| d.micros)
-        .sum()
+/// Checks that the promotional part an event records is what its draws took or returned:
+/// the journal's split by category (for usage reports) must be the one the rules made.
+fn split_matches(kind: &EventKind, draws: &[Draw], split: Split) -> Result<(), &'static str> {
+    let recorded = kind.promotional_micros();
+    if recorded == promotional(draws) || (recorded == 0 && split == Split::Lenient) {
+        Ok(())
+    } else {
+        Err("promotional part differs from the grants drawn")
+    }
 }
 
 /// Takes `amount_micros` from the grants in draw order (see [`crate::grant`]).

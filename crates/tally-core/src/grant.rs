@@ -135,6 +135,27 @@ pub(crate) fn plan_draws(grants: &BTreeMap<u64, Grant>, amount_micros: u64) -> O
     (left == 0).then_some(draws)
 }
 
+/// The micros of `draws` taken from (or returned to) promotional grants.
+pub(crate) fn promotional(draws: &[Draw]) -> u64 {
+    draws
+        .iter()
+        .filter(|d| d.terms.category == GrantCategory::Promotional)
+        .map(|d| d.micros)
+        .sum()
+}
+
+/// The promotional part of a spend of `amount_micros` from `grants` (what its draws would
+/// take from promotional grants); 0 without looking further when none is promotional.
+pub(crate) fn promotional_part(grants: &BTreeMap<u64, Grant>, amount_micros: u64) -> u64 {
+    if grants
+        .values()
+        .all(|g| g.terms.category != GrantCategory::Promotional)
+    {
+        return 0;
+    }
+    plan_draws(grants, amount_micros).map_or(0, |draws| promotional(&draws))
+}
+
 /// Takes `draws` out of the grants; spent-out grants are dropped.
 pub(crate) fn take(grants: &mut BTreeMap<u64, Grant>, draws: &[Draw]) -> Result<(), &'static str> {
     for d in draws {

@@ -10,9 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::BTreeMap;
-use tally_core::{
-    AgentId, Command, CommandError, CommandKind, EventKind, IdempotencyKey, Metadata,
-};
+use tally_core::{AgentId, Command, CommandError, CommandKind, IdempotencyKey, Metadata};
 use tally_store::Reply;
 
 use crate::app::AppState;
@@ -337,12 +335,13 @@ pub async fn refund_receipt(
                 .journal(&agent, seq.saturating_sub(1), 1)
                 .await
                 .map_err(submit_error)?;
-            match entry.first().filter(|e| e.seq == seq).map(|e| &e.kind) {
-                Some(EventKind::Debited { amount_micros, .. }) => *amount_micros,
-                Some(EventKind::HoldCaptured {
-                    captured_micros, ..
-                }) => *captured_micros,
-                _ => {
+            match entry
+                .first()
+                .filter(|e| e.seq == seq)
+                .and_then(|e| e.kind.spend())
+            {
+                Some((amount_micros, _)) => amount_micros,
+                None => {
                     let cmd = Command::new(
                         agent,
                         CommandKind::Refund {

@@ -280,14 +280,24 @@ pub fn event_json(e: &Event) -> Value {
             Some(status_name(*status)),
         ),
         EventKind::Credited { .. } | EventKind::HoldPlaced { .. } => (None, None, None, None, None),
-        EventKind::Debited { period, .. } => (None, None, Some(*period), None, None),
+        EventKind::Debited { period, .. } | EventKind::DebitedSplit { period, .. } => {
+            (None, None, Some(*period), None, None)
+        }
         EventKind::HoldCaptured {
+            hold_seq, period, ..
+        }
+        | EventKind::HoldCapturedSplit {
             hold_seq, period, ..
         } => (Some(*hold_seq), None, Some(*period), None, None),
         EventKind::HoldVoided { hold_seq, .. } | EventKind::HoldExpired { hold_seq, .. } => {
             (Some(*hold_seq), None, None, None, None)
         }
         EventKind::Refunded {
+            debit_seq,
+            debit_period,
+            ..
+        }
+        | EventKind::RefundedSplit {
             debit_seq,
             debit_period,
             ..
@@ -308,6 +318,9 @@ pub fn event_json(e: &Event) -> Value {
         EventKind::ThresholdCrossed { crossing } => (None, Some(crossing_json(crossing))),
         _ => (None, None),
     };
+    // Spends and refunds say how much of their money was promotional; others have no split.
+    let promotional_micros = (e.kind.spend().is_some() || e.kind.refund_of().is_some())
+        .then(|| e.kind.promotional_micros());
     let grant_id = match &e.kind {
         EventKind::GrantExpired { grant_id, .. } => Some(*grant_id),
         _ => None,
@@ -337,6 +350,7 @@ pub fn event_json(e: &Event) -> Value {
         "thresholds": thresholds,
         "crossing": crossing,
         "grant_id": grant_id,
+        "promotional_micros": promotional_micros,
     })
 }
 
@@ -411,7 +425,20 @@ pub fn usage_json(u: &Usage) -> Value {
         "spent_micros": u.spent_micros,
         "refunded_micros": u.refunded_micros,
         "credited_micros": u.credited_micros,
+        "expired_micros": u.expired_micros,
         "debits": u.debits,
+        "by_category": {
+            "paid": {
+                "spent_micros": u.spent_micros.saturating_sub(u.spent_promotional_micros),
+                "refunded_micros": u.refunded_micros.saturating_sub(u.refunded_promotional_micros),
+                "credited_micros": u.credited_micros.saturating_sub(u.credited_promotional_micros),
+            },
+            "promotional": {
+                "spent_micros": u.spent_promotional_micros,
+                "refunded_micros": u.refunded_promotional_micros,
+                "credited_micros": u.credited_promotional_micros,
+            },
+        },
         "by_task_type": by_task,
     })
 }

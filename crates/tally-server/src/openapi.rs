@@ -40,7 +40,7 @@ fn nullable(mut schema: Value) -> Value {
 
 /// The fields of a journal entry as `GET .../journal` shows it (the change feed adds
 /// `agent_id`).
-const JOURNAL_ENTRY_FIELDS: [&str; 18] = [
+const JOURNAL_ENTRY_FIELDS: [&str; 19] = [
     "seq",
     "kind",
     "amount_micros",
@@ -59,6 +59,7 @@ const JOURNAL_ENTRY_FIELDS: [&str; 18] = [
     "thresholds",
     "crossing",
     "grant_id",
+    "promotional_micros",
 ];
 
 fn object(required: &[&str], props: Value) -> Value {
@@ -224,6 +225,7 @@ fn build() -> Value {
         "thresholds": nullable(r("Thresholds")),
         "crossing": nullable(r("Crossing")),
         "grant_id": nullable(u64_schema()),
+        "promotional_micros": nullable(json!({"type": "integer", "minimum": 0, "description": "Spends and refunds: the part of `amount_micros` drawn from (or returned to) promotional grants; null for other kinds."})),
     });
     let mut feed_event = journal_entry.clone();
     feed_event["agent_id"] = name(128);
@@ -273,12 +275,15 @@ fn build() -> Value {
         "CheckResult": object(&["allowed", "amount_micros", "balance_micros"], json!({"allowed": {"type": "boolean"}, "amount_micros": u64_schema(), "balance_micros": u64_schema()})),
         "JournalEntry": object(&JOURNAL_ENTRY_FIELDS, journal_entry),
         "JournalPage": object(&["entries", "next_after"], json!({"entries": {"type": "array", "items": r("JournalEntry")}, "next_after": nullable(u64_schema())})),
+        "CategoryUsage": object(&["spent_micros", "refunded_micros", "credited_micros"], json!({"spent_micros": u64_schema(), "refunded_micros": u64_schema(), "credited_micros": u64_schema()})),
         "TaskUsage": object(&["spent_micros", "refunded_micros", "count"], json!({"spent_micros": u64_schema(), "refunded_micros": u64_schema(), "count": u64_schema()})),
         "Usage": object(
-            &["period", "start_at", "end_at", "spent_micros", "refunded_micros", "credited_micros", "debits", "by_task_type"],
+            &["period", "start_at", "end_at", "spent_micros", "refunded_micros", "credited_micros", "expired_micros", "debits", "by_category", "by_task_type"],
             json!({
                 "period": {"type": "string"}, "start_at": time, "end_at": time,
-                "spent_micros": u64_schema(), "refunded_micros": u64_schema(), "credited_micros": u64_schema(), "debits": u64_schema(),
+                "spent_micros": u64_schema(), "refunded_micros": u64_schema(), "credited_micros": u64_schema(),
+                "expired_micros": u64_schema(), "debits": u64_schema(),
+                "by_category": object(&["paid", "promotional"], json!({"paid": r("CategoryUsage"), "promotional": r("CategoryUsage")})),
                 "by_task_type": {"type": "object", "additionalProperties": r("TaskUsage")},
             }),
         ),

@@ -775,6 +775,23 @@ async fn grants_201_draw_first_expire_at_their_time_and_show_on_the_agent() {
         "grants count as credits: {}",
         u.text
     );
+    // The first debit drew from the promotional grant, the second (after it expired)
+    // from the paid one; each journal entry says its promotional part.
+    assert_eq!(
+        u.body["by_category"],
+        json!({
+            "paid": {"spent_micros": 100, "refunded_micros": 0, "credited_micros": 1_000},
+            "promotional": {"spent_micros": 200, "refunded_micros": 0, "credited_micros": 500},
+        })
+    );
+    assert_eq!(u.body["expired_micros"], 300);
+    let promotional: Vec<_> = journal
+        .iter()
+        .filter(|e| e["kind"] == "debit")
+        .map(|e| e["promotional_micros"].clone())
+        .collect();
+    assert_eq!(promotional, [json!(200), json!(0)]);
+    assert_eq!(journal[0]["promotional_micros"], json!(null));
     assert_eq!(a["grants"].as_array().map(Vec::len), Some(1));
 
     // Bad input is a 4xx problem, never a 500; the reader role may not issue grants.

@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use parking_lot::Mutex;
 use tally_core::{
-    AgentId, AgentState, Command, CommandError, Event, EventKind, Outcome, PeriodKey, PlanBook,
-    RateStatus,
+    AgentId, AgentState, Command, CommandError, Event, EventKind, GrantCategory, Outcome,
+    PeriodKey, PlanBook, RateStatus,
 };
 use tokio::sync::oneshot;
 
@@ -74,9 +74,21 @@ pub struct Usage {
     pub period: PeriodKey,
     pub start_ms: u64,
     pub end_ms: u64,
+    /// Debits and captures counted in the period (refunds not deducted).
     pub spent_micros: u64,
+    /// The part of `spent_micros` drawn from promotional grants; the rest was paid.
+    /// Spends journaled by builds before this split was recorded count as paid.
+    pub spent_promotional_micros: u64,
+    /// Refunds of the period's spend, whenever they happened.
     pub refunded_micros: u64,
+    /// The part of `refunded_micros` returned to promotional grants.
+    pub refunded_promotional_micros: u64,
+    /// Credits and grants issued between the period's start and end.
     pub credited_micros: u64,
+    /// The part of `credited_micros` issued as promotional grants.
+    pub credited_promotional_micros: u64,
+    /// Money that left the balance because its grant expired (or lapsed), in the period.
+    pub expired_micros: u64,
     pub debits: u64,
     /// Keyed by task type; debits without one are under `""`.
     pub by_task_type: BTreeMap<String, UsageByTask>,
@@ -485,8 +497,12 @@ impl Engine {
                     start_ms,
                     end_ms,
                     spent_micros: 0,
+                    spent_promotional_micros: 0,
                     refunded_micros: 0,
+                    refunded_promotional_micros: 0,
                     credited_micros: 0,
+                    credited_promotional_micros: 0,
+                    expired_micros: 0,
                     debits: 0,
                     by_task_type: BTreeMap::new(),
                 };
@@ -609,36 +625,47 @@ impl Drop for Inner {
 impl Usage {
     fn add(&mut self, e: &Event) {
         let task = e.task_type.as_ref().map_or("", |t| t.as_str());
-        match e.kind {
-            EventKind::Debited {
-                amount_micros,
-                period,
-            }
-            | EventKind::HoldCaptured {
-                captured_micros: amount_micros,
-                period,
-                ..
-            } if period == self.period => {
+        let promotional = e.kind.promotional_micros();
+        if let Some((amount_micros, period)) = e.kind.spend() {
+            if period == self.period {
                 self.spent_micros = self.spent_micros.saturating_add(amount_micros);
+                self.spent_promotional_micros =
+                    self.spent_promotional_micros.saturating_add(promotional);
                 self.debits += 1;
                 let t = self.by_task_type.entry(task.to_owned()).or_default();
                 t.spent_micros = t.spent_micros.saturating_add(amount_micros);
                 t.count += 1;
             }
-            EventKind::Refunded {
-                amount_micros,
-                debit_period,
-                ..
-            } if debit_period == self.period => {
+            return;
+        }
+        if let Some((_, amount_micros, debit_period)) = e.kind.refund_of() {
+            if debit_period == self.period {
                 self.refunded_micros = self.refunded_micros.saturating_add(amount_micros);
+                self.refunded_promotional_micros =
+                    self.refunded_promotional_micros.saturating_add(promotional);
                 let t = self.by_task_type.entry(task.to_owned()).or_default();
                 t.refunded_micros = t.refunded_micros.saturating_add(amount_micros);
             }
-            EventKind::Credited { amount_micros }
-            | EventKind::GrantIssued { amount_micros, .. }
-                if e.at_ms >= self.start_ms && e.at_ms < self.end_ms =>
-            {
+            return;
+        }
+        let in_period = e.at_ms >= self.start_ms && e.at_ms < self.end_ms;
+        match e.kind {
+            EventKind::Credited { amount_micros } if in_period => {
                 self.credited_micros = self.credited_micros.saturating_add(amount_micros);
+            }
+            EventKind::GrantIssued {
+                amount_micros,
+                terms,
+            } if in_period => {
+                self.credited_micros = self.credited_micros.saturating_add(amount_micros);
+                if terms.category == GrantCategory::Promotional {
+                    self.credited_promotional_micros = self
+                        .credited_promotional_micros
+                        .saturating_add(amount_micros);
+                }
+            }
+            EventKind::GrantExpired { expired_micros, .. } if in_period => {
+                self.expired_micros = self.expired_micros.saturating_add(expired_micros);
             }
             _ => {}
         }

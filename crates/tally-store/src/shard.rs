@@ -423,6 +423,7 @@ impl Shard {
             match &e.kind {
                 EventKind::HoldPlaced { .. } => self.shared.metrics.open_holds.inc(),
                 EventKind::HoldCaptured { .. }
+                | EventKind::HoldCapturedSplit { .. }
                 | EventKind::HoldVoided { .. }
                 | EventKind::HoldExpired { .. } => self.shared.metrics.open_holds.dec(),
                 _ => {}

@@ -335,6 +335,7 @@ fn index_holds(batch: &mut sled::Batch, agent: &AgentId, events: &[Event]) {
                 batch.insert(hold_key(agent, e.seq), codec::encode_u64(expires_at_ms));
             }
             EventKind::HoldCaptured { hold_seq, .. }
+            | EventKind::HoldCapturedSplit { hold_seq, .. }
             | EventKind::HoldVoided { hold_seq, .. }
             | EventKind::HoldExpired { hold_seq, .. } => {
                 batch.remove(hold_key(agent, hold_seq));

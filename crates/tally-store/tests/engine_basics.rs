@@ -5,7 +5,10 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use tally_core::{AgentId, CommandError, CommandKind, Denial, Outcome, PeriodKey, PlanBook};
+use tally_core::{
+    AgentId, CommandError, CommandKind, Denial, GrantCategory, GrantTerms, Outcome, PeriodKey,
+    PlanBook,
+};
 use tally_store::{Engine, ManualClock, Reply};
 
 #[tokio::test]
@@ -444,4 +447,69 @@ async fn with_a_cache_of_two_records_agents_page_in_order_and_keep_their_money()
     assert!(engine.metrics().agents_loaded_total.get() > 0);
     assert_eq!(engine.metrics().agents.get(), 10);
     engine.shutdown().await.expect("shuts down");
+}
+
+#[tokio::test]
+async fn usage_splits_spend_refunds_and_credits_by_grant_category_per_period() {
+    const JAN_10_2027_NOON: u64 = 1_799_582_400_000;
+    const FEB_1_2027: u64 = 1_801_440_000_000;
+    const DAY_MS: u64 = 86_400_000;
+    const FEB_5_2027: u64 = FEB_1_2027 + 4 * DAY_MS;
+    const FEB_10_2027: u64 = FEB_1_2027 + 9 * DAY_MS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(JAN_10_2027_NOON));
+    let a = agent("agent-1");
+    let engine = open(dir.path(), &clock);
+    let grant = |amount_micros, expires_at_ms, category| CommandKind::IssueGrant {
+        amount_micros,
+        terms: GrantTerms {
+            expires_at_ms,
+            priority: 10,
+            category,
+        },
+    };
+    let debit = |amount_micros| CommandKind::Debit { amount_micros };
+    let refund = |debit_seq, amount_micros| CommandKind::Refund {
+        debit_seq,
+        amount_micros,
+    };
+    create_funded(&engine, &a, "default", 1_000).await;
+    let promo = GrantCategory::Promotional;
+    approve(&engine, cmd(&a, grant(300, None, promo), "g1")).await;
+    let d1 = approve(&engine, cmd(&a, debit(200), "d1")).await;
+    // 100 promotional (what is left of the grant) and 150 paid.
+    let d2 = approve(&engine, cmd(&a, debit(250), "d2")).await;
+    // A refund returns from the last draw back: all 50 paid.
+    approve(&engine, cmd(&a, refund(d2.first_seq, 50), "r1")).await;
+    approve(&engine, cmd(&a, grant(100, Some(FEB_5_2027), promo), "g2")).await;
+
+    // February: the second grant expired unspent (journaled ahead of the next debit);
+    // a refund of January's promotional debit counts in January.
+    clock.set(FEB_10_2027);
+    approve(&engine, cmd(&a, debit(10), "d3")).await;
+    approve(&engine, cmd(&a, refund(d1.first_seq, 20), "r2")).await;
+
+    let jan: PeriodKey = "2027-01".parse().expect("valid");
+    let feb: PeriodKey = "2027-02".parse().expect("valid");
+    check_usage_by_category(&engine, &a, jan, feb).await;
+    engine.shutdown().await.expect("shuts down");
+    drop(engine);
+    let engine = open(dir.path(), &clock);
+    check_usage_by_category(&engine, &a, jan, feb).await;
+    engine.shutdown().await.expect("shuts down");
+}
+
+async fn check_usage_by_category(engine: &Engine, a: &AgentId, jan: PeriodKey, feb: PeriodKey) {
+    let u = engine.usage(a, jan).await.expect("reads").expect("exists");
+    assert_eq!((u.spent_micros, u.spent_promotional_micros), (450, 300));
+    assert_eq!((u.refunded_micros, u.refunded_promotional_micros), (70, 20));
+    assert_eq!(
+        (u.credited_micros, u.credited_promotional_micros),
+        (1_400, 400)
+    );
+    assert_eq!(u.expired_micros, 0);
+    let u = engine.usage(a, feb).await.expect("reads").expect("exists");
+    assert_eq!((u.spent_micros, u.spent_promotional_micros), (10, 0));
+    assert_eq!((u.refunded_micros, u.credited_micros), (0, 0));
+    assert_eq!(u.expired_micros, 100);
 }

@@ -282,3 +282,98 @@ fn a_grant_must_expire_after_now() {
     );
     l.grant(1, terms(Some(T0 + 1), 100, PAID), T0);
 }
+
+#[test]
+fn spends_and_refunds_journal_the_part_that_was_promotional() {
+    let mut l = Ledger::new("open", T0);
+    let promo = l.grant(30, terms(None, 10, PROMO), T0);
+    let plain = l.credit(100, T0);
+    let last = |l: &Ledger| l.journal.last().expect("an event").kind.clone();
+
+    let first = l.debit(50, T0);
+    assert_eq!(l.draws_of(first), vec![(promo, 30), (plain, 20)]);
+    assert!(matches!(last(&l), EventKind::DebitedSplit { .. }));
+    assert_eq!(
+        (last(&l).name(), last(&l).promotional_micros()),
+        ("debit", 30)
+    );
+    // Drawn from paid money only: the shape a debit had before grants.
+    l.debit(20, T0);
+    assert!(matches!(last(&l), EventKind::Debited { .. }));
+    assert_eq!(last(&l).promotional_micros(), 0);
+
+    // 25 back from the last draw: 20 paid, then 5 promotional.
+    l.approve(
+        CommandKind::Refund {
+            debit_seq: first,
+            amount_micros: 25,
+        },
+        T0,
+    );
+    assert_eq!(
+        (last(&l).name(), last(&l).promotional_micros()),
+        ("refund", 5)
+    );
+    assert_eq!(l.remaining(promo), Some(5));
+
+    // A capture spends the front of its reservation: the 5 promotional, then paid.
+    let hold_seq = l.hold(40, 5_000, T0);
+    l.approve(
+        CommandKind::Capture {
+            hold_seq,
+            amount_micros: 8,
+        },
+        T0,
+    );
+    assert_eq!(
+        (last(&l).name(), last(&l).promotional_micros()),
+        ("capture", 5)
+    );
+    assert_eq!(l.state().debited_promotional_total_micros, 35);
+    let hold_seq = l.hold(10, 5_000, T0);
+    l.approve(
+        CommandKind::Capture {
+            hold_seq,
+            amount_micros: 10,
+        },
+        T0,
+    );
+    assert!(matches!(last(&l), EventKind::HoldCaptured { .. }));
+}
+
+#[test]
+fn evolve_rejects_a_wrong_promotional_part_and_replays_older_unsplit_spends() {
+    let mut l = Ledger::new("open", T0);
+    l.grant(30, terms(None, 10, PROMO), T0);
+    l.credit(100, T0);
+    let seq = l.debit(50, T0);
+    let split = l.journal.last().expect("the debit").clone();
+    let before: Vec<Event> = l.journal[..l.journal.len() - 1].to_vec();
+    let replay = |events: &[Event]| {
+        events
+            .iter()
+            .try_fold(None, |s, e| evolve(s, &l.id, e).map(Some))
+    };
+    let state = replay(&before).expect("replays");
+    let period = l.state().period;
+
+    let mut wrong = split.clone();
+    wrong.kind = EventKind::DebitedSplit {
+        amount_micros: 50,
+        period,
+        promotional_micros: 29,
+    };
+    assert!(evolve(state.clone(), &l.id, &wrong).is_err());
+    // A build before the split journaled this debit without it: it still replays, and
+    // the state (draws, promotional total) is the same as with the split.
+    let mut unsplit = split.clone();
+    unsplit.kind = EventKind::Debited {
+        amount_micros: 50,
+        period,
+    };
+    let from_unsplit = evolve(state.clone(), &l.id, &unsplit).expect("older journals replay");
+    let from_split = evolve(state, &l.id, &split).expect("replays");
+    assert_eq!(from_unsplit, from_split);
+    assert_eq!(from_split.debited_promotional_total_micros, 30);
+    assert_eq!(seq, split.seq);
+}
