@@ -187,6 +187,46 @@ fn expiry_warnings(
     now_ms: TimestampMs,
     out: &mut Vec<Crossing>,
 ) {
+    // Only a grant whose warning is due can be warned about. After the events, that is one
+    // due before them (still there or not), or one they issued or gave money back to (a
+    // spent-out grant comes back unwarned): debits, holds and expiries only take money
+    // out. Without either, the state after need not be built (a clone per command).
+    let due_before = before
+        .grants
+        .values()
+        .any(|g| thresholds.warning_at_ms(g).is_some_and(|at| at <= now_ms));
+    let adds_grant_money = events.iter().any(|e| {
+        matches!(
+            e.kind,
+            EventKind::GrantIssued { .. }
+                | EventKind::HoldCaptured { .. }
+                | EventKind::HoldCapturedSplit { .. }
+                | EventKind::HoldVoided { .. }
+                | EventKind::HoldExpired { .. }
+                | EventKind::Refunded { .. }
+                | EventKind::RefundedSplit { .. }
+        )
+    });
+    if !due_before && !adds_grant_money {
+        #[cfg(debug_assertions)]
+        {
+            let mut slow = Vec::new();
+            warnings_after(before, thresholds, events, now_ms, &mut slow);
+            assert_eq!(slow, [], "the shortcut skipped a due expiry warning");
+        }
+        return;
+    }
+    warnings_after(before, thresholds, events, now_ms, out);
+}
+
+/// [`expiry_warnings`] the long way: builds the state after `events`.
+fn warnings_after(
+    before: &AgentState,
+    thresholds: &Thresholds,
+    events: &[Event],
+    now_ms: TimestampMs,
+    out: &mut Vec<Crossing>,
+) {
     let after;
     let state = if events.is_empty() {
         before

@@ -310,3 +310,30 @@ fn a_command_in_the_window_carries_the_warning_and_an_expiry_can_cross_the_balan
         }]
     );
 }
+
+#[test]
+fn money_given_back_to_a_spent_out_grant_in_the_window_is_warned_about_with_the_return() {
+    let mut l = warned_plan_ledger();
+    let grant_id = l.journal.last().expect("issued").seq;
+    // The hold reserves the whole grant (earliest expiry first), which leaves the state.
+    // Placed just before the window, for as long as a hold may last (one hour).
+    let hold_seq = l.hold(300, WITHIN_MS, GRANT_EXPIRES - WITHIN_MS - 1_000);
+    assert!(!l.state().grants.contains_key(&grant_id));
+    // In the window a debit (drawn from the plain credit) has nothing to warn about.
+    let mark = l.journal.len();
+    l.debit(1, GRANT_EXPIRES - 3_000);
+    assert_eq!(crossings_since(&l, mark), []);
+    // The void gives the 300 back: the grant is back, unwarned, inside its window, and
+    // the void's own command says so.
+    let mark = l.journal.len();
+    l.approve(CommandKind::Void { hold_seq }, GRANT_EXPIRES - 2_000);
+    assert_eq!(
+        crossings_since(&l, mark),
+        [Crossing::GrantExpiring {
+            grant_id,
+            expires_at_ms: GRANT_EXPIRES,
+            remaining_micros: 300,
+            within_ms: WITHIN_MS,
+        }]
+    );
+}
