@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::error::InvariantError;
 use crate::event::{Event, EventKind};
-use crate::grant::{self, promotional, Draw, Grant, GrantTerms};
+use crate::grant::{self, promotional, Draw, Grant, GrantMap, GrantTerms};
 use crate::id::AgentId;
 use crate::state::{AgentState, ApiKey, Hold, Refundable};
 use crate::threshold::Crossing;
@@ -55,7 +55,7 @@ fn genesis(id: &AgentId, event: &Event) -> Result<AgentState, InvariantError> {
             updated_at_ms: event.at_ms,
             api_keys: BTreeMap::new(),
             thresholds: None,
-            grants: BTreeMap::new(),
+            grants: GrantMap::new(),
             expired_total_micros: 0,
             debited_promotional_total_micros: 0,
         }),
@@ -292,12 +292,15 @@ fn issue(
     terms: GrantTerms,
 ) -> Result<(), &'static str> {
     let id = grant::merge_target(&s.grants, terms).unwrap_or(seq);
-    let g = s.grants.entry(id).or_insert(Grant {
-        amount_micros: 0,
-        remaining_micros: 0,
-        terms,
-        expiry_warned: false,
-    });
+    let g = s.grants.get_or_insert(
+        id,
+        Grant {
+            amount_micros: 0,
+            remaining_micros: 0,
+            terms,
+            expiry_warned: false,
+        },
+    );
     // Informational (issued to this grant); the money itself is checked below.
     g.amount_micros = g.amount_micros.saturating_add(amount_micros);
     g.remaining_micros = g

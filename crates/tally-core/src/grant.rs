@@ -87,6 +87,125 @@ pub struct Grant {
     pub expiry_warned: bool,
 }
 
+/// An agent's live grants by id, in id order. A sorted vector rather than a `BTreeMap`:
+/// an agent holds a few grants (most often one, its plain credit), and a map's first
+/// node reserves room for eleven, ~600 bytes in every cached agent record (75 MiB at the
+/// default cache of 131,072 agents). Encoded exactly as the map it replaced, so stored
+/// records read the same.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "BTreeMap<u64, Grant>")]
+pub struct GrantMap(Vec<(u64, Grant)>);
+
+impl GrantMap {
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn position(&self, id: u64) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&id, |(k, _)| *k)
+    }
+
+    pub fn get(&self, id: &u64) -> Option<&Grant> {
+        self.position(*id).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut(&mut self, id: &u64) -> Option<&mut Grant> {
+        self.position(*id).ok().map(|i| &mut self.0[i].1)
+    }
+
+    pub fn contains_key(&self, id: &u64) -> bool {
+        self.position(*id).is_ok()
+    }
+
+    /// Inserts or replaces grant `id`; returns the one replaced.
+    pub fn insert(&mut self, id: u64, grant: Grant) -> Option<Grant> {
+        match self.position(id) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, grant)),
+            Err(i) => {
+                self.0.insert(i, (id, grant));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, id: &u64) -> Option<Grant> {
+        self.position(*id).ok().map(|i| self.0.remove(i).1)
+    }
+
+    /// Grant `id`, inserted as `grant` first if there is none.
+    pub fn get_or_insert(&mut self, id: u64, grant: Grant) -> &mut Grant {
+        let i = match self.position(id) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (id, grant));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// In id order (the oldest first).
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &Grant)> {
+        self.0.iter().map(|(id, g)| (id, g))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &u64> {
+        self.0.iter().map(|(id, _)| id)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Grant> {
+        self.0.iter().map(|(_, g)| g)
+    }
+}
+
+impl std::ops::Index<&u64> for GrantMap {
+    type Output = Grant;
+
+    fn index(&self, id: &u64) -> &Grant {
+        self.get(id).expect("no grant with this id")
+    }
+}
+
+impl<'a> IntoIterator for &'a GrantMap {
+    type Item = (&'a u64, &'a Grant);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (u64, Grant)>,
+        fn(&'a (u64, Grant)) -> (&'a u64, &'a Grant),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(id, g)| (id, g))
+    }
+}
+
+impl From<BTreeMap<u64, Grant>> for GrantMap {
+    fn from(map: BTreeMap<u64, Grant>) -> Self {
+        // A map's iteration is in key order: sorted already.
+        Self(map.into_iter().collect())
+    }
+}
+
+impl FromIterator<(u64, Grant)> for GrantMap {
+    fn from_iter<I: IntoIterator<Item = (u64, Grant)>>(iter: I) -> Self {
+        let map: BTreeMap<u64, Grant> = iter.into_iter().collect();
+        map.into()
+    }
+}
+
+impl Serialize for GrantMap {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
 /// Money a hold reserved, or a debit took, from one grant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Draw {
@@ -107,14 +226,14 @@ fn order_key(id: u64, g: &Grant) -> (u32, bool, Option<TimestampMs>, u64) {
 }
 
 /// Grant ids in the order spends draw from them.
-pub fn draw_order(grants: &BTreeMap<u64, Grant>) -> Vec<u64> {
+pub fn draw_order(grants: &GrantMap) -> Vec<u64> {
     let mut ids: Vec<u64> = grants.keys().copied().collect();
     ids.sort_by_key(|id| order_key(*id, &grants[id]));
     ids
 }
 
 /// The draws a spend of `amount_micros` takes, or `None` when the grants hold less.
-pub(crate) fn plan_draws(grants: &BTreeMap<u64, Grant>, amount_micros: u64) -> Option<Vec<Draw>> {
+pub(crate) fn plan_draws(grants: &GrantMap, amount_micros: u64) -> Option<Vec<Draw>> {
     let mut left = amount_micros;
     let mut draws = Vec::new();
     for id in draw_order(grants) {
@@ -146,7 +265,7 @@ pub(crate) fn promotional(draws: &[Draw]) -> u64 {
 
 /// The promotional part of a spend of `amount_micros` from `grants` (what its draws would
 /// take from promotional grants); 0 without looking further when none is promotional.
-pub(crate) fn promotional_part(grants: &BTreeMap<u64, Grant>, amount_micros: u64) -> u64 {
+pub(crate) fn promotional_part(grants: &GrantMap, amount_micros: u64) -> u64 {
     if grants
         .values()
         .all(|g| g.terms.category != GrantCategory::Promotional)
@@ -157,7 +276,7 @@ pub(crate) fn promotional_part(grants: &BTreeMap<u64, Grant>, amount_micros: u64
 }
 
 /// Takes `draws` out of the grants; spent-out grants are dropped.
-pub(crate) fn take(grants: &mut BTreeMap<u64, Grant>, draws: &[Draw]) -> Result<(), &'static str> {
+pub(crate) fn take(grants: &mut GrantMap, draws: &[Draw]) -> Result<(), &'static str> {
     for d in draws {
         let g = grants
             .get_mut(&d.grant_id)
@@ -175,7 +294,7 @@ pub(crate) fn take(grants: &mut BTreeMap<u64, Grant>, draws: &[Draw]) -> Result<
 
 /// The live grant that money returned by `d` goes to: its own, else for a never-expiring
 /// one the live grant of its terms. `None`: the grant comes back under its own id.
-pub(crate) fn home_of(grants: &BTreeMap<u64, Grant>, d: &Draw) -> Option<u64> {
+pub(crate) fn home_of(grants: &GrantMap, d: &Draw) -> Option<u64> {
     if grants.contains_key(&d.grant_id) {
         return Some(d.grant_id);
     }
@@ -186,7 +305,7 @@ pub(crate) fn home_of(grants: &BTreeMap<u64, Grant>, d: &Draw) -> Option<u64> {
 }
 
 /// The never-expiring grant with these terms, if any (there is at most one).
-pub(crate) fn merge_target(grants: &BTreeMap<u64, Grant>, terms: GrantTerms) -> Option<u64> {
+pub(crate) fn merge_target(grants: &GrantMap, terms: GrantTerms) -> Option<u64> {
     if terms.expires_at_ms.is_some() {
         return None;
     }
@@ -197,20 +316,20 @@ pub(crate) fn merge_target(grants: &BTreeMap<u64, Grant>, terms: GrantTerms) -> 
 }
 
 /// Returns `draws` to their grants (see the module's rules); returns the total.
-pub(crate) fn give_back(
-    grants: &mut BTreeMap<u64, Grant>,
-    draws: &[Draw],
-) -> Result<u64, &'static str> {
+pub(crate) fn give_back(grants: &mut GrantMap, draws: &[Draw]) -> Result<u64, &'static str> {
     let mut total = 0u64;
     for d in draws {
         total = total.checked_add(d.micros).ok_or("overflow")?;
         let id = home_of(grants, d).unwrap_or(d.grant_id);
-        let g = grants.entry(id).or_insert(Grant {
-            amount_micros: 0,
-            remaining_micros: 0,
-            terms: d.terms,
-            expiry_warned: false,
-        });
+        let g = grants.get_or_insert(
+            id,
+            Grant {
+                amount_micros: 0,
+                remaining_micros: 0,
+                terms: d.terms,
+                expiry_warned: false,
+            },
+        );
         g.remaining_micros = g.remaining_micros.checked_add(d.micros).ok_or("overflow")?;
         // A grant that comes back, or takes in money of a merged one, shows it as issued.
         g.amount_micros = g.amount_micros.max(g.remaining_micros);
@@ -247,7 +366,7 @@ pub(crate) fn split_back(draws: &[Draw], micros: u64) -> (Vec<Draw>, Vec<Draw>) 
 /// Money returned by `draws` that lapses at `now_ms`: per grant that is gone and whose
 /// expiry has passed (it would come back already expired), the micros, by grant id.
 pub(crate) fn lapsing<'a>(
-    grants: &BTreeMap<u64, Grant>,
+    grants: &GrantMap,
     draws: impl IntoIterator<Item = &'a Draw>,
     now_ms: TimestampMs,
 ) -> BTreeMap<u64, u64> {

@@ -35,7 +35,7 @@ pub use decide::{decide, Decision};
 pub use error::{CommandError, InvariantError, ValidationError};
 pub use event::{Event, EventKind};
 pub use evolve::evolve;
-pub use grant::{Draw, Grant, GrantCategory, GrantTerms, GRANT_PRIORITY_DEFAULT};
+pub use grant::{Draw, Grant, GrantCategory, GrantMap, GrantTerms, GRANT_PRIORITY_DEFAULT};
 pub use id::{AgentId, IdempotencyKey, PlanName, TaskType};
 pub use outcome::{Denial, Outcome, Receipt};
 pub use period::PeriodKey;

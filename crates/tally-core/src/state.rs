@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::error::InvariantError;
-use crate::grant::{Draw, Grant};
+use crate::grant::{Draw, GrantMap};
 use crate::id::{AgentId, PlanName};
 use crate::period::{period_of, PeriodKey};
 use crate::threshold::Thresholds;
@@ -81,7 +81,7 @@ pub struct AgentState {
     pub thresholds: Option<Thresholds>,
     /// Live credit grants by id (the seq of the event that issued them); see
     /// [`crate::grant`]. Issuing is refused past [`crate::GRANTS_PER_AGENT_MAX`].
-    pub grants: BTreeMap<u64, Grant>,
+    pub grants: GrantMap,
     /// Money that left the balance because its grant expired, ever.
     pub expired_total_micros: u64,
     /// The part of `debited_total_micros` drawn from `promotional` grants (the rest was

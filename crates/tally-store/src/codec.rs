@@ -368,7 +368,7 @@ mod legacy {
                 updated_at_ms: v.updated_at_ms,
                 api_keys: v.api_keys,
                 thresholds: None,
-                grants,
+                grants: grants.into(),
                 expired_total_micros: 0,
                 debited_promotional_total_micros: 0,
             }
@@ -682,7 +682,8 @@ mod tests {
                 terms: tally_core::GrantTerms::PLAIN,
                 expiry_warned: false,
             },
-        )]);
+        )])
+        .into();
         for h in want.holds.values_mut() {
             h.draws = plain(h.amount_micros);
         }
@@ -731,6 +732,32 @@ mod tests {
             state.refundable.back().expect("the debit").draws[0].grant_id,
             legacy::MIGRATED_GRANT_ID
         );
+    }
+
+    #[test]
+    fn grants_encode_exactly_as_the_map_they_were_before() {
+        let grant = |remaining_micros, priority| tally_core::Grant {
+            amount_micros: 1_000,
+            remaining_micros,
+            terms: tally_core::GrantTerms {
+                expires_at_ms: Some(1_800_000_000_000),
+                priority,
+                category: tally_core::GrantCategory::Promotional,
+            },
+            expiry_warned: true,
+        };
+        // Inserted out of order: the encoding is in id order either way.
+        let mut grants = tally_core::GrantMap::new();
+        for (id, g) in [(9, grant(5, 1)), (2, grant(7, 3)), (300, grant(1, 2))] {
+            grants.insert(id, g);
+        }
+        let map: std::collections::BTreeMap<u64, tally_core::Grant> =
+            grants.iter().map(|(id, g)| (*id, *g)).collect();
+        let bytes = encode(&grants).expect("encodes");
+        assert_eq!(bytes, encode(&map).expect("encodes"));
+        let back: tally_core::GrantMap = decode(&bytes).expect("decodes");
+        assert_eq!(back, grants);
+        assert_eq!(back.keys().copied().collect::<Vec<_>>(), [2, 9, 300]);
     }
 
     #[test]
