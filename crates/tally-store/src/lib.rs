@@ -39,4 +39,6 @@ pub use error::{StoreError, SubmitError};
 pub use keyindex::preload_for_bench;
 pub use metrics::EngineMetrics;
 pub use sled_store::{SledStorage, StoreOptions, SCHEMA_VERSION};
-pub use storage::{AgentWrite, FeedCursor, FeedEntry, FeedPage, KeyEntry, KeyIndexStatus, Storage};
+pub use storage::{
+    AgentWrite, FeedCursor, FeedEntry, FeedPage, GrantExpiry, KeyEntry, KeyIndexStatus, Storage,
+};
