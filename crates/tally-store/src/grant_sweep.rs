@@ -19,8 +19,9 @@
 //!   in memory by its shard (`Slot::may_leave`) until the shard's sweep warns it at that
 //!   time. The cursor starts at `now` at open, so after a restart a grant in the window is
 //!   poked once more: harmless, the core warns once per grant. An agent whose own
-//!   thresholds warn earlier than every plan (`W`) does is warned when it enters the plans'
-//!   window or when it is next in memory, whichever comes first.
+//!   thresholds warn earlier than every plan's (`W`) is warned when it is next in memory:
+//!   a command of its own, or this poke once its grant is within `W` (none when no plan
+//!   warns, `W` = 0).
 //!
 //! The index shows a grant once the store indexed it (`INDEX_INTERVAL_MS` after its commit
 //! at most), so a grant that expires sooner than that after its issue, on an agent that
@@ -156,7 +157,9 @@ struct Sweep {
 impl Sweep {
     fn run(mut self, woken: Receiver<()>) {
         let interval_ms = self.shared.config.hold_sweep_interval_ms;
-        let mut last_pass_ms: Option<TimestampMs> = None;
+        // From 0, as the shards' sweep: the first pass comes at once, and an interval of
+        // `u64::MAX` (tests that must see every write) turns the sweep off as it does theirs.
+        let mut last_pass_ms: TimestampMs = 0;
         loop {
             match woken.recv_timeout(Duration::from_millis(TICK_MS)) {
                 Err(RecvTimeoutError::Timeout) => {}
@@ -169,10 +172,10 @@ impl Sweep {
                 continue;
             }
             let now_ms = self.shared.clock.now_ms();
-            if last_pass_ms.is_some_and(|last| now_ms.saturating_sub(last) < interval_ms) {
+            if now_ms.saturating_sub(last_pass_ms) < interval_ms {
                 continue;
             }
-            last_pass_ms = Some(now_ms);
+            last_pass_ms = now_ms;
             if self.expire(now_ms).is_err() {
                 continue;
             }
