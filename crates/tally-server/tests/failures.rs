@@ -14,8 +14,8 @@ use common::*;
 use serde_json::json;
 use tally_core::{AgentId, AgentState, Event, IdempotencyKey, TimestampMs, OPEN_HOLDS_MAX};
 use tally_store::{
-    AgentWrite, FeedCursor, FeedPage, KeyEntry, KeyIndexStatus, SledStorage, Storage, StoreError,
-    StoreOptions,
+    AgentWrite, FeedCursor, FeedPage, GrantExpiry, KeyEntry, KeyIndexStatus, SledStorage, Storage,
+    StoreError, StoreOptions,
 };
 
 /// sled, with two faults the test switches on: a failing `sync`, and a gate that holds
@@ -79,6 +79,24 @@ impl Storage for FaultyStorage {
     }
     fn backfill_holds(&self, agents: &[AgentState]) -> Result<(), StoreError> {
         self.inner.backfill_holds(agents)
+    }
+    fn grant_expiries(
+        &self,
+        from_ms: TimestampMs,
+        after: Option<&[u8]>,
+        through_ms: TimestampMs,
+        limit: usize,
+    ) -> Result<Vec<GrantExpiry>, StoreError> {
+        self.inner.grant_expiries(from_ms, after, through_ms, limit)
+    }
+    fn remove_grant_expiries(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.inner.remove_grant_expiries(keys)
+    }
+    fn grant_expiries_complete(&self) -> Result<bool, StoreError> {
+        self.inner.grant_expiries_complete()
+    }
+    fn backfill_grant_expiries(&self, agents: &[AgentState]) -> Result<(), StoreError> {
+        self.inner.backfill_grant_expiries(agents)
     }
 
     fn journal(&self, a: &AgentId, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {

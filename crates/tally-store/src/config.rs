@@ -27,7 +27,9 @@ pub struct EngineConfig {
     /// and the key index's write buffer has it too (~100 bytes a key each). Older keys
     /// are found on disk through filters of ~2 bytes a key.
     pub idempotency_memory_keys_max: usize,
-    /// Sweep for expired holds this often.
+    /// Sweep for expired holds and credit grants, and grant expiry warnings due, this
+    /// often: the shards for the agents in memory, the grant sweep (`grant_sweep.rs`) for
+    /// the others.
     pub hold_sweep_interval_ms: u64,
     /// Journal entries in the write-ahead log not yet moved into sled, at most; past it new
     /// runs wait for the indexer. Bounds the memory that holds them (~200 bytes each).
@@ -37,8 +39,9 @@ pub struct EngineConfig {
     /// Agent records held in memory, over all shards (each shard holds its share, about
     /// 550 bytes a record). Others are loaded from the store on first use; a record leaves
     /// memory only with its checkpoint written and nothing that needs it in memory: no open
-    /// hold (the hold sweep finds holds in memory) and no rate-limit state still running.
-    /// Agents with open holds or a busy limiter can therefore keep more than this resident.
+    /// hold (the hold sweep finds holds in memory), no rate-limit state still running and
+    /// no grant expiry warning due within the plans' longest `grant_expiring_within_ms`.
+    /// Such agents can therefore keep more than this resident.
     pub agents_cached_max: usize,
     /// Journal entries one usage request reads at most: usage of a period far back in a
     /// busy agent's journal is refused (`SubmitError::ScanTooLarge`) rather than read whole.

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::error::{StoreError, SubmitError};
+use crate::grant_sweep::GrantSweeper;
 use crate::idem::Index;
 use crate::metrics::EngineMetrics;
 use crate::recovery::{load_agent, recover};
@@ -105,12 +106,14 @@ struct Inner {
     shared: Arc<Shared>,
     shards: Vec<Sender<Job>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Stopped first at shutdown: it submits through the shards.
+    grant_sweeper: Mutex<Option<GrantSweeper>>,
     state: AtomicU8,
     stopped: OnceLock<()>,
 }
 
 /// Which shard owns an agent: FNV-1a of its id, stable across restarts and builds.
-fn shard_of(agent: &AgentId, shards: usize) -> usize {
+pub(crate) fn shard_of(agent: &AgentId, shards: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in agent.as_str().bytes() {
         h ^= u64::from(b);
@@ -179,7 +182,8 @@ impl Engine {
         let n = config.shard_count();
         let now_ms = clock.now_ms();
         let backfill = storage.needs_key_backfill();
-        let hold_agents = if backfill {
+        let grant_expiries_complete = storage.grant_expiries_complete()?;
+        let hold_agents = if backfill || !grant_expiries_complete {
             None
         } else {
             storage.hold_agents()?
@@ -210,6 +214,9 @@ impl Engine {
                     }
                     let keys = recovered.keys.iter().map(|k| (k.slot, k.entry)).collect();
                     storage.backfill_keys(keys)?;
+                }
+                if !grant_expiries_complete {
+                    storage.backfill_grant_expiries(&recovered.agents)?;
                 }
                 let count = recovered.agents.len() as u64;
                 let holding: Vec<AgentState> = recovered
@@ -276,6 +283,7 @@ impl Engine {
                 .spawn(move || run_committer(commit_rx, committer_shared))
                 .map_err(|e| StoreError::Io(format!("starting committer thread: {e}")))?,
         );
+        let grant_sweeper = GrantSweeper::start(shared.clone(), senders.clone(), now_ms)?;
         tracing::info!(
             agents = agent_count,
             agents_resident = resident_count,
@@ -290,6 +298,7 @@ impl Engine {
                 shared,
                 shards: senders,
                 threads: Mutex::new(threads),
+                grant_sweeper: Mutex::new(Some(grant_sweeper)),
                 state: AtomicU8::new(RUNNING),
                 stopped: OnceLock::new(),
             }),
@@ -592,6 +601,9 @@ impl Inner {
     /// Blocking shutdown: every shard finishes its queue and checkpoints, then the
     /// committer makes it durable, then one last sync.
     fn stop(&self) -> Result<(), StoreError> {
+        if let Some(mut sweeper) = self.grant_sweeper.lock().take() {
+            sweeper.stop();
+        }
         for shard in &self.shards {
             // A full queue is drained by the shard; a closed one means it already stopped.
             let _ = shard.send(Job::Shutdown);

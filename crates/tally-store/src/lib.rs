@@ -16,6 +16,7 @@ pub mod codec;
 mod config;
 mod engine;
 mod error;
+mod grant_sweep;
 mod idem;
 mod keyindex;
 mod metrics;
@@ -35,8 +36,11 @@ pub use codec::CodecError;
 pub use config::{EngineConfig, AGENTS_CACHED_MAX_DEFAULT};
 pub use engine::{AgentPage, Engine, Reply, Usage, UsageByTask};
 pub use error::{StoreError, SubmitError};
+pub use grant_sweep::{GRANT_SWEEP_PAGES_PER_PASS_MAX, GRANT_SWEEP_PAGE_MAX};
 #[doc(hidden)]
 pub use keyindex::preload_for_bench;
 pub use metrics::EngineMetrics;
 pub use sled_store::{SledStorage, StoreOptions, SCHEMA_VERSION};
-pub use storage::{AgentWrite, FeedCursor, FeedEntry, FeedPage, KeyEntry, KeyIndexStatus, Storage};
+pub use storage::{
+    AgentWrite, FeedCursor, FeedEntry, FeedPage, GrantExpiry, KeyEntry, KeyIndexStatus, Storage,
+};

@@ -1,4 +1,5 @@
-//! The engine's Prometheus metrics: group commits, idempotency records, holds, queues.
+//! The engine's Prometheus metrics: group commits, idempotency records, holds, queues, the
+//! grant sweep.
 //! No per-agent labels: per-agent usage is the API's.
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry};
@@ -21,6 +22,8 @@ pub struct EngineMetrics {
     pub agents_loaded_total: IntCounter,
     pub agents_evicted_total: IntCounter,
     pub index_backlog_events: IntGauge,
+    pub grant_sweep_pokes_total: IntCounter,
+    pub grant_sweep_pokes_failed_total: IntCounter,
 }
 
 impl EngineMetrics {
@@ -80,6 +83,14 @@ impl EngineMetrics {
                 "tally_index_backlog_events",
                 "Journal entries applied (in the write-ahead log) but not yet moved into sled; new commits wait while it is at engine.index_backlog_events_max.",
             ))?,
+            grant_sweep_pokes_total: IntCounter::with_opts(Opts::new(
+                "tally_grant_sweep_pokes_total",
+                "Agents the grant sweep had their shard look at (loading them if needed) because a credit grant of theirs expired or nears its expiry warning.",
+            ))?,
+            grant_sweep_pokes_failed_total: IntCounter::with_opts(Opts::new(
+                "tally_grant_sweep_pokes_failed_total",
+                "Pokes of the grant sweep that were not decided (a full shard queue, a rejection such as an agent whose plan left the config); tried again at the next pass.",
+            ))?,
         };
         if let Some(r) = registry {
             r.register(Box::new(m.commit_batch_events.clone()))?;
@@ -97,6 +108,8 @@ impl EngineMetrics {
             r.register(Box::new(m.agents_loaded_total.clone()))?;
             r.register(Box::new(m.agents_evicted_total.clone()))?;
             r.register(Box::new(m.index_backlog_events.clone()))?;
+            r.register(Box::new(m.grant_sweep_pokes_total.clone()))?;
+            r.register(Box::new(m.grant_sweep_pokes_failed_total.clone()))?;
         }
         Ok(m)
     }

@@ -9,7 +9,11 @@
 //! the whole truth. Records leave memory by a clock (second-chance) sweep, only after the
 //! run that wrote them is applied to the store, with their checkpoint applied, no open
 //! hold (the hold sweep looks at records in memory; opening loads every agent with one),
-//! and a rate limiter that a fresh one would equal.
+//! and a rate limiter that a fresh one would equal. A record whose grant expiry warning is
+//! due within the plans' longest warning window stays too: the grant sweep
+//! (`grant_sweep.rs`) pokes it only once, ahead of time, and this shard's sweep warns it
+//! at its time. Grant expiries need no record in memory: the grant sweep finds them in the
+//! store's index.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, OnceLock};
@@ -149,9 +153,20 @@ impl Slot {
     }
 
     /// Whether the record may leave memory once its checkpoint is applied: loading it
-    /// again gives the same record and a fresh limiter that answers as this one would.
-    fn may_leave(&self, now_ms: u64) -> bool {
-        self.state().holds.is_empty() && self.rate.is_idle(now_ms)
+    /// again gives the same record and a fresh limiter that answers as this one would, and
+    /// no grant expiry warning is due within `warning_lookahead_ms` (the grant sweep has
+    /// poked it, or will, only once). The warning check walks the agent's grants (at most
+    /// `GRANTS_PER_AGENT_MAX`) and only when some plan warns at all.
+    fn may_leave(&self, now_ms: u64, plans: &PlanBook, warning_lookahead_ms: u64) -> bool {
+        let state = self.state();
+        if !state.holds.is_empty() || !self.rate.is_idle(now_ms) {
+            return false;
+        }
+        warning_lookahead_ms == 0
+            || plans
+                .get(&state.plan)
+                .and_then(|plan| tally_core::threshold::next_warning_ms(state, plan))
+                .is_none_or(|at| at > now_ms.saturating_add(warning_lookahead_ms))
     }
 
     fn state(&self) -> &AgentState {
@@ -208,6 +223,8 @@ pub(crate) struct Shard {
     clock: VecDeque<AgentId>,
     /// Most records in memory (see the module's note for what may exceed it).
     cached_max: usize,
+    /// The plans' longest grant expiry warning window (see [`Slot::may_leave`]).
+    warning_lookahead_ms: u64,
     /// Chosen to leave memory once this run is applied.
     leaving: Vec<AgentId>,
     index: Index,
@@ -228,11 +245,13 @@ impl Shard {
         rx: Receiver<Job>,
         commit_tx: Sender<CommitBatch>,
     ) -> Self {
+        let warning_lookahead_ms = crate::grant_sweep::warning_lookahead_ms(&shared.plans);
         Self {
             shared,
             clock: agents.keys().cloned().collect(),
             agents,
             cached_max: cached_max.max(1),
+            warning_lookahead_ms,
             leaving: Vec::new(),
             index,
             rx,
@@ -608,7 +627,9 @@ impl Shard {
             let Some(slot) = self.agents.get_mut(&id) else {
                 continue;
             };
-            if slot.referenced || !slot.may_leave(now_ms) {
+            if slot.referenced
+                || !slot.may_leave(now_ms, &self.shared.plans, self.warning_lookahead_ms)
+            {
                 slot.referenced = false;
                 self.clock.push_back(id);
                 continue;
@@ -632,7 +653,10 @@ impl Shard {
             let Some(slot) = self.agents.get(&id) else {
                 continue;
             };
-            if failed || slot.dirty_since_ms.is_some() || !slot.may_leave(now_ms) {
+            if failed
+                || slot.dirty_since_ms.is_some()
+                || !slot.may_leave(now_ms, &self.shared.plans, self.warning_lookahead_ms)
+            {
                 self.clock.push_back(id);
                 continue;
             }

@@ -32,6 +32,14 @@
 //! - `x/<agent>/<hold seq as 8 bytes big-endian>`: an open hold (its expiry), written and
 //!   removed with the journal entries that place and close it, so that opening finds the
 //!   agents whose holds the sweep must see without reading every agent;
+//! - `e/<expires_at_ms as 8 bytes big-endian><agent>/<grant id as 8 bytes big-endian>`
+//!   (empty value): a credit grant that expires, in expiry order, inserted by the same
+//!   `apply_batch` as the `grant` journal entry that issued it (the grant id is that
+//!   entry's seq: grants that expire never merge). Nothing else writes or removes it here:
+//!   the engine's grant sweep (`grant_sweep.rs`) reads the keys that are due, has each
+//!   agent's shard expire what is due, and only then removes them. A key whose grant was
+//!   spent out, or expired by the agent's own command, is therefore removed after one
+//!   harmless look; losing a removal to a crash costs one more look;
 //! - `f/<lsn as 8 bytes big-endian>`: the change feed, a run of at most
 //!   `FEED_CHUNK_ENTRIES_MAX` agent writes `(lsn, agent, first seq, count)` in lsn order
 //!   (the order they were applied), keyed by the first one's lsn. Written by the same
@@ -41,7 +49,8 @@
 //!   starts at the first pass this build indexed;
 //! - `m/schema`: the schema version; `m/wal`: the newest WAL lsn sled holds; `m/holds`:
 //!   present once the `x/` index is complete (a directory from an older build gets it at
-//!   its first open, from the agents recovered then).
+//!   its first open, from the agents recovered then); `m/grant_expiries`: the same for
+//!   the `e/` index.
 //!
 //! Agent ids never contain `/`, so `j/<agent>/` is a prefix of that agent's entries only.
 //! sled is pinned (`=0.34.7`) and is beta software with known crash bugs; the kill test and
@@ -61,7 +70,7 @@ use crate::codec;
 use crate::error::StoreError;
 use crate::keyindex::{self, KeyIndex, KeyIndexLimits};
 use crate::storage::{
-    AgentWrite, FeedCursor, FeedEntry, FeedPage, KeyEntry, KeyIndexStatus, Storage,
+    AgentWrite, FeedCursor, FeedEntry, FeedPage, GrantExpiry, KeyEntry, KeyIndexStatus, Storage,
 };
 use crate::wal::{self, WalWriter};
 
@@ -75,6 +84,10 @@ const AGENT_PREFIX: &[u8] = b"a/";
 /// The first key after every `a/` key (`0` follows `/`).
 const AGENT_PREFIX_END: &[u8] = b"a0";
 const HOLD_PREFIX: &[u8] = b"x/";
+const GRANT_EXPIRIES_COMPLETE_KEY: &[u8] = b"m/grant_expiries";
+const GRANT_EXPIRY_PREFIX: &[u8] = b"e/";
+/// The first key after every `e/` key.
+const GRANT_EXPIRY_PREFIX_END: &[u8] = b"e0";
 const FEED_PREFIX: &[u8] = b"f/";
 /// The first key after every `f/` key.
 const FEED_PREFIX_END: &[u8] = b"f0";
@@ -345,6 +358,62 @@ fn index_holds(batch: &mut sled::Batch, agent: &AgentId, events: &[Event]) {
     }
 }
 
+fn grant_expiry_key(expires_at_ms: TimestampMs, agent: &AgentId, grant_id: u64) -> Vec<u8> {
+    let id = agent.as_str().as_bytes();
+    let mut k = Vec::with_capacity(GRANT_EXPIRY_PREFIX.len() + 8 + id.len() + 1 + 8);
+    k.extend_from_slice(GRANT_EXPIRY_PREFIX);
+    k.extend_from_slice(&expires_at_ms.to_be_bytes());
+    k.extend_from_slice(id);
+    k.push(b'/');
+    k.extend_from_slice(&grant_id.to_be_bytes());
+    k
+}
+
+/// The first `e/` key of grants expiring at `expires_at_ms` (or the end of the index).
+fn grant_expiry_start(expires_at_ms: Option<TimestampMs>) -> Vec<u8> {
+    match expires_at_ms {
+        Some(ms) => {
+            let mut k = GRANT_EXPIRY_PREFIX.to_vec();
+            k.extend_from_slice(&ms.to_be_bytes());
+            k
+        }
+        None => GRANT_EXPIRY_PREFIX_END.to_vec(),
+    }
+}
+
+/// What an `e/` key names.
+fn parse_grant_expiry_key(key: &[u8]) -> Result<GrantExpiry, StoreError> {
+    let bad = || StoreError::Corrupt(format!("grant expiry index key {key:?}"));
+    let rest = key.strip_prefix(GRANT_EXPIRY_PREFIX).ok_or_else(bad)?;
+    // 8 bytes of expiry, an id of at least one byte, `/`, 8 bytes of grant id.
+    if rest.len() < 8 + 1 + 1 + 8 || rest[rest.len() - 9] != b'/' {
+        return Err(bad());
+    }
+    let (at, rest) = rest.split_at(8);
+    let (id, grant) = rest.split_at(rest.len() - 9);
+    let expires_at_ms = u64::from_be_bytes(at.try_into().map_err(|_| bad())?);
+    let grant_id = u64::from_be_bytes(grant[1..].try_into().map_err(|_| bad())?);
+    let id = std::str::from_utf8(id).map_err(|_| bad())?;
+    Ok(GrantExpiry {
+        key: key.to_vec(),
+        agent: AgentId::new(id).map_err(|_| bad())?,
+        grant_id,
+        expires_at_ms,
+    })
+}
+
+/// Adds the `e/` keys of the expiring grants `events` (of one agent) issue to `batch`.
+/// Only inserts: the grant sweep removes them once it has looked (see the module's note).
+fn index_grant_expiries(batch: &mut sled::Batch, agent: &AgentId, events: &[Event]) {
+    for e in events {
+        if let EventKind::GrantIssued { terms, .. } = &e.kind {
+            if let Some(expires_at_ms) = terms.expires_at_ms {
+                batch.insert(grant_expiry_key(expires_at_ms, agent, e.seq), &[][..]);
+            }
+        }
+    }
+}
+
 fn feed_key(lsn: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(FEED_PREFIX.len() + 8);
     k.extend_from_slice(FEED_PREFIX);
@@ -392,6 +461,7 @@ fn index(db: &sled::Db, pending: &Pending) -> Result<(), StoreError> {
     for (agent, p) in &pending.agents {
         insert_chunks(&mut batch, agent, &p.events)?;
         index_holds(&mut batch, agent, &p.events);
+        index_grant_expiries(&mut batch, agent, &p.events);
         if let Some(record) = &p.checkpoint {
             debug_assert_eq!(record.check_invariants(), Ok(()));
             batch.insert(agent_key(agent), codec::encode_agent(record)?);
@@ -757,6 +827,7 @@ impl SledStorage {
                 // A new store: its indexes are complete, since there is no journal yet.
                 keys.mark_complete()?;
                 db.insert(HOLDS_COMPLETE_KEY, codec::encode_u32(1))?;
+                db.insert(GRANT_EXPIRIES_COMPLETE_KEY, codec::encode_u32(1))?;
                 db.insert(SCHEMA_KEY, codec::encode_u32(SCHEMA_VERSION))?;
             }
             // Written before any WAL exists, so a schema-1 build refuses this directory
@@ -1136,6 +1207,64 @@ impl Storage for SledStorage {
         self.shared.db.flush()?;
         self.shared.files.sync()?;
         tracing::info!(holds, "built the index of open holds");
+        Ok(())
+    }
+
+    fn grant_expiries(
+        &self,
+        from_ms: TimestampMs,
+        after: Option<&[u8]>,
+        through_ms: TimestampMs,
+        limit: usize,
+    ) -> Result<Vec<GrantExpiry>, StoreError> {
+        use std::ops::Bound;
+        let from = grant_expiry_start(Some(from_ms));
+        let start = match after {
+            Some(after) if after >= from.as_slice() => Bound::Excluded(after.to_vec()),
+            _ => Bound::Included(from),
+        };
+        let end = Bound::Excluded(grant_expiry_start(through_ms.checked_add(1)));
+        let mut found = Vec::with_capacity(limit.min(1_024));
+        for item in self.shared.db.range::<Vec<u8>, _>((start, end)).take(limit) {
+            let (key, _) = item?;
+            found.push(parse_grant_expiry_key(&key)?);
+        }
+        Ok(found)
+    }
+
+    fn remove_grant_expiries(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            debug_assert!(key.starts_with(GRANT_EXPIRY_PREFIX), "an e/ key");
+            batch.remove(key.as_slice());
+        }
+        // No flush of its own: a removal lost to a crash only costs the sweep one more look.
+        self.shared.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn grant_expiries_complete(&self) -> Result<bool, StoreError> {
+        Ok(self.shared.db.get(GRANT_EXPIRIES_COMPLETE_KEY)?.is_some())
+    }
+
+    fn backfill_grant_expiries(&self, agents: &[AgentState]) -> Result<(), StoreError> {
+        // Keys already there stay: a stale one costs the sweep one look, and a grant's key
+        // is the same whoever writes it.
+        let mut batch = sled::Batch::default();
+        let mut grants = 0usize;
+        for agent in agents {
+            for (&id, grant) in &agent.grants {
+                if let Some(expires_at_ms) = grant.terms.expires_at_ms {
+                    batch.insert(grant_expiry_key(expires_at_ms, &agent.id, id), &[][..]);
+                    grants += 1;
+                }
+            }
+        }
+        batch.insert(GRANT_EXPIRIES_COMPLETE_KEY, codec::encode_u32(1));
+        self.shared.db.apply_batch(batch)?;
+        self.shared.db.flush()?;
+        self.shared.files.sync()?;
+        tracing::info!(grants, "built the index of credit grant expiries");
         Ok(())
     }
 
@@ -1959,5 +2088,118 @@ mod tests {
         let more = feed_writes(&store, &events, 70..80, 10);
         let (got, _) = read_feed(&store, end, 7);
         assert_eq!(got, more, "from the end cursor, only what came after");
+    }
+
+    fn grant(amount_micros: u64, expires_at_ms: Option<u64>) -> CommandKind {
+        CommandKind::IssueGrant {
+            amount_micros,
+            terms: tally_core::GrantTerms {
+                expires_at_ms,
+                priority: 100,
+                category: tally_core::GrantCategory::Promotional,
+            },
+        }
+    }
+
+    fn expiries(
+        store: &SledStorage,
+        from_ms: u64,
+        after: Option<&[u8]>,
+        through_ms: u64,
+        limit: usize,
+    ) -> Vec<(u64, String, u64)> {
+        store
+            .grant_expiries(from_ms, after, through_ms, limit)
+            .expect("reads")
+            .into_iter()
+            .map(|e| (e.expires_at_ms, e.agent.as_str().to_owned(), e.grant_id))
+            .collect()
+    }
+
+    #[test]
+    fn an_expiring_grant_gets_an_index_key_with_its_journal_entry_and_others_none() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (state, events) = crate::testing::decided([
+            CommandKind::CreateAgent {
+                plan: crate::testing::default_plan(),
+                status: Status::Active,
+            },
+            CommandKind::Credit { amount_micros: 10 },
+            grant(20, Some(5_000)),
+            grant(30, None),
+            grant(40, Some(3_000)),
+        ]);
+        let store = SledStorage::open(tmp.path(), 8 << 20).expect("opens");
+        write(&store, &state.id, &events);
+        wait_indexed(&store);
+        assert_eq!(
+            expiries(&store, 0, None, u64::MAX, 10),
+            [(3_000, "agent-1".into(), 5), (5_000, "agent-1".into(), 3)],
+            "in expiry order; the grant id is the seq of its entry"
+        );
+        assert_eq!(
+            store
+                .backfill_grant_expiries(&[state])
+                .map(|()| expiries(&store, 0, None, u64::MAX, 10))
+                .expect("backfills"),
+            [(3_000, "agent-1".into(), 5), (5_000, "agent-1".into(), 3)],
+            "a backfill writes the same keys"
+        );
+    }
+
+    #[test]
+    fn grant_expiries_page_by_expiry_with_the_bounds_each_way() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = SledStorage::open(tmp.path(), 8 << 20).expect("opens");
+        assert!(
+            store.grant_expiries_complete().expect("reads"),
+            "a new store's index is complete"
+        );
+        let id = |s: &str| AgentId::new(s).expect("valid");
+        // Expiries whose bytes hold `/`, ids of different lengths, the largest expiry.
+        let keys = [
+            (0x2f2f, "a", 2),
+            (5, "b", 9),
+            (5, "a", 7),
+            (5, "a-longer", 1),
+            (3, "zz", 1),
+            (u64::MAX, "a", 3),
+        ];
+        let mut batch = sled::Batch::default();
+        for (at, agent, grant) in keys {
+            batch.insert(grant_expiry_key(at, &id(agent), grant), &[][..]);
+        }
+        store.shared.db.apply_batch(batch).expect("writes");
+        let all = expiries(&store, 0, None, u64::MAX, 100);
+        assert_eq!(
+            all,
+            [
+                (3, "zz".into(), 1),
+                // Byte order of `<agent>/`: `-` sorts before `/`.
+                (5, "a-longer".into(), 1),
+                (5, "a".into(), 7),
+                (5, "b".into(), 9),
+                (0x2f2f, "a".into(), 2),
+                (u64::MAX, "a".into(), 3),
+            ]
+        );
+        // `through_ms` is inclusive, `from_ms` too.
+        assert_eq!(expiries(&store, 0, None, 5, 100), all[..4]);
+        assert_eq!(expiries(&store, 0, None, 4, 100), all[..1]);
+        assert_eq!(expiries(&store, 5, None, 5, 100), all[1..4]);
+        assert_eq!(expiries(&store, 6, None, u64::MAX - 1, 100), all[4..5]);
+        assert_eq!(expiries(&store, 0, None, u64::MAX, 2), all[..2]);
+        // `after` is exclusive, and wins over `from_ms` only when it is further on.
+        let page = store.grant_expiries(0, None, u64::MAX, 2).expect("reads");
+        let after = page[1].key.as_slice();
+        assert_eq!(expiries(&store, 0, Some(after), u64::MAX, 100), all[2..]);
+        assert_eq!(
+            expiries(&store, 0x2f2f, Some(after), u64::MAX, 100),
+            all[4..]
+        );
+        // Removal by key.
+        let gone: Vec<Vec<u8>> = page.into_iter().map(|e| e.key).collect();
+        store.remove_grant_expiries(&gone).expect("removes");
+        assert_eq!(expiries(&store, 0, None, u64::MAX, 100), all[2..]);
     }
 }

@@ -63,6 +63,17 @@ pub struct KeyEntry {
     pub at_ms: TimestampMs,
 }
 
+/// One entry of the index of credit grant expiries: grant `grant_id` of `agent` expires at
+/// `expires_at_ms`. `key` is the entry's position in the index, opaque to the engine: it
+/// pages on from it and removes the entry by it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantExpiry {
+    pub key: Vec<u8>,
+    pub agent: AgentId,
+    pub grant_id: u64,
+    pub expires_at_ms: TimestampMs,
+}
+
 /// The state of a backend's idempotency key index, for metrics and `/readyz`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KeyIndexStatus {
@@ -134,6 +145,40 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     /// Rebuilds the index of open holds from `agents` (every agent with an open hold, as
     /// recovered) and marks it complete.
     fn backfill_holds(&self, _agents: &[AgentState]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Entries of the index of credit grant expiries with `from_ms ≤ expires_at_ms ≤
+    /// through_ms` and, when `after` is given, past that entry's key; in expiry order
+    /// (ties in the backend's key order), at most `limit`. Only what the backend has indexed
+    /// is shown: a grant issued moments ago may be missing until the next indexing pass.
+    /// The default, for a backend without such an index, is empty.
+    fn grant_expiries(
+        &self,
+        _from_ms: TimestampMs,
+        _after: Option<&[u8]>,
+        _through_ms: TimestampMs,
+        _limit: usize,
+    ) -> Result<Vec<GrantExpiry>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes entries of the index of grant expiries by key. Losing a removal to a crash
+    /// is harmless: the sweep then looks at that agent once more.
+    fn remove_grant_expiries(&self, _keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// False when the index of grant expiries is not complete yet (a directory from an
+    /// older build): the engine then loads every agent once and calls
+    /// [`Storage::backfill_grant_expiries`]. A backend without the index is complete.
+    fn grant_expiries_complete(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    /// Adds the live grants with an expiry of `agents` (every agent, as recovered) to the
+    /// index of grant expiries and marks it complete.
+    fn backfill_grant_expiries(&self, _agents: &[AgentState]) -> Result<(), StoreError> {
         Ok(())
     }
 

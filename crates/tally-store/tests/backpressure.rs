@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use tally_core::{AgentId, AgentState, CommandKind, Event, IdempotencyKey};
+use tally_core::{AgentId, AgentState, CommandKind, Event, IdempotencyKey, TimestampMs};
 use tally_store::{
-    AgentWrite, Engine, FeedCursor, FeedPage, KeyEntry, ManualClock, SledStorage, Storage,
-    StoreError, SubmitError,
+    AgentWrite, Engine, FeedCursor, FeedPage, GrantExpiry, KeyEntry, ManualClock, SledStorage,
+    Storage, StoreError, SubmitError,
 };
 
 /// Sled, with gates in `apply` and `journal_rev`, a count of `journal_rev` calls and a
@@ -59,6 +59,24 @@ impl Storage for Gated {
     }
     fn backfill_holds(&self, agents: &[AgentState]) -> Result<(), StoreError> {
         self.inner.backfill_holds(agents)
+    }
+    fn grant_expiries(
+        &self,
+        from_ms: TimestampMs,
+        after: Option<&[u8]>,
+        through_ms: TimestampMs,
+        limit: usize,
+    ) -> Result<Vec<GrantExpiry>, StoreError> {
+        self.inner.grant_expiries(from_ms, after, through_ms, limit)
+    }
+    fn remove_grant_expiries(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.inner.remove_grant_expiries(keys)
+    }
+    fn grant_expiries_complete(&self) -> Result<bool, StoreError> {
+        self.inner.grant_expiries_complete()
+    }
+    fn backfill_grant_expiries(&self, agents: &[AgentState]) -> Result<(), StoreError> {
+        self.inner.backfill_grant_expiries(agents)
     }
     fn journal(
         &self,

@@ -4,7 +4,8 @@
 use tally_core::{AgentId, AgentState, Event, IdempotencyKey, TimestampMs};
 use tally_store::sim::{self, Op};
 use tally_store::{
-    AgentWrite, FeedCursor, FeedPage, KeyEntry, KeyIndexStatus, SledStorage, Storage, StoreError,
+    AgentWrite, FeedCursor, FeedPage, GrantExpiry, KeyEntry, KeyIndexStatus, SledStorage, Storage,
+    StoreError,
 };
 
 /// `SledStorage` with a fault point at every `apply`, so a batch can fail before the WAL.
@@ -37,6 +38,24 @@ impl Storage for FaultyStorage {
     }
     fn backfill_holds(&self, agents: &[AgentState]) -> Result<(), StoreError> {
         self.0.backfill_holds(agents)
+    }
+    fn grant_expiries(
+        &self,
+        from_ms: TimestampMs,
+        after: Option<&[u8]>,
+        through_ms: TimestampMs,
+        limit: usize,
+    ) -> Result<Vec<GrantExpiry>, StoreError> {
+        self.0.grant_expiries(from_ms, after, through_ms, limit)
+    }
+    fn remove_grant_expiries(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        self.0.remove_grant_expiries(keys)
+    }
+    fn grant_expiries_complete(&self) -> Result<bool, StoreError> {
+        self.0.grant_expiries_complete()
+    }
+    fn backfill_grant_expiries(&self, agents: &[AgentState]) -> Result<(), StoreError> {
+        self.0.backfill_grant_expiries(agents)
     }
     fn journal(&self, a: &AgentId, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
         self.0.journal(a, after, limit)
