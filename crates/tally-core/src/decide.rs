@@ -625,14 +625,48 @@ fn cap_or_funds(
 }
 
 /// How long until open holds expiring on their own free enough for `amount`, if ever.
+///
+/// Money counts only while its grant lives: a grant that expires meanwhile takes its rest
+/// out of the balance, and what a hold gives back to a grant expired by then lapses. So
+/// the balance is followed through time: at each hold's expiry its draws come back (those
+/// of grants still alive), at each grant's expiry its money (and what came back to it)
+/// goes, and the first hold expiry at which enough is there is the answer.
 fn wait_for_holds(s: &AgentState, amount: u64, now_ms: TimestampMs) -> Option<u64> {
-    let mut expiries: Vec<_> = s.holds.values().collect();
-    expiries.sort_by_key(|h| h.expires_at_ms);
-    let mut available = u128::from(s.balance_micros);
-    for hold in expiries {
-        available += u128::from(hold.amount_micros);
-        if available >= u128::from(amount) {
-            return Some(hold.expires_at_ms.saturating_sub(now_ms));
+    if s.holds.is_empty() {
+        return None;
+    }
+    // (when, order at that instant: 0 money gone, 1 money back, 2 look; micros). A hold
+    // past its expiry but not yet released (no sweep since) is released now.
+    let mut steps: Vec<(TimestampMs, u8, u64)> = Vec::new();
+    for g in s.grants.values() {
+        if let Some(at) = g.terms.expires_at_ms {
+            steps.push((at.max(now_ms), 0, g.remaining_micros));
+        }
+    }
+    for h in s.holds.values() {
+        let released_at = h.expires_at_ms.max(now_ms);
+        steps.push((released_at, 2, 0));
+        for d in &h.draws {
+            match d.terms.expires_at_ms {
+                // Returned to a grant already gone when the hold is released: lapses.
+                Some(at) if at <= released_at => {}
+                Some(at) => {
+                    steps.push((released_at, 1, d.micros));
+                    steps.push((at, 0, d.micros));
+                }
+                None => steps.push((released_at, 1, d.micros)),
+            }
+        }
+    }
+    steps.sort_unstable();
+    // The balance counts every live grant; the ones due now expire ahead of the spend.
+    let mut available: i128 = i128::from(s.balance_micros);
+    for (at, order, micros) in steps {
+        match order {
+            0 => available -= i128::from(micros),
+            1 => available += i128::from(micros),
+            _ if available >= i128::from(amount) => return Some(at.saturating_sub(now_ms)),
+            _ => {}
         }
     }
     None

@@ -260,3 +260,39 @@ fn insufficient_funds_names_a_wait_only_when_expiring_holds_would_free_enough() 
     l.run(CommandKind::ExpireHolds, T0 + 2_000).expect("sweep");
     l.debit(70, T0 + 2_000);
 }
+
+#[test]
+fn insufficient_funds_waits_only_for_money_whose_grant_still_lives_then() {
+    let mut l = Ledger::new("open", T0);
+    // 100 that expires at +3 s, drawn first (earliest expiry), and 50 that never does.
+    l.approve(
+        CommandKind::IssueGrant {
+            amount_micros: 100,
+            terms: tally_core::GrantTerms {
+                expires_at_ms: Some(T0 + 3_000),
+                priority: tally_core::GRANT_PRIORITY_DEFAULT,
+                category: tally_core::GrantCategory::Promotional,
+            },
+        },
+        T0,
+    );
+    l.credit(50, T0);
+    l.hold(60, 2_000, T0); // from the expiring grant; back at +2 s, gone at +3 s
+    l.hold(40, 5_000, T0); // from the expiring grant; back at +5 s, when it is gone
+    l.hold(30, 8_000, T0); // from the plain credit; back at +8 s
+    assert_eq!(l.balance(), 20);
+    let wait = |d: Denial| match d {
+        Denial::InsufficientFunds { retry_after_ms, .. } => retry_after_ms,
+        other => panic!("expected 402, got {other:?}"),
+    };
+    // 80 is there between +2 s and +3 s.
+    assert_eq!(wait(l.deny(debit(80), T0)), Some(2_000));
+    // 81 never is: the 60 back at +2 s leave at +3 s, the 40 back at +5 s lapse, and the
+    // 30 back at +8 s make 50.
+    assert_eq!(wait(l.deny(debit(81), T0)), None);
+    assert_eq!(wait(l.deny(debit(50), T0 + 3_000)), Some(5_000));
+    // The promise holds: at +8 s, with the holds and the grant gone, 50 is left.
+    l.run(CommandKind::ExpireHolds, T0 + 8_000).expect("sweep");
+    assert_eq!(l.balance(), 50);
+    assert_eq!(wait(l.deny(debit(81), T0 + 8_000)), None);
+}

@@ -461,18 +461,33 @@ impl ModelAgent {
             }
         }
         if i128::from(amount) > self.balance {
-            // Retry-After only if holds expiring on their own would free enough.
-            let mut by_expiry: Vec<ModelHold> = self.holds.values().cloned().collect();
-            by_expiry.sort_by_key(|h| h.expires_at_ms);
-            let mut available = self.balance;
-            let mut retry_after_ms = None;
-            for h in by_expiry {
-                available += i128::from(h.amount);
-                if available >= i128::from(amount) {
-                    retry_after_ms = Some(h.expires_at_ms.saturating_sub(now_ms));
-                    break;
-                }
-            }
+            // Retry-After only if holds expiring on their own would free enough, counting
+            // only money whose grant still lives then (what comes back to a grant gone by
+            // then lapses). By brute force: the balance recomputed at each release time.
+            let lives = |terms: &ModelTerms, t: u64| terms.expires_at_ms.is_none_or(|at| at > t);
+            let mut times: Vec<u64> = self
+                .holds
+                .values()
+                .map(|h| h.expires_at_ms.max(now_ms))
+                .collect();
+            times.sort_unstable();
+            let retry_after_ms = times.into_iter().find_map(|t| {
+                let live: i128 = self
+                    .grants
+                    .iter()
+                    .filter(|(_, g)| lives(&g.terms, t))
+                    .map(|(_, g)| i128::from(g.remaining))
+                    .sum();
+                let back: i128 = self
+                    .holds
+                    .values()
+                    .filter(|h| h.expires_at_ms.max(now_ms) <= t)
+                    .flat_map(|h| h.draws.iter())
+                    .filter(|(id, _)| lives(&self.terms[id], t))
+                    .map(|(_, micros)| i128::from(*micros))
+                    .sum();
+                (live + back >= i128::from(amount)).then(|| t.saturating_sub(now_ms))
+            });
             return Err(Denial::InsufficientFunds {
                 required_micros: amount,
                 available_micros: self.balance_u64(),
