@@ -40,3 +40,12 @@ pub enum SubmitError {
     #[error("the answer needs more than {entries_max} journal entries read")]
     ScanTooLarge { entries_max: u64 },
 }
+
+/// What a caught panic says (its message, when it has one), for the failure it becomes.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
+}

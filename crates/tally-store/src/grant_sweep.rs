@@ -101,11 +101,7 @@ impl GrantSweeper {
                 let result =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sweep.run(woken)));
                 if let Err(panic) = result {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".into());
+                    let what = crate::error::panic_message(panic.as_ref());
                     shared.fail(format!("the grant sweep thread panicked: {what}"));
                 }
             })

@@ -774,11 +774,7 @@ fn spawn_guarded(
         .spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&shared)));
             if let Err(panic) = result {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".into());
+                let what = crate::error::panic_message(panic.as_ref());
                 shared.fail(&StoreError::Io(format!(
                     "the {thread} thread panicked: {what}"
                 )));
