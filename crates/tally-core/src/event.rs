@@ -260,6 +260,17 @@ impl EventKind {
         }
     }
 
+    /// The open hold this event closes (captures, voids and expiries of holds).
+    pub fn closed_hold(&self) -> Option<u64> {
+        match *self {
+            EventKind::HoldCaptured { hold_seq, .. }
+            | EventKind::HoldCapturedSplit { hold_seq, .. }
+            | EventKind::HoldVoided { hold_seq, .. }
+            | EventKind::HoldExpired { hold_seq, .. } => Some(hold_seq),
+            _ => None,
+        }
+    }
+
     /// A short stable name for the journal API and reports.
     pub fn name(&self) -> &'static str {
         match self {

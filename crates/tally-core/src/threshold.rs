@@ -196,16 +196,9 @@ fn expiry_warnings(
         .values()
         .any(|g| thresholds.warning_at_ms(g).is_some_and(|at| at <= now_ms));
     let adds_grant_money = events.iter().any(|e| {
-        matches!(
-            e.kind,
-            EventKind::GrantIssued { .. }
-                | EventKind::HoldCaptured { .. }
-                | EventKind::HoldCapturedSplit { .. }
-                | EventKind::HoldVoided { .. }
-                | EventKind::HoldExpired { .. }
-                | EventKind::Refunded { .. }
-                | EventKind::RefundedSplit { .. }
-        )
+        matches!(e.kind, EventKind::GrantIssued { .. })
+            || e.kind.closed_hold().is_some()
+            || e.kind.refund_of().is_some()
     });
     if !due_before && !adds_grant_money {
         #[cfg(debug_assertions)]

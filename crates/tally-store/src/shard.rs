@@ -439,13 +439,10 @@ impl Shard {
         };
         let expected_seq = slot.state.as_ref().map_or(0, |s| s.last_seq);
         for e in &events {
-            match &e.kind {
-                EventKind::HoldPlaced { .. } => self.shared.metrics.open_holds.inc(),
-                EventKind::HoldCaptured { .. }
-                | EventKind::HoldCapturedSplit { .. }
-                | EventKind::HoldVoided { .. }
-                | EventKind::HoldExpired { .. } => self.shared.metrics.open_holds.dec(),
-                _ => {}
+            if matches!(e.kind, EventKind::HoldPlaced { .. }) {
+                self.shared.metrics.open_holds.inc();
+            } else if e.kind.closed_hold().is_some() {
+                self.shared.metrics.open_holds.dec();
             }
             match evolve(slot.state.take(), agent, e) {
                 Ok(next) => slot.state = Some(next),

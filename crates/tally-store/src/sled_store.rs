@@ -343,17 +343,10 @@ fn hold_key_agent(key: &[u8]) -> Result<AgentId, StoreError> {
 /// change of a key, so a hold placed and closed in one batch leaves nothing).
 fn index_holds(batch: &mut sled::Batch, agent: &AgentId, events: &[Event]) {
     for e in events {
-        match e.kind {
-            EventKind::HoldPlaced { expires_at_ms, .. } => {
-                batch.insert(hold_key(agent, e.seq), codec::encode_u64(expires_at_ms));
-            }
-            EventKind::HoldCaptured { hold_seq, .. }
-            | EventKind::HoldCapturedSplit { hold_seq, .. }
-            | EventKind::HoldVoided { hold_seq, .. }
-            | EventKind::HoldExpired { hold_seq, .. } => {
-                batch.remove(hold_key(agent, hold_seq));
-            }
-            _ => {}
+        if let EventKind::HoldPlaced { expires_at_ms, .. } = e.kind {
+            batch.insert(hold_key(agent, e.seq), codec::encode_u64(expires_at_ms));
+        } else if let Some(hold_seq) = e.kind.closed_hold() {
+            batch.remove(hold_key(agent, hold_seq));
         }
     }
 }
