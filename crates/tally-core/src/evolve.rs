@@ -133,11 +133,11 @@ pub(crate) fn apply_as(
         EventKind::Debited { .. } | EventKind::DebitedSplit { .. } => {
             let (amount_micros, period) = event.kind.spend().expect("a debit spends");
             let draws = draw(s, amount_micros).map_err(&err)?;
-            split_matches(&event.kind, &draws, split).map_err(&err)?;
+            let promotional = checked_promotional(&event.kind, &draws, split).map_err(&err)?;
             s.balance_micros = sub(s.balance_micros, amount_micros)?;
             s.debited_total_micros = add(s.debited_total_micros, amount_micros)?;
             s.debited_promotional_total_micros =
-                add(s.debited_promotional_total_micros, promotional(&draws))?;
+                add(s.debited_promotional_total_micros, promotional)?;
             spend(s, amount_micros, period).map_err(&err)?;
             remember_refundable(s, seq, amount_micros, period, draws);
         }
@@ -170,12 +170,12 @@ pub(crate) fn apply_as(
             s.held_micros = sub(s.held_micros, hold.amount_micros)?;
             // The reservation is spent in draw order; the rest goes back to its grants.
             let (captured, released) = grant::split_front(&hold.draws, captured_micros);
-            split_matches(&event.kind, &captured, split).map_err(&err)?;
+            let promotional = checked_promotional(&event.kind, &captured, split).map_err(&err)?;
             grant::give_back(&mut s.grants, &released).map_err(&err)?;
             s.balance_micros = add(s.balance_micros, released_micros)?;
             s.debited_total_micros = add(s.debited_total_micros, captured_micros)?;
             s.debited_promotional_total_micros =
-                add(s.debited_promotional_total_micros, promotional(&captured))?;
+                add(s.debited_promotional_total_micros, promotional)?;
             if captured_micros > 0 {
                 spend(s, captured_micros, period).map_err(&err)?;
                 remember_refundable(s, seq, captured_micros, period, captured);
@@ -210,7 +210,7 @@ pub(crate) fn apply_as(
             let r = &mut s.refundable[i];
             r.remaining_micros = sub(r.remaining_micros, amount_micros)?;
             let (kept, returned) = grant::split_back(&r.draws, amount_micros);
-            split_matches(&event.kind, &returned, split).map_err(&err)?;
+            checked_promotional(&event.kind, &returned, split).map_err(&err)?;
             r.draws = kept;
             grant::give_back(&mut s.grants, &returned).map_err(&err)?;
             s.balance_micros = add(s.balance_micros, amount_micros)?;
@@ -318,12 +318,18 @@ fn issue(
     Ok(())
 }
 
-/// Checks that the promotional part an event records is what its draws took or returned:
-/// the journal's split by category (for usage reports) must be the one the rules made.
-fn split_matches(kind: &EventKind, draws: &[Draw], split: Split) -> Result<(), &'static str> {
+/// Checks that the promotional part an event records is what its draws took or returned
+/// (the journal's split by category, for usage reports, must be the one the rules made),
+/// and returns what the draws hold.
+fn checked_promotional(
+    kind: &EventKind,
+    draws: &[Draw],
+    split: Split,
+) -> Result<u64, &'static str> {
     let recorded = kind.promotional_micros();
-    if recorded == promotional(draws) || (recorded == 0 && split == Split::Lenient) {
-        Ok(())
+    let drawn = promotional(draws);
+    if recorded == drawn || (recorded == 0 && split == Split::Lenient) {
+        Ok(drawn)
     } else {
         Err("promotional part differs from the grants drawn")
     }
