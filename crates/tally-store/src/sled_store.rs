@@ -777,6 +777,21 @@ fn spawn_guarded(
 }
 
 impl SledStorage {
+    /// Writes a rebuilt index with the key that marks it complete, durably: the marker is
+    /// in the same batch as the index, so a crash leaves the index incomplete and rebuilt
+    /// again, never marked complete without its keys.
+    fn complete_index(
+        &self,
+        mut batch: sled::Batch,
+        complete_key: &[u8],
+    ) -> Result<(), StoreError> {
+        batch.insert(complete_key, codec::encode_u32(1));
+        self.shared.db.apply_batch(batch)?;
+        self.shared.db.flush()?;
+        self.shared.files.sync()?;
+        Ok(())
+    }
+
     /// Opens or creates the store at `path` with a sled page cache of `cache_bytes` and
     /// default bounds.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
@@ -1191,10 +1206,7 @@ impl Storage for SledStorage {
                 holds += 1;
             }
         }
-        batch.insert(HOLDS_COMPLETE_KEY, codec::encode_u32(1));
-        self.shared.db.apply_batch(batch)?;
-        self.shared.db.flush()?;
-        self.shared.files.sync()?;
+        self.complete_index(batch, HOLDS_COMPLETE_KEY)?;
         tracing::info!(holds, "built the index of open holds");
         Ok(())
     }
@@ -1249,10 +1261,7 @@ impl Storage for SledStorage {
                 }
             }
         }
-        batch.insert(GRANT_EXPIRIES_COMPLETE_KEY, codec::encode_u32(1));
-        self.shared.db.apply_batch(batch)?;
-        self.shared.db.flush()?;
-        self.shared.files.sync()?;
+        self.complete_index(batch, GRANT_EXPIRIES_COMPLETE_KEY)?;
         tracing::info!(grants, "built the index of credit grant expiries");
         Ok(())
     }
