@@ -79,16 +79,6 @@ fn expiries(journal: &[Event]) -> Vec<&Event> {
         .collect()
 }
 
-fn warnings(journal: &[Event]) -> Vec<Crossing> {
-    journal
-        .iter()
-        .filter_map(|e| match e.kind {
-            EventKind::ThresholdCrossed { crossing } => Some(crossing),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Polls `a`'s journal (which never loads the agent) until `done` holds.
 async fn wait_journal(engine: &Engine, a: &AgentId, what: &str, done: impl Fn(&[Event]) -> bool) {
     let deadline = Instant::now() + SWEEP_WAIT_MAX;
@@ -341,17 +331,17 @@ async fn a_warning_is_journaled_at_its_time_for_an_agent_out_of_memory() {
     .await;
     push_out(&engine, "1").await;
     let journal = engine.journal(&a, 0, usize::MAX).await.expect("reads");
-    assert!(warnings(&journal).is_empty(), "not due yet: {journal:?}");
+    assert!(crossings(&journal).is_empty(), "not due yet: {journal:?}");
 
     // Its time: no command of its own, and the sweep's window is past its grant already.
     clock.set(EXPIRES_AT_MS - WITHIN_MS);
-    wait_journal(&engine, &a, "no warning", |j| !warnings(j).is_empty()).await;
+    wait_journal(&engine, &a, "no warning", |j| !crossings(j).is_empty()).await;
     push_out(&engine, "2").await;
     clock.set(EXPIRES_AT_MS);
     wait_journal(&engine, &a, "no GrantExpired", |j| expiries(j).len() == 1).await;
     let journal = engine.journal(&a, 0, usize::MAX).await.expect("reads");
     assert_eq!(
-        warnings(&journal),
+        crossings(&journal),
         [Crossing::GrantExpiring {
             grant_id: grant.seq,
             expires_at_ms: EXPIRES_AT_MS,

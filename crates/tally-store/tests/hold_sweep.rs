@@ -243,21 +243,12 @@ async fn a_grant_about_to_expire_is_warned_about_by_the_sweep_exactly_once() {
         terms,
     };
     let grant = approve(&engine, cmd(&a, issue, "grant-1")).await;
-    let warnings = |journal: &[tally_core::Event]| -> Vec<tally_core::Crossing> {
-        journal
-            .iter()
-            .filter_map(|e| match e.kind {
-                EventKind::ThresholdCrossed { crossing } => Some(crossing),
-                _ => None,
-            })
-            .collect()
-    };
     // Inside the window, before the expiry; no command for the agent.
     clock.set(T0_MS + 31_000);
     let deadline = Instant::now() + SWEEP_WAIT_MAX;
     loop {
         let journal = engine.journal(&a, 0, usize::MAX).await.expect("reads");
-        if !warnings(&journal).is_empty() {
+        if !crossings(&journal).is_empty() {
             break;
         }
         assert!(
@@ -271,7 +262,7 @@ async fn a_grant_about_to_expire_is_warned_about_by_the_sweep_exactly_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let journal = engine.journal(&a, 0, usize::MAX).await.expect("reads");
     assert_eq!(
-        warnings(&journal),
+        crossings(&journal),
         [tally_core::Crossing::GrantExpiring {
             grant_id: grant.seq,
             expires_at_ms: T0_MS + 60_000,

@@ -122,3 +122,14 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// The notifications (`threshold_crossed` entries) of a journal, in order.
+pub fn crossings(journal: &[tally_core::Event]) -> Vec<tally_core::Crossing> {
+    journal
+        .iter()
+        .filter_map(|e| match e.kind {
+            tally_core::EventKind::ThresholdCrossed { crossing } => Some(crossing),
+            _ => None,
+        })
+        .collect()
+}
