@@ -386,6 +386,7 @@ mod legacy {
     impl From<AgentWriteV1> for AgentWrite {
         fn from(v: AgentWriteV1) -> Self {
             AgentWrite {
+                rate: None,
                 agent: v.agent,
                 expected_seq: v.expected_seq,
                 events: v.events,
@@ -405,6 +406,7 @@ mod legacy {
     impl From<AgentWriteV3> for AgentWrite {
         fn from(v: AgentWriteV3) -> Self {
             AgentWrite {
+                rate: None,
                 agent: v.agent,
                 expected_seq: v.expected_seq,
                 events: v.events,
@@ -832,6 +834,7 @@ mod tests {
         ));
 
         let write = AgentWrite {
+            rate: None,
             agent: agent.id.clone(),
             expected_seq: 0,
             events: events.clone(),

@@ -19,6 +19,14 @@ pub enum StoreError {
     Config(String),
     #[error("the store holds a record that cannot be: {0}")]
     Corrupt(String),
+    /// A shared backend could not be reached or could not say whether it applied a write
+    /// (a lost connection, a failover in progress). Passing: the engine answers 503 and
+    /// goes on, unlike every other error here, which stops it.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The backend does not offer this (the change feed on a shared backend).
+    #[error("not offered by this storage backend: {0}")]
+    Unsupported(&'static str),
 }
 
 impl From<sled::Error> for StoreError {
@@ -39,6 +47,14 @@ pub enum SubmitError {
     Failed(String),
     #[error("the answer needs more than {entries_max} journal entries read")]
     ScanTooLarge { entries_max: u64 },
+    /// A shared backend is unreachable or failing over, or the agent's writes kept
+    /// meeting newer versions written by other nodes. A write answered this way may or may
+    /// not have been applied: retry it with the same idempotency key.
+    #[error("storage unavailable ({reason}); retry after {retry_after_ms} ms")]
+    Unavailable { retry_after_ms: u64, reason: String },
+    /// The backend does not offer this.
+    #[error("not offered by this storage backend: {0}")]
+    Unsupported(&'static str),
 }
 
 /// What a caught panic says (its message, when it has one), for the failure it becomes.

@@ -43,4 +43,5 @@ pub use metrics::EngineMetrics;
 pub use sled_store::{SledStorage, StoreOptions, SCHEMA_VERSION};
 pub use storage::{
     AgentWrite, FeedCursor, FeedEntry, FeedPage, GrantExpiry, KeyEntry, KeyIndexStatus, Storage,
+    WriteResult,
 };

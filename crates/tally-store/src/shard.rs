@@ -190,6 +190,7 @@ impl Run {
     fn write_for(&mut self, agent: &AgentId, expected_seq: u64) -> &mut AgentWrite {
         let i = *self.by_agent.entry(agent.clone()).or_insert_with(|| {
             self.writes.push(AgentWrite {
+                rate: None,
                 agent: agent.clone(),
                 expected_seq,
                 events: Vec::new(),

@@ -1568,6 +1568,7 @@ mod tests {
         for part in events.chunks(7) {
             store
                 .apply(vec![AgentWrite {
+                    rate: None,
                     agent: agent.clone(),
                     expected_seq: part[0].seq - 1,
                     events: part.to_vec(),
@@ -1646,6 +1647,7 @@ mod tests {
         write(&store, &id, &events[100..]);
         store
             .apply(vec![AgentWrite {
+                rate: None,
                 agent: id.clone(),
                 expected_seq: state.last_seq,
                 events: Vec::new(),
@@ -1687,6 +1689,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (id, events, _) = journal_of(300);
         let one_run = codec::encode_write(&AgentWrite {
+            rate: None,
             agent: id.clone(),
             expected_seq: 2,
             events: events[2..9].to_vec(),
@@ -1722,6 +1725,7 @@ mod tests {
         for part in events.chunks(7) {
             store
                 .apply(vec![AgentWrite {
+                    rate: None,
                     agent: id.clone(),
                     expected_seq: part[0].seq - 1,
                     events: part.to_vec(),
@@ -1742,6 +1746,7 @@ mod tests {
         write(&store, &id, &events[..10]);
         store
             .apply(vec![AgentWrite {
+                rate: None,
                 agent: id.clone(),
                 expected_seq: 10,
                 events: events[10..].to_vec(),
@@ -1779,6 +1784,7 @@ mod tests {
         let mut older = Pending::default();
         let mut newer = Pending::default();
         let write = |events: &[Event]| AgentWrite {
+            rate: None,
             agent: id.clone(),
             expected_seq: events[0].seq - 1,
             events: events.to_vec(),
@@ -1819,6 +1825,7 @@ mod tests {
         );
         let err = store
             .apply(vec![AgentWrite {
+                rate: None,
                 agent: id.clone(),
                 expected_seq: 10,
                 events: events[10..].to_vec(),
@@ -1997,6 +2004,7 @@ mod tests {
             let part = &events[from..from + 1 + i % 5];
             store
                 .apply(vec![AgentWrite {
+                    rate: None,
                     agent: agent.clone(),
                     expected_seq: part[0].seq - 1,
                     events: part.to_vec(),

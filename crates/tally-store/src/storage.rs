@@ -3,7 +3,7 @@
 //! agent, a Lua compare-and-set on the agent's version) fits the same shape.
 
 use serde::{Deserialize, Serialize};
-use tally_core::{AgentId, AgentState, Event, IdempotencyKey, TimestampMs};
+use tally_core::{AgentId, AgentState, Event, IdempotencyKey, RateState, TimestampMs};
 
 use crate::error::StoreError;
 
@@ -18,7 +18,23 @@ pub struct AgentWrite {
     /// New journal entries, in sequence order, continuing from `expected_seq`.
     pub events: Vec<Event>,
     /// A checkpoint of the agent record as of its newest event (in this write or before).
+    /// Always there for a shared backend ([`Storage::shared`]): its record is current.
     pub checkpoint: Option<AgentState>,
+    /// The agent's limiter state after these events, for a shared backend, which stores it
+    /// with the record so that the nodes share one limiter per agent. Not in the WAL.
+    #[serde(skip)]
+    pub rate: Option<RateState>,
+}
+
+/// What became of one agent's write in [`Storage::apply_each`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteResult {
+    Applied,
+    /// The agent's stored version was not `expected_seq` (another node wrote first):
+    /// nothing of this write was applied.
+    Conflict,
+    /// The backend cannot say whether it applied this write (a lost connection, a failover).
+    Unavailable(String),
 }
 
 /// One agent write in the change feed: the WAL record `lsn` appended `events` journal
@@ -104,6 +120,32 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
 
     /// Makes every applied write durable (one fsync for many requests).
     fn sync(&self) -> Result<(), StoreError>;
+
+    /// True when other processes write to this store too (several `tally serve` nodes on
+    /// one Redis Cluster). The engine then keeps no agent in memory from one run to the
+    /// next, loads agents with [`Storage::record`], writes every agent's checkpoint and
+    /// limiter state with its events, applies with [`Storage::apply_each`] and decides an
+    /// agent again when its write met a newer version. A shared store's index of grant
+    /// expiries also lists hold expiries, since no node holds agents with holds in memory.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Applies the writes, each agent's atomically and on its own (compare-and-set on
+    /// `expected_seq`), and says what became of each, in order. An `Err` means none
+    /// applied. The default applies them all with [`Storage::apply`].
+    fn apply_each(&self, writes: Vec<AgentWrite>) -> Result<Vec<WriteResult>, StoreError> {
+        let n = writes.len();
+        self.apply(writes)?;
+        Ok(vec![WriteResult::Applied; n])
+    }
+
+    /// A shared store's current record of `agent` with its limiter state (one read);
+    /// `None` for an agent never created. The default, for a store whose checkpoints lag
+    /// its journal, is the checkpoint with a fresh limiter: only a shared store is asked.
+    fn record(&self, agent: &AgentId) -> Result<Option<(AgentState, RateState)>, StoreError> {
+        Ok(self.checkpoint(agent)?.map(|s| (s, RateState::default())))
+    }
 
     /// Every agent checkpoint.
     fn load_agents(&self) -> Result<Vec<AgentState>, StoreError>;
