@@ -73,6 +73,25 @@ pub fn submit_error(e: SubmitError) -> Problem {
             ),
         )
         .field("entries_max", entries_max),
+        SubmitError::Unavailable {
+            retry_after_ms,
+            reason,
+        } => {
+            tracing::warn!(%reason, "storage unavailable");
+            problem(
+                S::SERVICE_UNAVAILABLE,
+                "storage-unavailable",
+                "Storage unavailable",
+                "the storage backend is unreachable or failing over; a change answered this way may or may not have been made: retry it with the same Idempotency-Key".into(),
+            )
+            .retry_after_ms(retry_after_ms)
+        }
+        SubmitError::Unsupported(what) => problem(
+            S::NOT_IMPLEMENTED,
+            "not-supported",
+            "Not supported",
+            format!("this server's storage backend does not offer {what}"),
+        ),
         SubmitError::Failed(why) => {
             tracing::error!(error = %why, "engine failed");
             problem(
