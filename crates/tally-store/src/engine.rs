@@ -264,7 +264,7 @@ impl Engine {
                 shared.clone(),
                 agents,
                 config.agents_cached_max.div_ceil(n),
-                index,
+                (index, cache_keys_max),
                 rx,
                 commit_tx.clone(),
             );
@@ -415,7 +415,7 @@ impl Engine {
     ) -> Result<T, SubmitError> {
         let shared = self.inner.shared.clone();
         tokio::task::spawn_blocking(move || {
-            f(shared.storage.as_ref()).map_err(|e| shared.fail(e.to_string()))
+            f(shared.storage.as_ref()).map_err(|e| shared.store_error(e))
         })
         .await
         .map_err(|e| SubmitError::Failed(format!("storage read task: {e}")))?

@@ -24,6 +24,8 @@ pub struct EngineMetrics {
     pub index_backlog_events: IntGauge,
     pub grant_sweep_pokes_total: IntCounter,
     pub grant_sweep_pokes_failed_total: IntCounter,
+    pub storage_conflicts_total: IntCounter,
+    pub storage_unavailable_total: IntCounter,
 }
 
 impl EngineMetrics {
@@ -91,6 +93,14 @@ impl EngineMetrics {
                 "tally_grant_sweep_pokes_failed_total",
                 "Pokes of the grant sweep that were not decided (a full shard queue, a rejection such as an agent whose plan left the config); tried again at the next pass.",
             ))?,
+            storage_conflicts_total: IntCounter::with_opts(Opts::new(
+                "tally_storage_conflicts_total",
+                "Agent writes to a shared store (Redis Cluster) that met a newer version written by another node, so the agent's commands were decided again.",
+            ))?,
+            storage_unavailable_total: IntCounter::with_opts(Opts::new(
+                "tally_storage_unavailable_total",
+                "Commands answered 503 because a shared store was unreachable or failing over, or an agent's writes kept meeting newer versions.",
+            ))?,
         };
         if let Some(r) = registry {
             r.register(Box::new(m.commit_batch_events.clone()))?;
@@ -110,6 +120,8 @@ impl EngineMetrics {
             r.register(Box::new(m.index_backlog_events.clone()))?;
             r.register(Box::new(m.grant_sweep_pokes_total.clone()))?;
             r.register(Box::new(m.grant_sweep_pokes_failed_total.clone()))?;
+            r.register(Box::new(m.storage_conflicts_total.clone()))?;
+            r.register(Box::new(m.storage_unavailable_total.clone()))?;
         }
         Ok(m)
     }

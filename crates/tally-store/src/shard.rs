@@ -30,10 +30,10 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::engine::Reply;
-use crate::error::SubmitError;
+use crate::error::{StoreError, SubmitError};
 use crate::idem::{self, Index};
 use crate::metrics::EngineMetrics;
-use crate::storage::{AgentWrite, Storage};
+use crate::storage::{AgentWrite, Storage, WriteResult};
 
 /// How often an idle shard wakes to sweep holds and write checkpoints.
 const IDLE_TICK_MS: u64 = 50;
@@ -41,6 +41,11 @@ const IDLE_TICK_MS: u64 = 50;
 /// most: when most records must stay (open holds, busy limiters), a run pays this much
 /// and the shard stays over its bound rather than walk the whole cache every run.
 const EVICTION_LOOKS_EXTRA_MAX: usize = 256;
+/// On a shared store, how many times a run decides an agent's jobs again after its write
+/// met a newer version written by another node, before answering them 503.
+pub(crate) const CONFLICT_RETRIES_MAX: u32 = 8;
+/// What a caller is told to wait when a shared store is unreachable or failing over.
+pub(crate) const UNAVAILABLE_RETRY_AFTER_MS: u64 = 1_000;
 
 pub(crate) type SubmitReply = oneshot::Sender<Result<Reply, SubmitError>>;
 pub(crate) type AgentReply = oneshot::Sender<Result<Option<AgentState>, SubmitError>>;
@@ -73,6 +78,66 @@ impl Pending {
     }
 }
 
+/// What deciding a job gives: an answer for now (denials, checks, errors), or one to give
+/// once the run's writes are durable.
+pub(crate) enum Answer<T> {
+    Now(Result<T, SubmitError>),
+    Durable(T),
+}
+
+/// A job of a run on a shared store with its answer, kept until its agent's write is
+/// applied: when that write met a newer version, the job is decided again from a fresh load.
+enum Held {
+    Submit {
+        cmd: Command,
+        reply: SubmitReply,
+        answer: Answer<Reply>,
+    },
+    Agent {
+        id: AgentId,
+        reply: AgentReply,
+        answer: Answer<Option<AgentState>>,
+    },
+}
+
+impl Held {
+    fn agent(&self) -> &AgentId {
+        match self {
+            Held::Submit { cmd, .. } => &cmd.agent,
+            Held::Agent { id, .. } => id,
+        }
+    }
+
+    /// The job again, its answer dropped, to be decided anew.
+    fn retry(self) -> Job {
+        match self {
+            Held::Submit { cmd, reply, .. } => Job::Submit { cmd, reply },
+            Held::Agent { id, reply, .. } => Job::Agent { id, reply },
+        }
+    }
+
+    /// Gives the answer now, or queues it for the group commit.
+    fn finish(self, run: &mut Run) {
+        match self {
+            Held::Submit { reply, answer, .. } => match answer {
+                Answer::Now(a) => drop(reply.send(a)),
+                Answer::Durable(a) => run.replies.push(Pending::Submit(reply, a)),
+            },
+            Held::Agent { reply, answer, .. } => match answer {
+                Answer::Now(a) => drop(reply.send(a)),
+                Answer::Durable(a) => run.replies.push(Pending::Agent(reply, a)),
+            },
+        }
+    }
+
+    fn refuse(self, e: SubmitError) {
+        match self {
+            Held::Submit { reply, .. } => drop(reply.send(Err(e))),
+            Held::Agent { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
+
 /// One shard's applied run, waiting for the group commit.
 #[derive(Debug)]
 pub(crate) struct CommitBatch {
@@ -97,6 +162,24 @@ impl Shared {
             tracing::error!(%reason, "storage failed; the engine refuses all further commands until restarted");
         }
         SubmitError::Failed(self.failed.get().cloned().unwrap_or(reason))
+    }
+
+    /// What a caller is told about a storage error: a shared store's passing trouble
+    /// (unreachable, failing over) is a 503 and the engine goes on; any other error stops it.
+    pub fn store_error(&self, e: StoreError) -> SubmitError {
+        match e {
+            StoreError::Unavailable(reason) => self.unavailable(reason),
+            StoreError::Unsupported(what) => SubmitError::Unsupported(what),
+            e => self.fail(e.to_string()),
+        }
+    }
+
+    pub fn unavailable(&self, reason: String) -> SubmitError {
+        self.metrics.storage_unavailable_total.inc();
+        SubmitError::Unavailable {
+            retry_after_ms: UNAVAILABLE_RETRY_AFTER_MS,
+            reason,
+        }
     }
 
     pub fn failure(&self) -> Option<SubmitError> {
@@ -229,6 +312,10 @@ pub(crate) struct Shard {
     /// Chosen to leave memory once this run is applied.
     leaving: Vec<AgentId>,
     index: Index,
+    /// The bound of `index` (a fresh one per run on a shared store).
+    index_keys_max: usize,
+    /// Other nodes write this store too (see [`Shard::run_shared`]).
+    shared_store: bool,
     rx: Receiver<Job>,
     commit_tx: Sender<CommitBatch>,
     now_ms: u64,
@@ -242,10 +329,11 @@ impl Shard {
         shared: Arc<Shared>,
         agents: HashMap<AgentId, Slot>,
         cached_max: usize,
-        index: Index,
+        (index, index_keys_max): (Index, usize),
         rx: Receiver<Job>,
         commit_tx: Sender<CommitBatch>,
     ) -> Self {
+        let shared_store = shared.storage.shared();
         let warning_lookahead_ms = crate::grant_sweep::warning_lookahead_ms(&shared.plans);
         Self {
             shared,
@@ -255,6 +343,8 @@ impl Shard {
             warning_lookahead_ms,
             leaving: Vec::new(),
             index,
+            index_keys_max,
+            shared_store,
             rx,
             commit_tx,
             now_ms: 0,
@@ -289,6 +379,12 @@ impl Shard {
                 }
             }
             self.now_ms = self.now_ms.max(self.shared.clock.now_ms());
+            if self.shared_store {
+                if self.run_shared(&mut jobs) || stop {
+                    return;
+                }
+                continue;
+            }
             let mut run = Run::default();
             for job in jobs.drain(..) {
                 match job {
@@ -306,10 +402,140 @@ impl Shard {
         }
     }
 
+    /// Decides a run of jobs on a shared store (several nodes write the same agents):
+    /// every agent is loaded afresh, every answer waits until its agent's write is applied
+    /// with a version check, and the jobs of an agent whose write met a newer version are
+    /// decided again (at most `CONFLICT_RETRIES_MAX` times, then answered 503). True when a
+    /// shutdown was asked for.
+    fn run_shared(&mut self, jobs: &mut Vec<Job>) -> bool {
+        let mut stop = false;
+        let mut todo = std::mem::take(jobs);
+        let mut retries = 0;
+        while !todo.is_empty() {
+            self.forget_all();
+            let mut run = Run::default();
+            let mut held = Vec::with_capacity(todo.len());
+            for job in todo.drain(..) {
+                match job {
+                    Job::Submit { cmd, reply } => {
+                        let answer = self.decide_submit(&cmd, &mut run);
+                        held.push(Held::Submit { cmd, reply, answer });
+                    }
+                    Job::Agent { id, reply } => {
+                        let answer = self.read(&id);
+                        held.push(Held::Agent { id, reply, answer });
+                    }
+                    Job::Shutdown => stop = true,
+                }
+            }
+            match self.apply_shared(&mut run) {
+                Ok(unapplied) => {
+                    let conflicts = unapplied
+                        .values()
+                        .filter(|r| **r == WriteResult::Conflict)
+                        .count();
+                    self.shared
+                        .metrics
+                        .storage_conflicts_total
+                        .inc_by(conflicts as u64);
+                    for h in held {
+                        match unapplied.get(h.agent()) {
+                            Some(WriteResult::Conflict) => todo.push(h.retry()),
+                            Some(WriteResult::Unavailable(reason)) => {
+                                h.refuse(self.shared.unavailable(reason.clone()));
+                            }
+                            _ => h.finish(&mut run),
+                        }
+                    }
+                }
+                Err(e) => {
+                    for h in held {
+                        h.refuse(e.clone());
+                    }
+                }
+            }
+            self.commit(run);
+            if !todo.is_empty() {
+                retries += 1;
+                if retries > CONFLICT_RETRIES_MAX {
+                    let e = self.shared.unavailable(format!(
+                        "the agent's writes met newer versions written by other nodes {CONFLICT_RETRIES_MAX} times in a row"
+                    ));
+                    for job in todo.drain(..) {
+                        match job {
+                            Job::Submit { reply, .. } => drop(reply.send(Err(e.clone()))),
+                            Job::Agent { reply, .. } => drop(reply.send(Err(e.clone()))),
+                            Job::Shutdown => stop = true,
+                        }
+                    }
+                }
+            }
+        }
+        stop
+    }
+
+    /// Forgets every agent and key in memory: on a shared store, another node may have
+    /// changed any of them since they were read.
+    fn forget_all(&mut self) {
+        self.agents.clear();
+        self.clock.clear();
+        self.leaving.clear();
+        self.index = Index::new(
+            self.shared.config.idempotency_retention_ms,
+            self.index_keys_max,
+        );
+    }
+
+    /// Applies a shared-store run's writes, each with its agent's record and limiter state,
+    /// and returns the agents whose write was not applied, with why.
+    fn apply_shared(
+        &mut self,
+        run: &mut Run,
+    ) -> Result<HashMap<AgentId, WriteResult>, SubmitError> {
+        if run.writes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut writes = std::mem::take(&mut run.writes);
+        for w in &mut writes {
+            let slot = self
+                .agents
+                .get(&w.agent)
+                .expect("an agent written in this run is in memory");
+            w.checkpoint = Some(slot.state().clone());
+            w.rate = Some(slot.rate.clone());
+        }
+        let agents: Vec<AgentId> = writes.iter().map(|w| w.agent.clone()).collect();
+        let results = self
+            .shared
+            .storage
+            .apply_each(writes)
+            .map_err(|e| self.shared.store_error(e))?;
+        if results.len() != agents.len() {
+            return Err(self.shared.fail(format!(
+                "the store answered {} results for {} agent writes",
+                results.len(),
+                agents.len()
+            )));
+        }
+        Ok(agents
+            .into_iter()
+            .zip(results)
+            .filter(|(_, r)| *r != WriteResult::Applied)
+            .collect())
+    }
+
     fn submit(&mut self, cmd: Command, reply: SubmitReply, run: &mut Run) {
+        match self.decide_submit(&cmd, run) {
+            Answer::Now(answer) => drop(reply.send(answer)),
+            Answer::Durable(answer) => run.replies.push(Pending::Submit(reply, answer)),
+        }
+    }
+
+    /// Decides `cmd`: an answer to give now (denials, checks, errors) or one to give once
+    /// the run's writes are durable.
+    fn decide_submit(&mut self, cmd: &Command, run: &mut Run) -> Answer<Reply> {
         if let Some(e) = self.shared.failure() {
-            drop(reply.send(Err(e)));
-            return;
+            return Answer::Now(Err(e));
         }
         let now_ms = self.now_ms;
         let keyed = cmd
@@ -330,40 +556,29 @@ impl Shard {
                             let retention_ms = self.shared.config.idempotency_retention_ms;
                             (judge(seen, fingerprint, now_ms, retention_ms), found)
                         }
-                        Err(e) => {
-                            drop(reply.send(Err(self.shared.fail(e.to_string()))));
-                            return;
-                        }
+                        Err(e) => return Answer::Now(Err(self.shared.store_error(e))),
                     }
                 }
                 in_memory => in_memory,
             };
             match judged {
                 (Verdict::New, _) => {}
-                (Verdict::Conflict, _) => {
-                    drop(reply.send(Ok(Reply::KeyReused)));
-                    return;
-                }
+                (Verdict::Conflict, _) => return Answer::Now(Ok(Reply::KeyReused)),
                 (Verdict::Replay, entry) => {
                     let entry = entry.expect("a replay verdict comes with its entry");
-                    match self.replay(&cmd.agent, entry, run) {
-                        Ok(receipt) => run.replies.push(Pending::Submit(
-                            reply,
-                            Reply::Decided {
-                                outcome: Outcome::Approved(receipt),
-                                rate: None,
-                                replayed: true,
-                            },
-                        )),
-                        Err(e) => drop(reply.send(Err(e))),
-                    }
-                    return;
+                    return match self.replay(&cmd.agent, entry, run) {
+                        Ok(receipt) => Answer::Durable(Reply::Decided {
+                            outcome: Outcome::Approved(receipt),
+                            rate: None,
+                            replayed: true,
+                        }),
+                        Err(e) => Answer::Now(Err(e)),
+                    };
                 }
             }
         }
         if let Err(e) = self.resident(&cmd.agent) {
-            drop(reply.send(Err(e)));
-            return;
+            return Answer::Now(Err(e));
         }
         if cmd.kind.spends() {
             // Money in holds that expired is the agent's again before it spends, and money
@@ -375,12 +590,9 @@ impl Shard {
             Some(slot) => (slot.state.as_ref(), &mut slot.rate),
             None => (None, &mut fresh_rate),
         };
-        let decision = match decide(state, rate, &cmd, &self.shared.plans, now_ms) {
+        let decision = match decide(state, rate, cmd, &self.shared.plans, now_ms) {
             Ok(d) => d,
-            Err(e) => {
-                drop(reply.send(Ok(Reply::Rejected(e))));
-                return;
-            }
+            Err(e) => return Answer::Now(Ok(Reply::Rejected(e))),
         };
         let answer = Reply::Decided {
             outcome: decision.outcome.clone(),
@@ -388,14 +600,12 @@ impl Shard {
             replayed: false,
         };
         if decision.events.is_empty() {
-            drop(reply.send(Ok(answer)));
-            return;
+            return Answer::Now(Ok(answer));
         }
         let first_seq = decision.events[0].seq;
         let n = decision.events.len();
         if let Err(e) = self.apply(&cmd.agent, decision.events, run) {
-            drop(reply.send(Err(e)));
-            return;
+            return Answer::Now(Err(e));
         }
         if let Some((_, slot, fingerprint)) = keyed {
             let entry = idem::Entry {
@@ -408,7 +618,7 @@ impl Shard {
             self.index.insert(slot, entry, now_ms);
             self.shared.storage.note_key(slot, now_ms);
         }
-        run.replies.push(Pending::Submit(reply, answer));
+        Answer::Durable(answer)
     }
 
     /// Evolves the agent with decided events and adds them to the run's writes.
@@ -423,7 +633,11 @@ impl Shard {
         let slot = match self.agents.get_mut(agent) {
             Some(slot) => slot,
             None if created => {
-                self.shared.metrics.agents.inc();
+                if !self.shared_store {
+                    // On a shared store, other nodes create agents too: the gauge is read
+                    // from the store at open.
+                    self.shared.metrics.agents.inc();
+                }
                 self.clock.push_back(agent.clone());
                 self.agents.entry(agent.clone()).or_insert(Slot {
                     state: None,
@@ -440,7 +654,9 @@ impl Shard {
         };
         let expected_seq = slot.state.as_ref().map_or(0, |s| s.last_seq);
         for e in &events {
-            if matches!(e.kind, EventKind::HoldPlaced { .. }) {
+            if self.shared_store {
+                // Other nodes open and close holds too, and this write may yet conflict.
+            } else if matches!(e.kind, EventKind::HoldPlaced { .. }) {
                 self.shared.metrics.open_holds.inc();
             } else if e.kind.closed_hold().is_some() {
                 self.shared.metrics.open_holds.dec();
@@ -518,17 +734,21 @@ impl Shard {
     }
 
     fn read_agent(&mut self, id: AgentId, reply: AgentReply, run: &mut Run) {
+        match self.read(&id) {
+            Answer::Now(answer) => drop(reply.send(answer)),
+            Answer::Durable(state) => run.replies.push(Pending::Agent(reply, state)),
+        }
+    }
+
+    fn read(&mut self, id: &AgentId) -> Answer<Option<AgentState>> {
         if let Some(e) = self.shared.failure() {
-            drop(reply.send(Err(e)));
-            return;
+            return Answer::Now(Err(e));
         }
-        if let Err(e) = self.resident(&id) {
-            drop(reply.send(Err(e)));
-            return;
+        if let Err(e) = self.resident(id) {
+            return Answer::Now(Err(e));
         }
-        let state = self.agents.get(&id).map(|s| s.state().clone());
         // Held back like a write, so a read never shows a change that is not yet durable.
-        run.replies.push(Pending::Agent(reply, state));
+        Answer::Durable(self.agents.get(id).map(|s| s.state().clone()))
     }
 
     /// Sweeps expired holds and writes due checkpoints (all dirty ones when stopping).
@@ -588,16 +808,26 @@ impl Shard {
             slot.referenced = true;
             return Ok(true);
         }
-        match crate::recovery::load_agent(self.shared.storage.as_ref(), id) {
-            Ok(Some(state)) => {
+        let loaded = if self.shared_store {
+            self.shared.storage.record(id)
+        } else {
+            crate::recovery::load_agent(self.shared.storage.as_ref(), id)
+                .map(|found| found.map(|state| (state, RateState::default())))
+        };
+        match loaded {
+            Ok(Some((state, rate))) => {
                 self.shared.metrics.agents_loaded_total.inc();
                 let mut slot = Slot::new(state);
+                slot.rate = rate;
                 slot.referenced = true;
                 self.agents.insert(id.clone(), slot);
                 self.clock.push_back(id.clone());
                 Ok(true)
             }
             Ok(None) => Ok(false),
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Unsupported(_))) => {
+                Err(self.shared.store_error(e))
+            }
             Err(e) => Err(self.shared.fail(format!("loading agent {id}: {e}"))),
         }
     }
@@ -722,7 +952,7 @@ pub(crate) fn run_committer(rx: Receiver<CommitBatch>, shared: Arc<Shared>) {
             shared.metrics.commit_batch_events.observe(events as f64);
             shared.metrics.commits_total.inc();
             shared.report_storage();
-            result.err().map(|e| shared.fail(e.to_string()))
+            result.err().map(|e| shared.store_error(e))
         } else {
             shared.failure()
         };
