@@ -387,6 +387,7 @@ mod legacy {
         fn from(v: AgentWriteV1) -> Self {
             AgentWrite {
                 rate: None,
+                rate_before: None,
                 agent: v.agent,
                 expected_seq: v.expected_seq,
                 events: v.events,
@@ -407,6 +408,7 @@ mod legacy {
         fn from(v: AgentWriteV3) -> Self {
             AgentWrite {
                 rate: None,
+                rate_before: None,
                 agent: v.agent,
                 expected_seq: v.expected_seq,
                 events: v.events,
@@ -835,6 +837,7 @@ mod tests {
 
         let write = AgentWrite {
             rate: None,
+            rate_before: None,
             agent: agent.id.clone(),
             expected_seq: 0,
             events: events.clone(),

@@ -223,6 +223,9 @@ pub(crate) struct Slot {
     dirty_since_ms: Option<u64>,
     /// Used since the clock last passed it: it gets another turn in memory.
     referenced: bool,
+    /// On a shared store, the limiter state as read with the record (`None` for an agent
+    /// created in this run): what its write compares.
+    stored_rate: Option<RateState>,
 }
 
 impl Slot {
@@ -232,6 +235,7 @@ impl Slot {
             rate: RateState::default(),
             dirty_since_ms: None,
             referenced: false,
+            stored_rate: None,
         }
     }
 
@@ -274,6 +278,7 @@ impl Run {
         let i = *self.by_agent.entry(agent.clone()).or_insert_with(|| {
             self.writes.push(AgentWrite {
                 rate: None,
+                rate_before: None,
                 agent: agent.clone(),
                 expected_seq,
                 events: Vec::new(),
@@ -492,6 +497,13 @@ impl Shard {
         &mut self,
         run: &mut Run,
     ) -> Result<HashMap<AgentId, WriteResult>, SubmitError> {
+        // A denial for funds takes a limiter cell and journals nothing: the limiter is
+        // written alone, so that every node sees the cell taken.
+        for (id, slot) in &self.agents {
+            if slot.stored_rate.as_ref() != Some(&slot.rate) && slot.state.is_some() {
+                run.write_for(id, slot.state().last_seq);
+            }
+        }
         if run.writes.is_empty() {
             return Ok(HashMap::new());
         }
@@ -503,6 +515,7 @@ impl Shard {
                 .expect("an agent written in this run is in memory");
             w.checkpoint = Some(slot.state().clone());
             w.rate = Some(slot.rate.clone());
+            w.rate_before = slot.stored_rate.clone();
         }
         let agents: Vec<AgentId> = writes.iter().map(|w| w.agent.clone()).collect();
         let results = self
@@ -644,6 +657,7 @@ impl Shard {
                     rate: RateState::default(),
                     dirty_since_ms: None,
                     referenced: true,
+                    stored_rate: None,
                 })
             }
             None => {
@@ -818,6 +832,9 @@ impl Shard {
             Ok(Some((state, rate))) => {
                 self.shared.metrics.agents_loaded_total.inc();
                 let mut slot = Slot::new(state);
+                if self.shared_store {
+                    slot.stored_rate = Some(rate.clone());
+                }
                 slot.rate = rate;
                 slot.referenced = true;
                 self.agents.insert(id.clone(), slot);

@@ -1569,6 +1569,7 @@ mod tests {
             store
                 .apply(vec![AgentWrite {
                     rate: None,
+                    rate_before: None,
                     agent: agent.clone(),
                     expected_seq: part[0].seq - 1,
                     events: part.to_vec(),
@@ -1648,6 +1649,7 @@ mod tests {
         store
             .apply(vec![AgentWrite {
                 rate: None,
+                rate_before: None,
                 agent: id.clone(),
                 expected_seq: state.last_seq,
                 events: Vec::new(),
@@ -1690,6 +1692,7 @@ mod tests {
         let (id, events, _) = journal_of(300);
         let one_run = codec::encode_write(&AgentWrite {
             rate: None,
+            rate_before: None,
             agent: id.clone(),
             expected_seq: 2,
             events: events[2..9].to_vec(),
@@ -1726,6 +1729,7 @@ mod tests {
             store
                 .apply(vec![AgentWrite {
                     rate: None,
+                    rate_before: None,
                     agent: id.clone(),
                     expected_seq: part[0].seq - 1,
                     events: part.to_vec(),
@@ -1747,6 +1751,7 @@ mod tests {
         store
             .apply(vec![AgentWrite {
                 rate: None,
+                rate_before: None,
                 agent: id.clone(),
                 expected_seq: 10,
                 events: events[10..].to_vec(),
@@ -1785,6 +1790,7 @@ mod tests {
         let mut newer = Pending::default();
         let write = |events: &[Event]| AgentWrite {
             rate: None,
+            rate_before: None,
             agent: id.clone(),
             expected_seq: events[0].seq - 1,
             events: events.to_vec(),
@@ -1826,6 +1832,7 @@ mod tests {
         let err = store
             .apply(vec![AgentWrite {
                 rate: None,
+                rate_before: None,
                 agent: id.clone(),
                 expected_seq: 10,
                 events: events[10..].to_vec(),
@@ -2005,6 +2012,7 @@ mod tests {
             store
                 .apply(vec![AgentWrite {
                     rate: None,
+                    rate_before: None,
                     agent: agent.clone(),
                     expected_seq: part[0].seq - 1,
                     events: part.to_vec(),

@@ -24,14 +24,20 @@ pub struct AgentWrite {
     /// with the record so that the nodes share one limiter per agent. Not in the WAL.
     #[serde(skip)]
     pub rate: Option<RateState>,
+    /// For a shared backend: the limiter state this node read with the record (`None` for an
+    /// agent it created), compared along with `expected_seq`. A denial for funds still
+    /// takes a cell of the limiter, so a write may change the limiter alone (no events), and
+    /// the version alone would not see two nodes doing so at once.
+    #[serde(skip)]
+    pub rate_before: Option<RateState>,
 }
 
 /// What became of one agent's write in [`Storage::apply_each`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteResult {
     Applied,
-    /// The agent's stored version was not `expected_seq` (another node wrote first):
-    /// nothing of this write was applied.
+    /// The agent's stored version was not `expected_seq`, or its stored limiter state not
+    /// `rate_before` (another node wrote first): nothing of this write was applied.
     Conflict,
     /// The backend cannot say whether it applied this write (a lost connection, a failover).
     Unavailable(String),

@@ -27,6 +27,12 @@
 //!   is left untouched by both.
 //! - Rate-limit state lives in memory only and starts fresh after a restart; the model
 //!   forgets its TATs at each `Restart`, as in the core's test.
+//!
+//! The same test runs on a shared store (the engine's shared-store mode: nothing kept in
+//! memory between runs, every write a compare-and-set): an in-memory one always, and a real
+//! Redis Cluster when `TALLY_REDIS_CLUSTER` names one. A restart there is a new engine on
+//! the same store, and the limiter state is stored with each agent, so the model keeps its
+//! TATs across restarts.
 
 mod common;
 #[path = "../../tally-core/tests/model/ops.rs"]
@@ -44,7 +50,7 @@ use tally_core::{
     evolve, AgentId, AgentState, Command, CommandError, CommandKind, Event, IdempotencyKey,
     Outcome, Priority, Receipt,
 };
-use tally_store::{Clock, Engine, ManualClock, Reply};
+use tally_store::{Clock, Engine, ManualClock, Reply, Storage};
 
 use ops::*;
 use reference::*;
@@ -54,11 +60,30 @@ fn fail(e: impl std::fmt::Display) -> TestCaseError {
     TestCaseError::fail(e.to_string())
 }
 
-fn open(dir: &Path, clock: &Arc<ManualClock>, agents_cached_max: usize) -> Engine {
+/// Where the engine under test keeps the ledger.
+#[derive(Clone)]
+enum Backend {
+    Sled,
+    /// Kept across restarts; a restart opens a new engine on it.
+    Shared(Arc<dyn Storage>),
+}
+
+fn open(
+    backend: &Backend,
+    dir: &Path,
+    clock: &Arc<ManualClock>,
+    agents_cached_max: usize,
+) -> Engine {
     let mut config = common::config(dir);
     config.hold_sweep_interval_ms = u64::MAX;
     config.agents_cached_max = agents_cached_max;
-    Engine::open(config, plan_book(), clock.clone(), None).expect("engine opens")
+    match backend {
+        Backend::Sled => Engine::open(config, plan_book(), clock.clone(), None),
+        Backend::Shared(store) => {
+            Engine::open_with(store.clone(), config, plan_book(), clock.clone(), None)
+        }
+    }
+    .expect("engine opens")
 }
 
 fn replay(id: &AgentId, journal: &[Event]) -> Result<Option<AgentState>, TestCaseError> {
@@ -86,15 +111,27 @@ struct Harness {
     last_keyed: Option<(Command, Receipt)>,
     /// `EngineConfig::agents_cached_max` of every engine opened.
     agents_cached_max: usize,
+    backend: Backend,
 }
 
 impl Harness {
-    fn new(start_ms: u64, crash_first: bool, agents_cached_max: usize) -> Self {
+    fn new(
+        start_ms: u64,
+        crash_first: bool,
+        agents_cached_max: usize,
+        backend: Backend,
+        id_prefix: &str,
+    ) -> Self {
         let root = tempfile::tempdir().expect("tempdir");
         let clock = Arc::new(ManualClock::new(start_ms));
-        let engine = open(&root.path().join("gen0"), &clock, agents_cached_max);
+        let engine = open(
+            &backend,
+            &root.path().join("gen0"),
+            &clock,
+            agents_cached_max,
+        );
         Self {
-            m: ModelWorld::new(start_ms),
+            m: ModelWorld::new(start_ms).with_id_prefix(id_prefix),
             clock,
             root,
             generation: 0,
@@ -105,6 +142,7 @@ impl Harness {
             steps: 0,
             last_keyed: None,
             agents_cached_max,
+            backend,
         }
     }
 
@@ -276,7 +314,11 @@ impl Harness {
         let (old, new) = (self.dir(self.generation), self.dir(self.generation + 1));
         self.generation += 1;
         let engine = self.engine.take().expect("an open engine");
-        if crash {
+        if let Backend::Shared(_) = &self.backend {
+            // Nothing lives in the node: every answered change is in the shared store.
+            engine.shutdown().await.map_err(fail)?;
+            drop(engine);
+        } else if crash {
             // Denials and rejections are answered before the run they were decided in is
             // written, and that run may hold hold expiries: `after_step` read every agent,
             // which waits for it. Take the files as a crash would leave them.
@@ -291,8 +333,15 @@ impl Harness {
             drop(engine);
             std::fs::rename(&old, &new).map_err(fail)?;
         }
-        self.engine = Some(open(&new, &self.clock, self.agents_cached_max));
-        self.m.forget_rates();
+        self.engine = Some(open(
+            &self.backend,
+            &new,
+            &self.clock,
+            self.agents_cached_max,
+        ));
+        if let Backend::Sled = self.backend {
+            self.m.forget_rates();
+        }
         // The reopened engine shows exactly the agents and journals acknowledged before.
         let states = self.read_states().await?;
         for (i, state) in states.iter().enumerate() {
@@ -380,13 +429,24 @@ fn run(
     ops: &[Op],
     crash_first: bool,
     agents_cached_max: usize,
+    backend: Backend,
 ) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    let id_prefix = match backend {
+        Backend::Sled => String::new(),
+        Backend::Shared(_) => common::unique_prefix(),
+    };
     rt.block_on(async move {
-        let mut h = Harness::new(start_ms, crash_first, agents_cached_max);
+        let mut h = Harness::new(
+            start_ms,
+            crash_first,
+            agents_cached_max,
+            backend,
+            &id_prefix,
+        );
         // The first agents exist from the start; the last one maybe only once an op
         // creates it.
         for (agent, plan) in plans.iter().chain(&last_plan).enumerate() {
@@ -410,7 +470,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..160),
         crash_first in any::<bool>(),
     ) {
-        run(start, &plans, last_plan, &ops, crash_first, tally_store::AGENTS_CACHED_MAX_DEFAULT)?;
+        run(start, &plans, last_plan, &ops, crash_first, tally_store::AGENTS_CACHED_MAX_DEFAULT, Backend::Sled)?;
     }
 }
 
@@ -428,6 +488,44 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..160),
         crash_first in any::<bool>(),
     ) {
-        run(start, &plans, last_plan, &ops, crash_first, 2)?;
+        run(start, &plans, last_plan, &ops, crash_first, 2, Backend::Sled)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(64), max_shrink_iters: 400, ..ProptestConfig::default() })]
+
+    /// The engine's shared-store mode on an in-memory shared store.
+    #[test]
+    fn engine_on_a_shared_store_agrees_with_the_reference_model(
+        start in start_ms(),
+        plans in proptest::collection::vec(0..PLANS.len(), AGENTS - 1),
+        last_plan in proptest::option::weighted(0.6, 0..PLANS.len()),
+        ops in proptest::collection::vec(op(), 1..160),
+        crash_first in any::<bool>(),
+    ) {
+        let retention_ms = common::config(Path::new(".")).idempotency_retention_ms;
+        let store = Arc::new(common::shared_mem::SharedMem::new(retention_ms));
+        run(start, &plans, last_plan, &ops, crash_first, 2, Backend::Shared(store))?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(24), max_shrink_iters: 100, ..ProptestConfig::default() })]
+
+    /// The engine on a real Redis Cluster (`TALLY_REDIS_CLUSTER`); each case's agents have
+    /// ids of their own.
+    #[test]
+    fn engine_on_redis_cluster_agrees_with_the_reference_model(
+        start in start_ms(),
+        plans in proptest::collection::vec(0..PLANS.len(), AGENTS - 1),
+        last_plan in proptest::option::weighted(0.6, 0..PLANS.len()),
+        ops in proptest::collection::vec(op(), 1..160),
+        crash_first in any::<bool>(),
+    ) {
+        let Some(store) = common::redis_store(common::config(Path::new(".")).idempotency_retention_ms) else {
+            return Ok(());
+        };
+        run(start, &plans, last_plan, &ops, crash_first, 2, Backend::Shared(store))?;
     }
 }

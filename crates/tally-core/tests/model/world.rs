@@ -78,6 +78,16 @@ impl ModelWorld {
         }
     }
 
+    /// The same world with agent ids that start with `prefix`, for a store that other
+    /// runs share (a Redis Cluster).
+    #[allow(dead_code)]
+    pub(crate) fn with_id_prefix(mut self, prefix: &str) -> Self {
+        for (i, id) in self.ids.iter_mut().enumerate() {
+            *id = AgentId::new(format!("{prefix}agent-{i}")).expect("valid id");
+        }
+        self
+    }
+
     pub(crate) fn key(&self, agent: usize) -> String {
         self.ids[agent].as_str().to_owned()
     }
