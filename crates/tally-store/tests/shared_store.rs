@@ -39,12 +39,14 @@ const RETENTION_MS: u64 = 24 * 3_600_000;
 /// The engine's bound on deciding an agent again (`shard::CONFLICT_RETRIES_MAX`).
 const CONFLICT_RETRIES_MAX: u32 = 8;
 
-/// The stores every test runs on: the in-memory one (kept, to look inside), and Redis when
-/// configured.
-fn stores() -> Vec<(&'static str, Arc<dyn Storage>, Option<Arc<SharedMem>>)> {
+/// A store the nodes of a test share: its name, the store, and the in-memory one again
+/// (to look inside) when it is that.
+type Shared = (&'static str, Arc<dyn Storage>, Option<Arc<SharedMem>>);
+
+/// The stores every test runs on: the in-memory one, and Redis when configured.
+fn stores() -> Vec<Shared> {
     let mem = Arc::new(SharedMem::new(RETENTION_MS));
-    let mut all: Vec<(&'static str, Arc<dyn Storage>, Option<Arc<SharedMem>>)> =
-        vec![("memory", mem.clone(), Some(mem))];
+    let mut all: Vec<Shared> = vec![("memory", mem.clone(), Some(mem))];
     if let Some(redis) = redis_store(RETENTION_MS) {
         all.push(("redis", redis, None));
     }
