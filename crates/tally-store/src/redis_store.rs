@@ -420,93 +420,34 @@ impl Inner {
             }
         }
 
-        // One pipeline per master, all at once.
-        let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, w) in writes.iter().enumerate() {
-            if results[i].is_none() {
-                groups.entry(self.master_of(w.slot)).or_default().push(i);
-            }
-        }
+        // One pipeline per master, all at once; then, for the scripts that did not run
+        // (NOSCRIPT: a master that never loaded it, e.g. a promoted replica), once more with
+        // the source. A pipeline keeps the order of one agent's writes.
         let writes = Arc::new(writes);
-        let mut tasks = Vec::new();
-        for (master, members) in groups {
-            let mut pipe = redis::pipe();
-            for &i in &members {
-                pipe.add_command(writes[i].command(self.script.get_hash()));
-            }
-            let route = Route::new(writes[members[0]].slot, SlotAddr::Master);
-            let mut conn = self.write_conn.clone();
-            let n = members.len();
-            let task = tokio::spawn(async move {
-                conn.route_pipeline(pipe, 0, n, SingleNodeRoutingInfo::SpecificNode(route))
-                    .await
-            });
-            tasks.push((master, members, task));
-        }
-        let mut retry_with_source = Vec::new();
+        let mut pending: Vec<usize> = (0..writes.len())
+            .filter(|&i| results[i].is_none())
+            .collect();
         let mut corrupt = None;
-        for (master, members, task) in tasks {
-            let first_slot = writes[members[0]].slot;
-            match join(task)
-                .await
-                .and_then(|r| r.map_err(|e| redis_error("EVALSHA", e)))
-            {
-                Err(e) => {
-                    // The outcome of every script of this pipeline is unknown.
-                    self.slots_stale.store(true, Ordering::Relaxed);
-                    self.written.lock().insert(master, first_slot);
-                    for i in members {
-                        results[i] = Some(WriteResult::Unavailable(e.to_string()));
+        for with_source in [false, true] {
+            if pending.is_empty() {
+                break;
+            }
+            if with_source && self.slots_stale.load(Ordering::Relaxed) {
+                let _ = self.refresh_slots().await;
+            }
+            let mut not_run = Vec::new();
+            for (i, answer) in self.send_scripts(&writes, &pending, with_source).await {
+                match answer {
+                    Answer::Done(r) => results[i] = Some(r),
+                    Answer::Corrupt => corrupt = Some(writes[i].agent.clone()),
+                    Answer::NotRun(why) if !with_source => {
+                        not_run.push(i);
+                        results[i] = Some(WriteResult::Unavailable(why));
                     }
-                }
-                Ok(values) => {
-                    self.written.lock().insert(master, first_slot);
-                    for (i, value) in members.into_iter().zip(values) {
-                        match script_answer(value) {
-                            Answer::Done(r) => results[i] = Some(r),
-                            Answer::Corrupt => corrupt = Some(writes[i].agent.clone()),
-                            // Not run at all: safe to send again, with the source.
-                            Answer::NoScript | Answer::Moved => retry_with_source.push(i),
-                        }
-                    }
+                    Answer::NotRun(why) => results[i] = Some(WriteResult::Unavailable(why)),
                 }
             }
-        }
-
-        // Writes that did not run: one by one with `EVAL`, routed (and redirected) by the
-        // client.
-        let mut tasks = Vec::new();
-        for i in retry_with_source {
-            self.slots_stale.store(true, Ordering::Relaxed);
-            let cmd = writes[i].command_with_source();
-            let mut conn = self.write_conn.clone();
-            let route = Route::new(writes[i].slot, SlotAddr::Master);
-            let task = tokio::spawn(async move {
-                conn.route_command(
-                    cmd,
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                )
-                .await
-            });
-            tasks.push((i, task));
-        }
-        for (i, task) in tasks {
-            let slot = writes[i].slot;
-            self.written.lock().insert(self.master_of(slot), slot);
-            results[i] = Some(match join(task).await {
-                Err(e) => WriteResult::Unavailable(e.to_string()),
-                Ok(Err(e)) => WriteResult::Unavailable(redis_error("EVAL", e).to_string()),
-                Ok(Ok(value)) => match script_answer(value) {
-                    Answer::Done(r) => r,
-                    Answer::Corrupt => {
-                        corrupt = Some(writes[i].agent.clone());
-                        WriteResult::Conflict
-                    }
-                    Answer::NoScript | Answer::Moved => {
-                        WriteResult::Unavailable("the script was not run".into())
-                    }
-                },
-            });
+            pending = not_run;
         }
         if let Some(agent) = corrupt {
             return Err(StoreError::Corrupt(format!(
@@ -517,6 +458,83 @@ impl Inner {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| WriteResult::Unavailable("no answer".into())))
             .collect())
+    }
+
+    /// Sends the scripts of `which` writes as one pipeline per master, all masters at
+    /// once, and says what each answered.
+    async fn send_scripts(
+        &self,
+        writes: &Arc<Vec<PreparedWrite>>,
+        which: &[usize],
+        with_source: bool,
+    ) -> Vec<(usize, Answer)> {
+        let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+        for &i in which {
+            groups
+                .entry(self.master_of(writes[i].slot))
+                .or_default()
+                .push(i);
+        }
+        let mut tasks = Vec::new();
+        for (master, members) in groups {
+            let mut pipe = redis::pipe();
+            for &i in &members {
+                pipe.add_command(if with_source {
+                    writes[i].command_with_source()
+                } else {
+                    writes[i].command(self.script.get_hash())
+                });
+            }
+            // Routed by the client's map to the master of the first slot; the others are
+            // on that master too unless a slot moved (then Redis refuses them: MOVED).
+            let route = Route::new(writes[members[0]].slot, SlotAddr::Master);
+            let mut conn = self.write_conn.clone();
+            let n = members.len();
+            let task = tokio::spawn(async move {
+                conn.route_pipeline(pipe, 0, n, SingleNodeRoutingInfo::SpecificNode(route))
+                    .await
+            });
+            tasks.push((master, members, task));
+        }
+        let mut answers = Vec::with_capacity(which.len());
+        for (master, members, task) in tasks {
+            self.written.lock().insert(master, writes[members[0]].slot);
+            match join(task)
+                .await
+                .and_then(|r| r.map_err(|e| redis_error("EVALSHA", e)))
+            {
+                Err(e) => {
+                    // The outcome of every script of this pipeline is unknown. (The client
+                    // turns a MOVED in a pipeline into an error of the whole pipeline.)
+                    self.slots_stale.store(true, Ordering::Relaxed);
+                    for i in members {
+                        answers.push((i, Answer::Done(WriteResult::Unavailable(e.to_string()))));
+                    }
+                }
+                Ok(values) => {
+                    if values.len() != members.len() {
+                        for i in members {
+                            answers.push((
+                                i,
+                                Answer::Done(WriteResult::Unavailable(
+                                    "redis: a pipeline answered a different number of replies"
+                                        .into(),
+                                )),
+                            ));
+                        }
+                        continue;
+                    }
+                    for (i, value) in members.into_iter().zip(values) {
+                        let answer = script_answer(value);
+                        if matches!(answer, Answer::NotRun(_)) {
+                            self.slots_stale.store(true, Ordering::Relaxed);
+                        }
+                        answers.push((i, answer));
+                    }
+                }
+            }
+        }
+        answers
     }
 
     async fn agent_ids(
@@ -721,8 +739,8 @@ struct IndexAdd {
 enum Answer {
     Done(WriteResult),
     Corrupt,
-    NoScript,
-    Moved,
+    /// Refused before it ran (NOSCRIPT, MOVED, ASK): safe to send again.
+    NotRun(String),
 }
 
 fn script_answer(value: Value) -> Answer {
@@ -731,8 +749,9 @@ fn script_answer(value: Value) -> Answer {
         Value::Int(SCRIPT_CONFLICT) => Answer::Done(WriteResult::Conflict),
         Value::Int(SCRIPT_CORRUPT) => Answer::Corrupt,
         Value::ServerError(e) => match e.kind() {
-            Some(ServerErrorKind::NoScript) => Answer::NoScript,
-            Some(ServerErrorKind::Moved) | Some(ServerErrorKind::Ask) => Answer::Moved,
+            Some(ServerErrorKind::NoScript | ServerErrorKind::Moved | ServerErrorKind::Ask) => {
+                Answer::NotRun(format!("redis: {e}"))
+            }
             _ => Answer::Done(WriteResult::Unavailable(format!("redis: {e}"))),
         },
         other => Answer::Done(WriteResult::Unavailable(format!(
