@@ -793,6 +793,7 @@ fn prepare(
             write.agent, state.id, state.last_seq
         )));
     }
+    debug_assert_eq!(state.check_invariants(), Ok(()));
     let agent = write.agent.as_str();
     let mut key_records = Vec::new();
     keyindex::keys_of(&write.agent, &write.events, &mut key_records);
@@ -1266,6 +1267,8 @@ fn check_seqs(agent: &AgentId, events: &[Event], first_seq: u64) -> Result<(), S
     Ok(())
 }
 
+/// A record read back is of the agent asked for and holds the ledger's invariants (checked
+/// on write by the engine, and again here after decoding).
 fn check_id(state: &AgentState, agent: &AgentId) -> Result<(), StoreError> {
     if state.id != *agent {
         return Err(StoreError::Corrupt(format!(
@@ -1273,6 +1276,7 @@ fn check_id(state: &AgentState, agent: &AgentId) -> Result<(), StoreError> {
             state.id
         )));
     }
+    state.check_invariants()?;
     Ok(())
 }
 

@@ -613,6 +613,61 @@ fn writes_go_on_after_the_script_cache_is_flushed() {
 }
 
 #[test]
+fn a_version_that_does_not_match_the_journal_is_corrupt() {
+    let Some(nodes) = nodes() else { return };
+    let store = RedisStorage::connect(&options(nodes.clone())).expect("connects");
+    let mut a = Sim::new(agent("corrupt"));
+    let t = now_ms();
+    store
+        .apply(vec![a.write(vec![create(), credit(10)], t)])
+        .expect("applies");
+    // Lose the journal's newest entry behind the store's back.
+    let client = redis::cluster::ClusterClient::new(
+        nodes
+            .iter()
+            .map(|n| format!("redis://{n}"))
+            .collect::<Vec<_>>(),
+    )
+    .expect("client");
+    let mut conn = client.get_connection().expect("connects");
+    let _: Option<Vec<u8>> = redis::cmd("RPOP")
+        .arg(format!("tally:{{{}}}:j", a.id.as_str()))
+        .query(&mut conn)
+        .expect("RPOP");
+    let w = a.write(vec![debit(1)], t + 1);
+    assert!(
+        matches!(store.apply_each(vec![w]), Err(StoreError::Corrupt(_))),
+        "version 2 with a journal of 1 entry"
+    );
+    assert_eq!(
+        seqs(&store.journal(&a.id, 0, 10).expect("reads")),
+        [1],
+        "nothing written"
+    );
+}
+
+#[test]
+fn sync_fails_until_enough_replicas_acknowledge() {
+    let Some(nodes) = nodes() else { return };
+    // Each master of the test cluster has one replica: two never acknowledge.
+    let store = RedisStorage::connect(&RedisOptions {
+        wait_replicas: 2,
+        wait_timeout_ms: 100,
+        ..options(nodes)
+    })
+    .expect("connects");
+    store.sync().expect("nothing written, nothing to wait for");
+    let mut a = Sim::new(agent("wait"));
+    store
+        .apply(vec![a.write(vec![create()], now_ms())])
+        .expect("applies");
+    for _ in 0..2 {
+        // Still not replicated enough: a failed sync is not forgotten.
+        assert!(matches!(store.sync(), Err(StoreError::Unavailable(_))));
+    }
+}
+
+#[test]
 fn blocking_calls_work_from_another_runtime_s_spawn_blocking() {
     let Some(store) = connect() else { return };
     let store = std::sync::Arc::new(store);
