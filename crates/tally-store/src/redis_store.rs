@@ -611,7 +611,8 @@ impl Inner {
         through_ms: TimestampMs,
         limit: usize,
     ) -> Result<Vec<GrantExpiry>, StoreError> {
-        let limit = limit.min(INDEX_PAGE_MAX);
+        // Each bucket's first `limit` (read in pages of INDEX_PAGE_MAX), merged: the caller's
+        // `limit` bounds the memory (the grant sweep asks for GRANT_SWEEP_PAGE_MAX).
         if limit == 0 || from_ms > through_ms {
             return Ok(Vec::new());
         }
