@@ -7,7 +7,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tally_core::{AgentState, Event};
+use tally_core::{AgentState, Event, RateState};
 use thiserror::Error;
 
 use crate::storage::{AgentWrite, FeedEntry, KeyEntry};
@@ -177,6 +177,16 @@ pub fn decode_agent(bytes: &[u8]) -> Result<AgentState, CodecError> {
         .check_invariants()
         .map_err(|e| CodecError::Decode(e.to_string()))?;
     Ok(agent)
+}
+
+/// An agent's limiter state, kept by a shared backend beside its record so that the nodes
+/// share one limiter per agent (`redis_store.rs`). Version 1, like events and numbers.
+pub fn encode_rate(rate: &RateState) -> Result<Vec<u8>, CodecError> {
+    encode(rate)
+}
+
+pub fn decode_rate(bytes: &[u8]) -> Result<RateState, CodecError> {
+    decode(bytes)
 }
 
 pub fn encode_u32(value: u32) -> Vec<u8> {
@@ -603,6 +613,31 @@ pub fn decode_key_run_footer(bytes: &[u8]) -> Result<KeyRunFooter, CodecError> {
 mod tests {
     use super::*;
     use tally_core::{CommandKind, Status};
+
+    #[test]
+    fn rate_states_round_trip_with_their_version_byte() {
+        let (state, _) = crate::testing::decided([tally_core::CommandKind::CreateAgent {
+            plan: crate::testing::default_plan(),
+            status: Status::Active,
+        }]);
+        let plans =
+            tally_core::PlanBook::new([
+                tally_core::Plan::unlimited(crate::testing::default_plan()),
+            ]);
+        let mut rate = RateState::default();
+        let cmd =
+            tally_core::Command::new(state.id.clone(), CommandKind::Debit { amount_micros: 0 });
+        let _ = tally_core::decide(Some(&state), &mut rate, &cmd, &plans, 5_000);
+        for r in [RateState::default(), rate] {
+            let bytes = encode_rate(&r).expect("encodes");
+            assert_eq!(bytes[0], RECORD_VERSION);
+            assert_eq!(decode_rate(&bytes).expect("decodes"), r);
+        }
+        assert!(matches!(
+            decode_rate(&[9, 0]),
+            Err(CodecError::UnknownVersion { found: 9 })
+        ));
+    }
 
     #[test]
     fn key_records_and_run_footers_round_trip() {

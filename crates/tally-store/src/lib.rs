@@ -7,7 +7,7 @@
 //! disk (`keyindex.rs`).
 //!
 //! **Never decides**: every rule is in `tally-core`. Only `codec.rs` knows the byte format;
-//! only `sled_store.rs` knows sled; only `wal.rs` knows the log's files.
+//! only `sled_store.rs` knows sled; only `redis_store.rs` knows Redis (the shared backend); only `wal.rs` knows the log's files.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +21,7 @@ mod idem;
 mod keyindex;
 mod metrics;
 mod recovery;
+mod redis_store;
 mod shard;
 #[cfg(feature = "sim")]
 #[doc(hidden)]
@@ -40,6 +41,11 @@ pub use grant_sweep::{GRANT_SWEEP_PAGES_PER_PASS_MAX, GRANT_SWEEP_PAGE_MAX};
 #[doc(hidden)]
 pub use keyindex::preload_for_bench;
 pub use metrics::EngineMetrics;
+pub use redis_store::{
+    RedisOptions, RedisStorage, APPLY_SCRIPT, INDEX_BUCKETS,
+    REDIS_IDEMPOTENCY_RETENTION_MS_DEFAULT, REDIS_OP_TIMEOUT_MS_DEFAULT,
+    REDIS_WAIT_TIMEOUT_MS_DEFAULT,
+};
 pub use sled_store::{SledStorage, StoreOptions, SCHEMA_VERSION};
 pub use storage::{
     AgentWrite, FeedCursor, FeedEntry, FeedPage, GrantExpiry, KeyEntry, KeyIndexStatus, Storage,
