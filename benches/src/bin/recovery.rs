@@ -95,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             pending += events_all.len() as u64;
             writes.push(AgentWrite {
                 rate: None,
+                rate_before: None,
                 agent: id,
                 expected_seq: 0,
                 events: events_all,

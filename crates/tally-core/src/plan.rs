@@ -51,7 +51,7 @@ impl RateBucket {
         if quota == 0 {
             return Err(invalid("quota", "must be at least 1"));
         }
-        if window_ms == 0 || window_ms > RATE_WINDOW_MS_MAX || window_ms % 1_000 != 0 {
+        if window_ms == 0 || window_ms > RATE_WINDOW_MS_MAX || !window_ms.is_multiple_of(1_000) {
             return Err(invalid("window_ms", "must be whole seconds, 1 s to 1 day"));
         }
         if burst == 0 {

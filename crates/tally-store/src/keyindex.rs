@@ -317,7 +317,7 @@ impl RunWriter {
             }
         }
         self.last_slot = Some(slot);
-        if self.count % BLOCK_RECORDS as u64 == 0 {
+        if self.count.is_multiple_of(BLOCK_RECORDS as u64) {
             self.fences.push(slot);
         }
         let record = codec::encode_key_record(slot, entry);
@@ -574,7 +574,7 @@ impl KeyIndex {
         let mut fences = Vec::with_capacity((count as usize).div_ceil(BLOCK_RECORDS));
         let mut i = 0u64;
         while let Some((slot, entry)) = reader.next()? {
-            if i % BLOCK_RECORDS as u64 == 0 {
+            if i.is_multiple_of(BLOCK_RECORDS as u64) {
                 fences.push(slot);
             }
             i += 1;
