@@ -17,9 +17,10 @@
 //!   mode keeps no agent in memory, so hold expiries are indexed here too).
 //!
 //! One write of one agent is one `EVALSHA` of [`APPLY_SCRIPT`], atomic on its master: it
-//! checks that the stored version and the journal's length both equal `expected_seq`
-//! (else it writes nothing and answers 0, a conflict; a version that matches a journal of
-//! another length answers 2, a corrupt agent), then sets the record, appends the entries
+//! checks that the stored version and the journal's length both equal `expected_seq` and
+//! the stored limiter state equals `rate_before` (else it writes nothing and answers 0, a
+//! conflict; a version that matches a journal of another length answers 2, a corrupt
+//! agent), then sets the record, appends the entries
 //! and sets the idempotency records. The scripts of one `apply_each` are grouped by master
 //! and sent as one pipeline per master, all masters at once: one round trip per master per
 //! group commit, not one per agent. (The `redis` crate's cluster pipeline does not split by
@@ -95,13 +96,20 @@ const CLUSTER_SLOTS: u16 = 16_384;
 
 /// The compare-and-set of one agent write. KEYS: record, journal, then one idempotency
 /// record key per key record. ARGV: expected version, new version, record, limiter state,
-/// retention in ms, the number n of entries, the n entries, then the key records.
-/// Answers 1 (applied), 0 (the version is not the expected one: nothing written) or 2 (the
-/// version matches but the journal's length does not: a corrupt agent, nothing written).
+/// retention in ms, the number n of entries, the n entries, the key records, and last the
+/// limiter state the node read (empty for an agent it created).
+/// Answers 1 (applied), 0 (the version or the limiter state is not the expected one:
+/// nothing written) or 2 (the version matches but the journal's length does not: a corrupt
+/// agent, nothing written). The limiter is compared too because a denial for funds takes a
+/// cell and journals nothing: such a write changes the limiter alone, which the version
+/// cannot tell apart from another node's doing the same.
 pub const APPLY_SCRIPT: &str = r#"
 local v = redis.call('HGET', KEYS[1], 'v')
 if not v then v = '0' end
 if v ~= ARGV[1] then return 0 end
+local t = redis.call('HGET', KEYS[1], 't')
+if not t then t = '' end
+if t ~= ARGV[#ARGV] then return 0 end
 if redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[1]) then return 2 end
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 't', ARGV[4])
 local n = tonumber(ARGV[6])
@@ -815,6 +823,10 @@ fn prepare(
         keys.push(idem_key(agent, *slot));
         args.push(codec::encode_key_record(*slot, entry).to_vec());
     }
+    args.push(match &write.rate_before {
+        Some(before) => codec::encode_rate(before)?,
+        None => Vec::new(),
+    });
     Ok((
         PreparedWrite {
             agent: agent.to_owned(),

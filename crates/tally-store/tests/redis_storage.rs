@@ -95,6 +95,8 @@ impl Sim {
     /// of their entries (from the version before them).
     fn write(&mut self, kinds: Vec<CommandKind>, at_ms: u64) -> AgentWrite {
         let expected_seq = self.state.as_ref().map_or(0, |s| s.last_seq);
+        // What the store holds of the limiter, written with the version before.
+        let rate_before = (expected_seq > 0).then(|| self.rate.clone());
         let mut events = Vec::new();
         for kind in kinds {
             self.keys += 1;
@@ -119,6 +121,7 @@ impl Sim {
             events,
             checkpoint: self.state.clone(),
             rate: Some(self.rate.clone()),
+            rate_before,
         }
     }
 
