@@ -185,7 +185,22 @@ impl Sweep {
         self.stop.load(Ordering::Acquire) || self.shared.failure().is_some()
     }
 
-    /// Reads a page of the index; a read error fails the engine, as a client's would.
+    /// A storage error of the sweep: a shared store's passing trouble (unreachable,
+    /// failing over) ends this pass and the next one tries again; any other fails the
+    /// engine, as a client's would.
+    fn store_failed(&self, what: &str, e: StoreError) -> Halt {
+        match e {
+            StoreError::Unavailable(reason) => {
+                tracing::warn!(%reason, "{what}: storage unavailable; the grant sweep tries again at its next pass");
+            }
+            e => {
+                self.shared.fail(format!("{what}: {e}"));
+            }
+        }
+        Halt
+    }
+
+    /// Reads a page of the index.
     fn page(
         &self,
         from_ms: TimestampMs,
@@ -195,10 +210,7 @@ impl Sweep {
         self.shared
             .storage
             .grant_expiries(from_ms, after, through_ms, GRANT_SWEEP_PAGE_MAX)
-            .map_err(|e| {
-                self.shared.fail(format!("reading grant expiries: {e}"));
-                Halt
-            })
+            .map_err(|e| self.store_failed("reading grant expiries", e))
     }
 
     /// Pokes the agents of every key due at `now_ms` and removes the keys of those whose
@@ -233,10 +245,7 @@ impl Sweep {
                 self.shared
                     .storage
                     .remove_grant_expiries(&done)
-                    .map_err(|e| {
-                        self.shared.fail(format!("removing grant expiries: {e}"));
-                        Halt
-                    })?;
+                    .map_err(|e| self.store_failed("removing grant expiries", e))?;
             }
             if page.len() < GRANT_SWEEP_PAGE_MAX {
                 return Ok(());

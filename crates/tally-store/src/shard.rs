@@ -735,7 +735,7 @@ impl Shard {
                 .shared
                 .storage
                 .journal_staged(agent, entry.first_seq - 1, n as usize)
-                .map_err(|e| self.shared.fail(e.to_string()))?;
+                .map_err(|e| self.shared.store_error(e))?;
         }
         if events.len() as u64 != n {
             return Err(self.shared.fail(format!(
