@@ -6,6 +6,9 @@
 #
 #   scripts/redis-cluster.sh up     # (re)starts it; the last stdout line is the node list
 #   scripts/redis-cluster.sh down   # stops it and removes its directory
+#   scripts/redis-cluster.sh start-node PORT   # starts again one node that was killed (the
+#                                   # failover test): it rejoins, as a replica if it was
+#                                   # failed over; returns once the cluster is whole again
 #
 #   TALLY_REDIS_CLUSTER=$(scripts/redis-cluster.sh up | tail -n1) cargo test -p tally-store --test redis_storage
 #
@@ -66,41 +69,36 @@ down() {
     rm -rf "$DIR"
 }
 
-up() {
-    need_redis
-    down
-    mkdir -p "$DIR"
-    local port addrs=()
-    for port in $(ports); do
-        mkdir -p "$DIR/$port"
-        redis-server \
-            --port "$port" \
-            --bind 127.0.0.1 \
-            --protected-mode yes \
-            --cluster-enabled yes \
-            --cluster-config-file "$DIR/$port/nodes.conf" \
-            --cluster-node-timeout "$NODE_TIMEOUT_MS" \
-            --appendonly yes \
-            --appendfsync always \
-            --dir "$DIR/$port" \
-            --daemonize yes \
-            --pidfile "$DIR/$port/redis.pid" \
-            --logfile "$DIR/$port/redis.log"
-        addrs+=("127.0.0.1:$port")
+start_node() { # port: one node, on its directory (a new one, or one that ran before)
+    local port=$1
+    mkdir -p "$DIR/$port"
+    redis-server \
+        --port "$port" \
+        --bind 127.0.0.1 \
+        --protected-mode yes \
+        --cluster-enabled yes \
+        --cluster-config-file "$DIR/$port/nodes.conf" \
+        --cluster-node-timeout "$NODE_TIMEOUT_MS" \
+        --appendonly yes \
+        --appendfsync always \
+        --dir "$DIR/$port" \
+        --daemonize yes \
+        --pidfile "$DIR/$port/redis.pid" \
+        --logfile "$DIR/$port/redis.log"
+}
+
+wait_ping() { # port deadline
+    until redis-cli -p "$1" ping >/dev/null 2>&1; do
+        if ((SECONDS >= $2)); then
+            echo "redis on port $1 did not start; see $DIR/$1/redis.log" >&2
+            exit 1
+        fi
+        sleep 0.1
     done
-    # Wait until every node answers before creating the cluster.
-    local deadline=$((SECONDS + READY_WAIT_S))
-    for port in $(ports); do
-        until redis-cli -p "$port" ping >/dev/null 2>&1; do
-            if ((SECONDS >= deadline)); then
-                echo "redis on port $port did not start; see $DIR/$port/redis.log" >&2
-                exit 1
-            fi
-            sleep 0.1
-        done
-    done
-    redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >&2
-    deadline=$((SECONDS + READY_WAIT_S))
+}
+
+wait_whole() { # every node: cluster_state:ok, and every replica synced with its master
+    local port deadline=$((SECONDS + READY_WAIT_S))
     for port in $(ports); do
         until redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; do
             if ((SECONDS >= deadline)); then
@@ -122,6 +120,24 @@ up() {
             done
         fi
     done
+}
+
+up() {
+    need_redis
+    down
+    mkdir -p "$DIR"
+    local port addrs=()
+    for port in $(ports); do
+        start_node "$port"
+        addrs+=("127.0.0.1:$port")
+    done
+    # Wait until every node answers before creating the cluster.
+    local deadline=$((SECONDS + READY_WAIT_S))
+    for port in $(ports); do
+        wait_ping "$port" "$deadline"
+    done
+    redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >&2
+    wait_whole
     (
         IFS=,
         echo "${addrs[*]}"
@@ -131,8 +147,14 @@ up() {
 case "${1:-}" in
 up) up ;;
 down) down ;;
+start-node)
+    [[ -n "${2:-}" && -d "$DIR/$2" ]] || { echo "usage: $0 start-node PORT (a node of the cluster in $DIR)" >&2; exit 2; }
+    start_node "$2"
+    wait_ping "$2" $((SECONDS + READY_WAIT_S))
+    wait_whole
+    ;;
 *)
-    echo "usage: $0 up|down" >&2
+    echo "usage: $0 up|down|start-node PORT" >&2
     exit 2
     ;;
 esac

@@ -152,9 +152,24 @@ pub fn unique_prefix() -> String {
 
 /// The Redis Cluster named by `TALLY_REDIS_CLUSTER` (comma-separated `host:port`), as a
 /// store; `None`, with a note on stderr, when it is not set (a test then checks nothing
-/// and says so: `.ci/run` starts a cluster and sets it).
+/// and says so). `.ci/run` starts a cluster, sets it, and sets `TALLY_REDIS_REQUIRED`,
+/// which makes a missing cluster a failure instead.
 pub fn redis_store(idempotency_retention_ms: u64) -> Option<Arc<dyn tally_store::Storage>> {
-    let _ = idempotency_retention_ms;
-    eprintln!("skipped: TALLY_REDIS_CLUSTER not set (placeholder until the Redis backend lands)");
-    None
+    let Ok(nodes) = std::env::var("TALLY_REDIS_CLUSTER") else {
+        assert!(
+            std::env::var_os("TALLY_REDIS_REQUIRED").is_none(),
+            "TALLY_REDIS_REQUIRED is set but TALLY_REDIS_CLUSTER is not"
+        );
+        eprintln!(
+            "skipped on Redis: TALLY_REDIS_CLUSTER not set (scripts/redis-cluster.sh up prints it)"
+        );
+        return None;
+    };
+    let options = tally_store::RedisOptions {
+        nodes: nodes.split(',').map(str::to_owned).collect(),
+        idempotency_retention_ms,
+        ..tally_store::RedisOptions::default()
+    };
+    let store = tally_store::RedisStorage::connect(&options).expect("the Redis Cluster answers");
+    Some(Arc::new(store))
 }
