@@ -51,7 +51,7 @@ pub fn generate() -> (String, String, [u8; 32]) {
 }
 
 /// The prefix of something shaped like a key.
-fn prefix_of(key: &str) -> Option<&str> {
+pub(crate) fn prefix_of(key: &str) -> Option<&str> {
     let rest = key.strip_prefix(KEY_SCHEME)?;
     let (prefix, secret) = rest.split_once('_')?;
     (prefix.len() == API_KEY_PREFIX_LEN && !secret.is_empty()).then_some(prefix)

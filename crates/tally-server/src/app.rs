@@ -20,7 +20,7 @@ use crate::agent_keys::{self, KeyIndex};
 use crate::auth::{Authenticator, Need, Role};
 use crate::authorize;
 use crate::batch;
-use crate::config::{Config, ForwardAuth, Limits, RouteTable, X402};
+use crate::config::{Config, ForwardAuth, Limits, RouteTable, StorageConfig, X402};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::problem::Problem;
@@ -430,7 +430,48 @@ impl Running {
 
 /// Binds `config.listen`, serves at once (`/readyz` 503 until the engine is open), opens
 /// the engine in the background with `clock`, and returns the running server.
+/// Opens the engine over the configured storage. Blocking: run it off the runtime.
+fn open_engine(
+    storage: &StorageConfig,
+    engine_config: tally_store::EngineConfig,
+    plans: PlanBook,
+    clock: Arc<dyn Clock>,
+    registry: &prometheus::Registry,
+) -> Result<Engine, tally_store::StoreError> {
+    match storage {
+        StorageConfig::Sled => Engine::open(engine_config, plans, clock, Some(registry)),
+        StorageConfig::Redis {
+            nodes,
+            wait_replicas,
+            wait_timeout_ms,
+            op_timeout_ms,
+        } => {
+            let redis = tally_store::RedisStorage::connect(&tally_store::RedisOptions {
+                nodes: nodes.clone(),
+                idempotency_retention_ms: engine_config.idempotency_retention_ms,
+                wait_replicas: *wait_replicas,
+                wait_timeout_ms: *wait_timeout_ms,
+                op_timeout_ms: *op_timeout_ms,
+            })?;
+            Engine::open_with(Arc::new(redis), engine_config, plans, clock, Some(registry))
+        }
+    }
+}
+
+/// Where the ledger lives, for messages.
+fn storage_name(config: &Config) -> String {
+    match &config.storage {
+        StorageConfig::Sled => format!("sled in {}", config.data_dir.display()),
+        StorageConfig::Redis { nodes, .. } => format!("redis://{}", nodes.join(",")),
+    }
+}
+
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Running> {
+    if matches!(config.storage, StorageConfig::Redis { .. }) && !config.webhooks.is_empty() {
+        anyhow::bail!(
+            "[[webhooks]] need the change feed, which the redis storage backend does not offer: use sled, or drop the webhooks"
+        );
+    }
     let metrics = Metrics::new()?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -460,8 +501,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
         let engine_config = config.engine_config();
         let plans = config.plans.clone();
         let registry = metrics.registry.clone();
+        let storage = config.storage.clone();
         let opening = tokio::task::spawn_blocking(move || {
-            Engine::open(engine_config, plans, clock, Some(&registry))
+            open_engine(&storage, engine_config, plans, clock, &registry)
         });
         let mut serve_rx = rx.clone();
         let drain_state = opener_state.clone();
@@ -483,7 +525,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 Ok(engine) => engine,
                 Err(e) => {
                     serving.abort();
-                    anyhow::bail!("opening the store at {}: {e}", config.data_dir.display());
+                    anyhow::bail!("opening the store ({}): {e}", storage_name(&config));
                 }
             },
             _ = async { let _ = rx.wait_for(|stop| *stop).await; } => {
@@ -553,7 +595,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Runn
                 }
             });
         }
-        tracing::info!(data_dir = %config.data_dir.display(), "engine open; ready");
+        tracing::info!(storage = %storage_name(&config), "engine open; ready");
         serving.await??;
         if let Some((proxy, serving)) = proxy {
             serving.await??;

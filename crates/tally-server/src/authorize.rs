@@ -79,8 +79,36 @@ fn original_call(
 }
 
 /// The agent whose key the request carries (`Authorization: Bearer tk_...` or the
-/// configured key header), else 401.
-pub(crate) fn agent_of(st: &AppState, headers: &HeaderMap) -> Result<AgentId, Problem> {
+/// configured key header), else 401. On a shared store (several nodes), another node may
+/// have revoked the key since this node's index learned it: the agent's record, read
+/// afresh, has the last word.
+pub(crate) async fn agent_of(st: &AppState, headers: &HeaderMap) -> Result<AgentId, Problem> {
+    let agent = agent_in_index(st, headers)?;
+    let Ok(engine) = st.engine() else {
+        return Ok(agent);
+    };
+    if !engine.is_shared() {
+        return Ok(agent);
+    }
+    let state = engine.agent(&agent).await.map_err(submit_error)?;
+    let key = presented_key(st, headers)?.unwrap_or_default();
+    let still = state.as_ref().is_some_and(|s| {
+        crate::agent_keys::prefix_of(key).is_some_and(|p| s.api_keys.contains_key(p))
+    });
+    if let Some(state) = &state {
+        st.keys().sync_agent(state);
+    }
+    if still {
+        Ok(agent)
+    } else {
+        Err(Problem::invalid_token(
+            "the agent API key is unknown or revoked",
+        ))
+    }
+}
+
+/// The key a request presents, if any.
+fn presented_key<'h>(st: &AppState, headers: &'h HeaderMap) -> Result<Option<&'h str>, Problem> {
     let bearer = single(headers, "authorization")?.and_then(|v| {
         let (scheme, token) = v.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
@@ -89,7 +117,12 @@ pub(crate) fn agent_of(st: &AppState, headers: &HeaderMap) -> Result<AgentId, Pr
         Some(h) => single(headers, h.as_str())?,
         None => None,
     };
-    let Some(key) = bearer.or(header_key) else {
+    Ok(bearer.or(header_key))
+}
+
+/// The agent this node's key index says the presented key belongs to, else 401.
+fn agent_in_index(st: &AppState, headers: &HeaderMap) -> Result<AgentId, Problem> {
+    let Some(key) = presented_key(st, headers)? else {
         return Err(Problem::unauthorized("an agent API key is required"));
     };
     st.keys()
@@ -251,7 +284,7 @@ async fn decide(
             }
         }
     }
-    let agent = agent_of(st, headers)?;
+    let agent = agent_of(st, headers).await?;
     let (method, target) = call?;
     let found = st
         .routes()

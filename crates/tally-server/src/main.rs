@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tally_server::auth::{bootstrap_admin, token_sha256_hex, Role};
+use tally_server::config::StorageConfig;
 use tally_server::Config;
 use tally_store::SystemClock;
 
@@ -119,6 +120,10 @@ struct ServeArgs {
     /// Log filter (overrides `server.log`), e.g. `info` or `tally=debug`.
     #[arg(long, env = "TALLY_LOG")]
     log: Option<String>,
+    /// Where the ledger lives (overrides `storage.url`): `sled` (in the data directory)
+    /// or `redis://host:port[,host:port...]`, a Redis Cluster shared by any number of nodes.
+    #[arg(long, env = "TALLY_STORAGE")]
+    storage: Option<String>,
     /// SHA-256 (hex) of an extra admin token.
     #[arg(long, env = "TALLY_ADMIN_TOKEN_SHA256", hide_env_values = true)]
     admin_token_sha256: Option<String>,
@@ -168,6 +173,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(log) = args.log {
         config.log = log;
+    }
+    if let Some(url) = &args.storage {
+        let (wait_replicas, wait_timeout_ms, op_timeout_ms) = match &config.storage {
+            StorageConfig::Redis {
+                wait_replicas,
+                wait_timeout_ms,
+                op_timeout_ms,
+                ..
+            } => (*wait_replicas, *wait_timeout_ms, *op_timeout_ms),
+            StorageConfig::Sled => (
+                0,
+                tally_store::REDIS_WAIT_TIMEOUT_MS_DEFAULT,
+                tally_store::REDIS_OP_TIMEOUT_MS_DEFAULT,
+            ),
+        };
+        config.storage = StorageConfig::parse(url, wait_replicas, wait_timeout_ms, op_timeout_ms)
+            .map_err(|e| anyhow::anyhow!("--storage: {e}"))?;
     }
     if let Some(hash) = &args.admin_token_sha256 {
         config

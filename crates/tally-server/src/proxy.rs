@@ -189,7 +189,7 @@ impl Proxy {
         let agent = if pays {
             None
         } else {
-            Some(agent_of(st, &parts.headers)?)
+            Some(agent_of(st, &parts.headers).await?)
         };
         let route = route.ok_or_else(|| {
             Problem::not_found(format!(

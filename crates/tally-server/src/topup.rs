@@ -31,7 +31,7 @@ pub async fn credit(State(st): State<AppState>, req: Request) -> Result<Response
     // else is wrong with the request.
     if admin.is_err()
         && st.role(&parts.headers, Need::Service).is_err()
-        && agent_of(&st, &parts.headers).is_err()
+        && agent_of(&st, &parts.headers).await.is_err()
     {
         return Err(admin
             .err()
@@ -48,7 +48,7 @@ pub async fn credit(State(st): State<AppState>, req: Request) -> Result<Response
     }
     // A payment may come from the agent itself or a service; anyone else gets the
     // answer they would have had for a credit.
-    let own_key = agent_of(&st, &parts.headers).is_ok_and(|a| a == id);
+    let own_key = agent_of(&st, &parts.headers).await.is_ok_and(|a| a == id);
     if !own_key && st.role(&parts.headers, Need::Service).is_err() {
         return Err(admin
             .err()

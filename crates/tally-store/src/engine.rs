@@ -570,6 +570,12 @@ impl Engine {
     }
 
     /// False after a storage failure or once shutdown began.
+    /// True when other nodes write the same store (Redis Cluster): what this node holds
+    /// beside the engine (an index of agent keys, say) may be stale.
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared.storage.shared()
+    }
+
     pub fn is_ready(&self) -> bool {
         self.refuse().is_none()
     }

@@ -134,6 +134,84 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// `[[webhooks]]`: where threshold notifications are sent.
     pub webhooks: Vec<crate::webhooks::Endpoint>,
+    /// `[storage]`: where the ledger lives.
+    pub storage: StorageConfig,
+}
+
+/// Where the ledger lives: sled in `data_dir` (the embedded default, one node), or a Redis
+/// Cluster that any number of `tally serve` nodes share.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StorageConfig {
+    #[default]
+    Sled,
+    Redis {
+        /// Seed nodes, `host:port`.
+        nodes: Vec<String>,
+        /// Replicas that must acknowledge a group commit (`WAIT`) before it is answered;
+        /// 0 answers once the master has it on disk (a failover may then lose it).
+        wait_replicas: u32,
+        wait_timeout_ms: u64,
+        /// Bound on each request to the cluster.
+        op_timeout_ms: u64,
+    },
+}
+
+/// Longest `storage.wait_timeout_ms`.
+pub const STORAGE_WAIT_TIMEOUT_MS_MAX: u64 = 60_000;
+/// Longest `storage.op_timeout_ms`.
+pub const STORAGE_OP_TIMEOUT_MS_MAX: u64 = 60_000;
+/// Most seed nodes in `storage.url`.
+pub const STORAGE_NODES_MAX: usize = 64;
+
+impl StorageConfig {
+    /// Parses `sled` or `redis://host:port[,host:port…]` with the given settings.
+    pub fn parse(
+        url: &str,
+        wait_replicas: u32,
+        wait_timeout_ms: u64,
+        op_timeout_ms: u64,
+    ) -> Result<Self, String> {
+        if url == "sled" {
+            return Ok(StorageConfig::Sled);
+        }
+        let Some(rest) = url.strip_prefix("redis://") else {
+            return Err(format!(
+                "{url:?}: expected \"sled\" or redis://host:port[,host:port...]"
+            ));
+        };
+        let nodes: Vec<String> = rest
+            .trim_end_matches('/')
+            .split(',')
+            .map(|n| n.trim().to_owned())
+            .collect();
+        if nodes.len() > STORAGE_NODES_MAX {
+            return Err(format!("at most {STORAGE_NODES_MAX} seed nodes"));
+        }
+        for n in &nodes {
+            let port = n
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p > 0) {
+                return Err(format!("{n:?} is not host:port"));
+            }
+        }
+        if !(1..=STORAGE_WAIT_TIMEOUT_MS_MAX).contains(&wait_timeout_ms) {
+            return Err(format!(
+                "wait_timeout_ms must be 1..={STORAGE_WAIT_TIMEOUT_MS_MAX}"
+            ));
+        }
+        if !(1..=STORAGE_OP_TIMEOUT_MS_MAX).contains(&op_timeout_ms) {
+            return Err(format!(
+                "op_timeout_ms must be 1..={STORAGE_OP_TIMEOUT_MS_MAX}"
+            ));
+        }
+        Ok(StorageConfig::Redis {
+            nodes,
+            wait_replicas,
+            wait_timeout_ms,
+            op_timeout_ms,
+        })
+    }
 }
 
 impl Default for Config {
@@ -154,6 +232,7 @@ impl Default for Config {
             forward_auth: ForwardAuth::default(),
             proxy: ProxyConfig::default(),
             webhooks: Vec::new(),
+            storage: StorageConfig::Sled,
         }
     }
 }
@@ -357,6 +436,20 @@ impl Config {
                     "must not exceed limits.page_limit_max",
                 ));
             }
+        }
+
+        if let Some(storage) = raw.storage {
+            let span = storage.span();
+            let st = storage.into_inner();
+            cfg.storage = StorageConfig::parse(
+                st.url.as_deref().unwrap_or("sled"),
+                st.wait_replicas.unwrap_or(0),
+                st.wait_timeout_ms
+                    .unwrap_or(tally_store::REDIS_WAIT_TIMEOUT_MS_DEFAULT),
+                st.op_timeout_ms
+                    .unwrap_or(tally_store::REDIS_OP_TIMEOUT_MS_DEFAULT),
+            )
+            .map_err(|e| lines.err("storage.url", &span, e))?;
         }
 
         if let Some(engine) = raw.engine {
@@ -748,6 +841,53 @@ pub(crate) fn is_evm_address(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storage_is_sled_or_a_redis_cluster_and_says_what_is_wrong() {
+        let cfg = Config::from_toml("", "t").expect("empty is valid");
+        assert_eq!(cfg.storage, StorageConfig::Sled);
+        let cfg = Config::from_toml(
+            "[storage]\nurl = \"redis://10.0.0.1:7000,10.0.0.2:7001\"\nwait_replicas = 1\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(
+            cfg.storage,
+            StorageConfig::Redis {
+                nodes: vec!["10.0.0.1:7000".into(), "10.0.0.2:7001".into()],
+                wait_replicas: 1,
+                wait_timeout_ms: tally_store::REDIS_WAIT_TIMEOUT_MS_DEFAULT,
+                op_timeout_ms: tally_store::REDIS_OP_TIMEOUT_MS_DEFAULT,
+            }
+        );
+        for (bad, says) in [
+            ("url = \"postgres://x:1\"", "expected"),
+            ("url = \"redis://\"", "host:port"),
+            ("url = \"redis://host\"", "host:port"),
+            ("url = \"redis://host:0\"", "host:port"),
+            ("url = \"redis://:7000\"", "host:port"),
+            (
+                "url = \"redis://h:1\"\nwait_timeout_ms = 0",
+                "wait_timeout_ms",
+            ),
+            (
+                "url = \"redis://h:1\"\nop_timeout_ms = 60001",
+                "op_timeout_ms",
+            ),
+            ("urls = \"redis://h:1\"", "unknown field"),
+        ] {
+            let e = Config::from_toml(&format!("[storage]\n{bad}\n"), "t")
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let many = (0..=STORAGE_NODES_MAX)
+            .map(|i| format!("h{i}:1"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let e = StorageConfig::parse(&format!("redis://{many}"), 0, 1, 1).expect_err("too many");
+        assert!(e.contains("at most"), "{e}");
+    }
 
     #[test]
     fn the_example_file_parses_and_validates() {

@@ -22,6 +22,16 @@ pub(super) struct RawConfig {
     pub(super) proxy: Option<Spanned<super::gateway::RawProxy>>,
     #[serde(default)]
     pub(super) webhooks: Vec<Spanned<super::webhooks::RawWebhook>>,
+    pub(super) storage: Option<Spanned<RawStorage>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStorage {
+    pub(super) url: Option<String>,
+    pub(super) wait_replicas: Option<u32>,
+    pub(super) wait_timeout_ms: Option<u64>,
+    pub(super) op_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -25,6 +25,12 @@ impl Proc {
 // The child is handed to the caller, who kills and waits for it.
 #[allow(clippy::zombie_processes)]
 pub fn spawn(dir: &Path, admin_token: Option<&str>) -> Proc {
+    spawn_with(dir, admin_token, &[])
+}
+
+/// [`spawn`] with more environment (`TALLY_STORAGE`, say).
+#[allow(clippy::zombie_processes)]
+pub fn spawn_with(dir: &Path, admin_token: Option<&str>, env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
     cmd.arg("serve")
         .env("TALLY_DATA_DIR", dir)
@@ -32,6 +38,8 @@ pub fn spawn(dir: &Path, admin_token: Option<&str>) -> Proc {
         .env("TALLY_LOG", "warn")
         .env_remove("TALLY_CONFIG")
         .env_remove("TALLY_ADMIN_TOKEN_SHA256")
+        .env_remove("TALLY_STORAGE")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     if let Some(token) = admin_token {
