@@ -389,7 +389,7 @@ fn build() -> Value {
         "Unprocessable": problem_resp("`idempotency-key-reused`, `unknown-plan`, `invalid-amount`, `amount-overflow`, `invalid-ttl`, `too-many-holds`, `capture-exceeds-hold`, `refund-exceeds-debit`, `unknown-debit`, `too-many-api-keys` (`api_keys_max`), `scan-too-large` (usage of a period more than `engine.usage_scan_entries_max` journal entries back).", r("Problem"), Value::Null),
         "PaymentRequired": problem_resp("Insufficient funds (`insufficient-funds`). `Retry-After` only when an expiring hold frees enough; x402 `accepts` and `PAYMENT-REQUIRED` when configured.", r("InsufficientFunds"), json!({"Retry-After": retry_after, "PAYMENT-REQUIRED": {"description": "base64 of the x402 v2 PaymentRequired JSON", "schema": {"type": "string"}}})),
         "TooManyRequests": problem_resp("Rate limit (`rate-limited`) or monthly cap (`monthly-cap-reached`).", r("Limited"), ratelimit_headers),
-        "Unavailable": problem_resp("`overloaded`, `shutting-down`, `not-ready`, `timeout`.", r("Problem"), json!({"Retry-After": retry_after})),
+        "Unavailable": problem_resp("`overloaded`, `shutting-down`, `not-ready`, `timeout`, `storage-unavailable` (a Redis Cluster backend unreachable or failing over: a change answered so may or may not have been made; retry it with the same Idempotency-Key).", r("Problem"), json!({"Retry-After": retry_after})),
     });
 
     // Added apart: one more entry in the literal above passes json!'s recursion limit.
@@ -506,7 +506,10 @@ fn build() -> Value {
                 json!({"name": "after", "in": "query", "required": false, "description": "A `next_cursor` from an earlier page; from the start when absent.", "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"}}),
                 param("Limit"),
                 json!({"name": "wait_ms", "in": "query", "required": false, "description": "With nothing after the cursor yet, wait up to this long for an event (a long poll).", "schema": {"type": "integer", "minimum": 0, "maximum": crate::routes::EVENTS_WAIT_MS_MAX}}),
-            ], None, json!({"200": ok_json("Events after the cursor, at most `limit`.", r("FeedPage"), Value::Null)}))},
+            ], None, json!({
+                "200": ok_json("Events after the cursor, at most `limit`.", r("FeedPage"), Value::Null),
+                "501": problem_resp("`not-supported`: the storage backend (a Redis Cluster) keeps no change feed.", r("Problem"), Value::Null),
+            }))},
         "/v1/agents/{id}/usage": {"get": operation("usage", "Spend and counts by task type in a period", vec![
                 param("AgentId"),
                 json!({"name": "period", "in": "query", "required": false, "schema": {"type": "string", "pattern": "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$"}}),
