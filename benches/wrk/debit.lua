@@ -1,10 +1,13 @@
 -- wrk script: POST /v1/agents/{id}/debits with a distinct Idempotency-Key per request,
 -- spread round-robin over AGENTS agents (bench-0 .. bench-N-1).
--- Env: TALLY_TOKEN (bearer token), AGENTS (default 64), AMOUNT_MICROS (default 1).
+-- Env: TALLY_TOKEN (bearer token), AGENTS (default 64), AMOUNT_MICROS (default 1),
+-- KEY_PREFIX (for keys of its own when several wrk run at once).
 local token = os.getenv("TALLY_TOKEN") or ""
 local agents = tonumber(os.getenv("AGENTS") or "64")
 local amount = os.getenv("AMOUNT_MICROS") or "1"
-local run = tostring(os.time()) .. "-" .. tostring(math.random(1, 1000000000))
+-- KEY_PREFIX tells apart wrk processes started in the same second (their unseeded
+-- math.random gives the same number, so their keys would collide and replay).
+local run = (os.getenv("KEY_PREFIX") or "") .. tostring(os.time()) .. "-" .. tostring(math.random(1, 1000000000))
 
 local threads = {}
 local next_id = 0

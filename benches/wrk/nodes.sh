@@ -42,8 +42,8 @@ run() { # label
   conns=$((CONNECTIONS / n))
   local wrks=()
   for i in "${!BASES[@]}"; do
-    wrk -t1 -c"$conns" -d"$DURATION" --latency -s "$ROOT/benches/wrk/debit.lua" "${BASES[$i]}" \
-      > "$WORK/wrk-$i.txt" &
+    KEY_PREFIX="n$n-w$i-" wrk -t1 -c"$conns" -d"$DURATION" --latency \
+      -s "$ROOT/benches/wrk/debit.lua" "${BASES[$i]}" > "$WORK/wrk-$i.txt" &
     wrks+=($!)
   done
   wait "${wrks[@]}"
