@@ -951,27 +951,50 @@ impl Storage for RedisStorage {
     }
 
     fn record(&self, agent: &AgentId) -> Result<Option<(AgentState, RateState)>, StoreError> {
-        let key = record_key(agent.as_str());
-        let v = self.run("reading a record", move |inner| async move {
-            let mut conn = inner.read_conn.clone();
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(&key).arg("s").arg("t");
-            conn.route_command(cmd, routing_of(&key))
-                .await
-                .map_err(|e| redis_error("HMGET", e))
-        })?;
-        let (s, t): (Option<Vec<u8>>, Option<Vec<u8>>) = parsed("HMGET", v)?;
-        match (s, t) {
-            (None, None) => Ok(None),
-            (Some(s), Some(t)) => {
-                let state = codec::decode_agent(&s)?;
-                check_id(&state, agent)?;
-                Ok(Some((state, codec::decode_rate(&t)?)))
+        Ok(self.records(std::slice::from_ref(agent))?.pop().flatten())
+    }
+
+    /// One `HMGET` per agent, all sent at once: the multiplexed connections pipeline them,
+    /// so a run's agents cost about one round trip per master.
+    fn records(
+        &self,
+        agents: &[AgentId],
+    ) -> Result<Vec<Option<(AgentState, RateState)>>, StoreError> {
+        let keys: Vec<String> = agents.iter().map(|a| record_key(a.as_str())).collect();
+        let values = self.run("reading records", move |inner| async move {
+            let mut tasks = Vec::with_capacity(keys.len());
+            for key in keys {
+                let mut conn = inner.read_conn.clone();
+                let mut cmd = redis::cmd("HMGET");
+                cmd.arg(&key).arg("s").arg("t");
+                tasks.push(tokio::spawn(async move {
+                    conn.route_command(cmd, routing_of(&key)).await
+                }));
             }
-            _ => Err(StoreError::Corrupt(format!(
-                "agent {agent}: a record without its state or its limiter state"
-            ))),
-        }
+            let mut values = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                values.push(join(task).await?.map_err(|e| redis_error("HMGET", e))?);
+            }
+            Ok(values)
+        })?;
+        agents
+            .iter()
+            .zip(values)
+            .map(|(agent, v)| {
+                let (s, t): (Option<Vec<u8>>, Option<Vec<u8>>) = parsed("HMGET", v)?;
+                match (s, t) {
+                    (None, None) => Ok(None),
+                    (Some(s), Some(t)) => {
+                        let state = codec::decode_agent(&s)?;
+                        check_id(&state, agent)?;
+                        Ok(Some((state, codec::decode_rate(&t)?)))
+                    }
+                    _ => Err(StoreError::Corrupt(format!(
+                        "agent {agent}: a record without its state or its limiter state"
+                    ))),
+                }
+            })
+            .collect()
     }
 
     fn checkpoint(&self, agent: &AgentId) -> Result<Option<AgentState>, StoreError> {
@@ -1181,36 +1204,60 @@ impl Storage for RedisStorage {
     fn find_key(
         &self,
         agent: &AgentId,
-        _key: &IdempotencyKey,
+        key: &IdempotencyKey,
         slot: u128,
         now_ms: TimestampMs,
     ) -> Result<Option<KeyEntry>, StoreError> {
-        let key = idem_key(agent.as_str(), slot);
-        let v = self.run("reading an idempotency record", move |inner| async move {
-            let mut conn = inner.read_conn.clone();
-            let mut cmd = redis::cmd("GET");
-            cmd.arg(&key);
-            conn.route_command(cmd, routing_of(&key))
-                .await
-                .map_err(|e| redis_error("GET", e))
+        let lookup = [(agent.clone(), key.clone(), slot)];
+        Ok(self.find_keys(&lookup, now_ms)?.pop().flatten())
+    }
+
+    /// One `GET` per key, all sent at once (pipelined by the multiplexed connections).
+    fn find_keys(
+        &self,
+        lookups: &[(AgentId, IdempotencyKey, u128)],
+        now_ms: TimestampMs,
+    ) -> Result<Vec<Option<KeyEntry>>, StoreError> {
+        let keys: Vec<String> = lookups
+            .iter()
+            .map(|(agent, _, slot)| idem_key(agent.as_str(), *slot))
+            .collect();
+        let values = self.run("reading idempotency records", move |inner| async move {
+            let mut tasks = Vec::with_capacity(keys.len());
+            for key in keys {
+                let mut conn = inner.read_conn.clone();
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(&key);
+                tasks.push(tokio::spawn(async move {
+                    conn.route_command(cmd, routing_of(&key)).await
+                }));
+            }
+            let mut values = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                values.push(join(task).await?.map_err(|e| redis_error("GET", e))?);
+            }
+            Ok(values)
         })?;
-        let bytes: Option<Vec<u8>> = parsed("GET", v)?;
-        let Some(bytes) = bytes else { return Ok(None) };
-        let (stored_slot, entry) = codec::decode_key_record(&bytes)?;
-        if stored_slot != slot {
-            return Err(StoreError::Corrupt(format!(
-                "agent {agent}: idempotency record of slot {slot:032x} holds slot {stored_slot:032x}"
-            )));
-        }
-        // `PX` drops it at about the same time; the clock of the request decides.
-        if entry
-            .at_ms
-            .saturating_add(self.inner.options.idempotency_retention_ms)
-            < now_ms
-        {
-            return Ok(None);
-        }
-        Ok(Some(entry))
+        let retention_ms = self.inner.options.idempotency_retention_ms;
+        lookups
+            .iter()
+            .zip(values)
+            .map(|((agent, _, slot), v)| {
+                let bytes: Option<Vec<u8>> = parsed("GET", v)?;
+                let Some(bytes) = bytes else { return Ok(None) };
+                let (stored_slot, entry) = codec::decode_key_record(&bytes)?;
+                if stored_slot != *slot {
+                    return Err(StoreError::Corrupt(format!(
+                        "agent {agent}: idempotency record of slot {slot:032x} holds slot {stored_slot:032x}"
+                    )));
+                }
+                // `PX` drops it at about the same time; the clock of the request decides.
+                if entry.at_ms.saturating_add(retention_ms) < now_ms {
+                    return Ok(None);
+                }
+                Ok(Some(entry))
+            })
+            .collect()
     }
 
     /// Records are in Redis as soon as the script ran: nothing to note.

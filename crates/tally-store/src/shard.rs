@@ -15,7 +15,7 @@
 //! at its time. Grant expiries need no record in memory: the grant sweep finds them in the
 //! store's index.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -321,6 +321,10 @@ pub(crate) struct Shard {
     index_keys_max: usize,
     /// Other nodes write this store too (see [`Shard::run_shared`]).
     shared_store: bool,
+    /// On a shared store, for the run being decided: agents read and found missing, and
+    /// the idempotency records read for its keyed commands (by slot).
+    absent: HashSet<AgentId>,
+    prefetched_keys: HashMap<u128, Option<crate::storage::KeyEntry>>,
     rx: Receiver<Job>,
     commit_tx: Sender<CommitBatch>,
     now_ms: u64,
@@ -350,6 +354,8 @@ impl Shard {
             index,
             index_keys_max,
             shared_store,
+            absent: HashSet::new(),
+            prefetched_keys: HashMap::new(),
             rx,
             commit_tx,
             now_ms: 0,
@@ -418,6 +424,7 @@ impl Shard {
         let mut retries = 0;
         while !todo.is_empty() {
             self.forget_all();
+            self.prefetch(&todo);
             let mut run = Run::default();
             let mut held = Vec::with_capacity(todo.len());
             for job in todo.drain(..) {
@@ -479,9 +486,59 @@ impl Shard {
         stop
     }
 
+    /// Reads every agent of a run on a shared store, and the idempotency records its keyed
+    /// commands name, one call each (about a round trip per master), so that deciding the
+    /// run waits on no more reads. What fails here is read again by the job that needs it,
+    /// which answers 503 if that fails too.
+    fn prefetch(&mut self, jobs: &[Job]) {
+        let mut ids = Vec::new();
+        let mut lookups = Vec::new();
+        for job in jobs {
+            let (id, key) = match job {
+                Job::Submit { cmd, .. } => (&cmd.agent, cmd.idempotency_key.as_ref()),
+                Job::Agent { id, .. } => (id, None),
+                Job::Shutdown => continue,
+            };
+            if !ids.contains(id) {
+                ids.push(id.clone());
+            }
+            if let Some(key) = key {
+                lookups.push((id.clone(), key.clone(), idem::slot(id, key)));
+            }
+        }
+        if let Ok(records) = self.shared.storage.records(&ids) {
+            for (id, found) in ids.into_iter().zip(records) {
+                match found {
+                    Some((state, rate)) => {
+                        self.shared.metrics.agents_loaded_total.inc();
+                        let mut slot = Slot::new(state);
+                        slot.stored_rate = Some(rate.clone());
+                        slot.rate = rate;
+                        self.agents.insert(id, slot);
+                    }
+                    None => {
+                        self.absent.insert(id);
+                    }
+                }
+            }
+        }
+        if lookups.is_empty() {
+            return;
+        }
+        if let Ok(found) = self.shared.storage.find_keys(&lookups, self.now_ms) {
+            self.prefetched_keys = lookups
+                .into_iter()
+                .zip(found)
+                .map(|((_, _, slot), entry)| (slot, entry))
+                .collect();
+        }
+    }
+
     /// Forgets every agent and key in memory: on a shared store, another node may have
     /// changed any of them since they were read.
     fn forget_all(&mut self) {
+        self.absent.clear();
+        self.prefetched_keys.clear();
         self.agents.clear();
         self.clock.clear();
         self.leaving.clear();
@@ -560,7 +617,11 @@ impl Shard {
                 // Not in memory: the cache holds the newest use of every key it has, so
                 // only a key it does not have is looked for in the store.
                 (Verdict::New, None) => {
-                    match self.shared.storage.find_key(&cmd.agent, key, slot, now_ms) {
+                    let found = match self.prefetched_keys.get(&slot) {
+                        Some(found) => Ok(*found),
+                        None => self.shared.storage.find_key(&cmd.agent, key, slot, now_ms),
+                    };
+                    match found {
                         Ok(found) => {
                             let seen = found.map(|e| Seen {
                                 fingerprint: e.fingerprint,
@@ -821,6 +882,9 @@ impl Shard {
         if let Some(slot) = self.agents.get_mut(id) {
             slot.referenced = true;
             return Ok(true);
+        }
+        if self.absent.contains(id) {
+            return Ok(false);
         }
         let loaded = if self.shared_store {
             self.shared.storage.record(id)

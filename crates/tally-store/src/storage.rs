@@ -153,6 +153,29 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
         Ok(self.checkpoint(agent)?.map(|s| (s, RateState::default())))
     }
 
+    /// [`Storage::record`] of several agents, in order, in as few round trips as the
+    /// backend can: the engine reads every agent of a run at once.
+    #[allow(clippy::type_complexity)]
+    fn records(
+        &self,
+        agents: &[AgentId],
+    ) -> Result<Vec<Option<(AgentState, RateState)>>, StoreError> {
+        agents.iter().map(|a| self.record(a)).collect()
+    }
+
+    /// [`Storage::find_key`] of several `(agent, key, slot)`, in order, in as few round
+    /// trips as the backend can.
+    fn find_keys(
+        &self,
+        lookups: &[(AgentId, IdempotencyKey, u128)],
+        now_ms: TimestampMs,
+    ) -> Result<Vec<Option<KeyEntry>>, StoreError> {
+        lookups
+            .iter()
+            .map(|(agent, key, slot)| self.find_key(agent, key, *slot, now_ms))
+            .collect()
+    }
+
     /// Every agent checkpoint.
     fn load_agents(&self) -> Result<Vec<AgentState>, StoreError>;
 

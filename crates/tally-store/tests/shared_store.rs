@@ -351,8 +351,9 @@ async fn an_unavailable_store_is_a_503_and_the_retry_is_exact() {
         u64::from(CONFLICT_RETRIES_MAX) + 4
     );
 
-    // A read that cannot reach the store.
-    mem.refuse_reads(1);
+    // A read that cannot reach the store: the run's read of all its agents, then the
+    // job's own read again.
+    mem.refuse_reads(2);
     let got = engine.agent(&a).await;
     assert!(
         matches!(got, Err(SubmitError::Unavailable { .. })),
