@@ -38,6 +38,8 @@ pub use config::{EngineConfig, AGENTS_CACHED_MAX_DEFAULT};
 pub use engine::{AgentPage, Engine, Reply, Usage, UsageByTask};
 pub use error::{StoreError, SubmitError};
 pub use grant_sweep::{GRANT_SWEEP_PAGES_PER_PASS_MAX, GRANT_SWEEP_PAGE_MAX};
+/// Where an idempotency key of an agent is kept (`Storage::find_key`'s `slot`).
+pub use idem::slot as idempotency_slot;
 #[doc(hidden)]
 pub use keyindex::preload_for_bench;
 pub use metrics::EngineMetrics;

@@ -380,6 +380,27 @@ impl Inner {
         Ok(())
     }
 
+    /// Sends every `(key, command)` at once on the read connection (its multiplexed
+    /// connections pipeline them: about one round trip per master) and answers in order.
+    async fn read_each(
+        &self,
+        what: &'static str,
+        cmds: Vec<(String, Cmd)>,
+    ) -> Result<Vec<Value>, StoreError> {
+        let mut tasks = Vec::with_capacity(cmds.len());
+        for (key, cmd) in cmds {
+            let mut conn = self.read_conn.clone();
+            tasks.push(tokio::spawn(async move {
+                conn.route_command(cmd, routing_of(&key)).await
+            }));
+        }
+        let mut values = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            values.push(join(task).await?.map_err(|e| redis_error(what, e))?);
+        }
+        Ok(values)
+    }
+
     /// The master serving `slot` as last learned; a name of its own when unknown, so that
     /// the slot still gets a pipeline (routed by the client's map).
     fn master_of(&self, slot: u16) -> String {
@@ -961,21 +982,16 @@ impl Storage for RedisStorage {
         agents: &[AgentId],
     ) -> Result<Vec<Option<(AgentState, RateState)>>, StoreError> {
         let keys: Vec<String> = agents.iter().map(|a| record_key(a.as_str())).collect();
-        let values = self.run("reading records", move |inner| async move {
-            let mut tasks = Vec::with_capacity(keys.len());
-            for key in keys {
-                let mut conn = inner.read_conn.clone();
+        let cmds = keys
+            .into_iter()
+            .map(|key| {
                 let mut cmd = redis::cmd("HMGET");
                 cmd.arg(&key).arg("s").arg("t");
-                tasks.push(tokio::spawn(async move {
-                    conn.route_command(cmd, routing_of(&key)).await
-                }));
-            }
-            let mut values = Vec::with_capacity(tasks.len());
-            for task in tasks {
-                values.push(join(task).await?.map_err(|e| redis_error("HMGET", e))?);
-            }
-            Ok(values)
+                (key, cmd)
+            })
+            .collect();
+        let values = self.run("reading records", move |inner| async move {
+            inner.read_each("HMGET", cmds).await
         })?;
         agents
             .iter()
@@ -1020,23 +1036,21 @@ impl Storage for RedisStorage {
         loop {
             let ids = self.ids_page(after.as_ref(), LOAD_AGENTS_PAGE_MAX)?;
             let keys: Vec<String> = ids.iter().map(|id| record_key(id.as_str())).collect();
-            let records = self.run("reading records", |inner| async move {
-                let mut tasks = Vec::new();
-                for key in keys {
-                    let mut conn = inner.read_conn.clone();
+            let cmds = keys
+                .into_iter()
+                .map(|key| {
                     let mut cmd = redis::cmd("HGET");
                     cmd.arg(&key).arg("s");
-                    tasks.push(tokio::spawn(async move {
-                        conn.route_command(cmd, routing_of(&key)).await
-                    }));
-                }
-                let mut records = Vec::new();
-                for task in tasks {
-                    let v = join(task).await?.map_err(|e| redis_error("HGET", e))?;
-                    records.push(parsed::<Option<Vec<u8>>>("HGET", v)?);
-                }
-                Ok(records)
-            })?;
+                    (key, cmd)
+                })
+                .collect();
+            let records = self
+                .run("reading records", |inner| async move {
+                    inner.read_each("HGET", cmds).await
+                })?
+                .into_iter()
+                .map(|v| parsed::<Option<Vec<u8>>>("HGET", v))
+                .collect::<Result<Vec<_>, _>>()?;
             // Listed ids have a record (records are never removed): `None` cannot happen.
             for (id, record) in ids.iter().zip(records) {
                 if let Some(bytes) = record {
@@ -1222,21 +1236,16 @@ impl Storage for RedisStorage {
             .iter()
             .map(|(agent, _, slot)| idem_key(agent.as_str(), *slot))
             .collect();
-        let values = self.run("reading idempotency records", move |inner| async move {
-            let mut tasks = Vec::with_capacity(keys.len());
-            for key in keys {
-                let mut conn = inner.read_conn.clone();
+        let cmds = keys
+            .into_iter()
+            .map(|key| {
                 let mut cmd = redis::cmd("GET");
                 cmd.arg(&key);
-                tasks.push(tokio::spawn(async move {
-                    conn.route_command(cmd, routing_of(&key)).await
-                }));
-            }
-            let mut values = Vec::with_capacity(tasks.len());
-            for task in tasks {
-                values.push(join(task).await?.map_err(|e| redis_error("GET", e))?);
-            }
-            Ok(values)
+                (key, cmd)
+            })
+            .collect();
+        let values = self.run("reading idempotency records", move |inner| async move {
+            inner.read_each("GET", cmds).await
         })?;
         let retention_ms = self.inner.options.idempotency_retention_ms;
         lookups

@@ -16,7 +16,6 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use sha2::{Digest, Sha256};
 use tally_core::{
     AgentId, AgentState, Command, CommandKind, Event, IdempotencyKey, Plan, PlanBook, PlanName,
     RateBucket, RateState, Status,
@@ -147,18 +146,6 @@ fn debit(amount_micros: u64) -> CommandKind {
 
 fn seqs(events: &[Event]) -> Vec<u64> {
     events.iter().map(|e| e.seq).collect()
-}
-
-/// The idempotency slot of (agent, key), as `tally-store`'s `idem::slot` computes it.
-fn slot(agent: &AgentId, key: &IdempotencyKey) -> u128 {
-    let mut h = Sha256::new();
-    h.update((agent.as_str().len() as u64).to_be_bytes());
-    h.update(agent.as_str().as_bytes());
-    h.update(key.as_str().as_bytes());
-    let digest = h.finalize();
-    let mut first = [0u8; 16];
-    first.copy_from_slice(&digest[..16]);
-    u128::from_be_bytes(first)
 }
 
 /// The index bucket of an id (FNV-1a mod 16), as the stored layout defines it.
@@ -381,25 +368,35 @@ fn idempotency_records_are_found_then_expire() {
     // Key k3 is the debit's: seq 3, one entry.
     let key = a.key(3);
     let found = store
-        .find_key(&a.id, &key, slot(&a.id, &key), t)
+        .find_key(&a.id, &key, tally_store::idempotency_slot(&a.id, &key), t)
         .expect("reads")
         .expect("found");
     assert_eq!((found.first_seq, found.events, found.at_ms), (3, 1, t));
     let unknown = a.key(99);
     assert!(store
-        .find_key(&a.id, &unknown, slot(&a.id, &unknown), t)
+        .find_key(
+            &a.id,
+            &unknown,
+            tally_store::idempotency_slot(&a.id, &unknown),
+            t
+        )
         .expect("reads")
         .is_none());
     // Past the window by the request's clock, before Redis dropped it.
     assert!(store
-        .find_key(&a.id, &key, slot(&a.id, &key), t + RETENTION_MS + 1)
+        .find_key(
+            &a.id,
+            &key,
+            tally_store::idempotency_slot(&a.id, &key),
+            t + RETENTION_MS + 1
+        )
         .expect("reads")
         .is_none());
 
     // Redis drops it by itself (`PX`): gone even for a clock inside the window.
     std::thread::sleep(Duration::from_millis(RETENTION_MS + 500));
     assert!(store
-        .find_key(&a.id, &key, slot(&a.id, &key), t)
+        .find_key(&a.id, &key, tally_store::idempotency_slot(&a.id, &key), t)
         .expect("reads")
         .is_none());
 }
@@ -525,14 +522,7 @@ fn agent_ids_page_in_id_order_and_skip_members_without_a_record() {
 
     // An index member whose create never ran (its script failed after the ZADD).
     let ghost = agent("ids-5a");
-    let client = redis::cluster::ClusterClient::new(
-        nodes
-            .iter()
-            .map(|n| format!("redis://{n}"))
-            .collect::<Vec<_>>(),
-    )
-    .expect("client");
-    let mut conn = client.get_connection().expect("connects");
+    let mut conn = raw_connection(&nodes);
     let _: i64 = redis::cmd("ZADD")
         .arg(format!("tally:agents:{{{}}}", bucket(ghost.as_str())))
         .arg(0)
@@ -625,14 +615,7 @@ fn a_version_that_does_not_match_the_journal_is_corrupt() {
         .apply(vec![a.write(vec![create(), credit(10)], t)])
         .expect("applies");
     // Lose the journal's newest entry behind the store's back.
-    let client = redis::cluster::ClusterClient::new(
-        nodes
-            .iter()
-            .map(|n| format!("redis://{n}"))
-            .collect::<Vec<_>>(),
-    )
-    .expect("client");
-    let mut conn = client.get_connection().expect("connects");
+    let mut conn = raw_connection(&nodes);
     let _: Option<Vec<u8>> = redis::cmd("RPOP")
         .arg(format!("tally:{{{}}}:j", a.id.as_str()))
         .query(&mut conn)
@@ -740,4 +723,17 @@ fn writes_without_shared_mode_state_are_refused() {
         store.feed(Default::default(), 10),
         Err(StoreError::Unsupported(_))
     ));
+}
+
+/// A plain connection to the cluster, to change what the store keeps behind its back.
+fn raw_connection(nodes: &[String]) -> redis::cluster::ClusterConnection {
+    redis::cluster::ClusterClient::new(
+        nodes
+            .iter()
+            .map(|n| format!("redis://{n}"))
+            .collect::<Vec<_>>(),
+    )
+    .expect("client")
+    .get_connection()
+    .expect("connects")
 }
