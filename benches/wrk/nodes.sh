@@ -4,6 +4,7 @@
 # appendonly yes, appendfsync always), in one run, same wrk script, same agents.
 #   benches/wrk/nodes.sh
 #   DURATION=20s CONNECTIONS=64 AGENTS=256 WAIT_REPLICAS=1 benches/wrk/nodes.sh
+#   TALLY_BIN=/path/to/other/tally benches/wrk/nodes.sh    # an A/B against another build
 # With N nodes, N wrk processes run at once, one per node with CONNECTIONS/N connections
 # each (wrk has one target): req/s is their sum, p99 the largest of their p99s (an upper
 # bound of the p99 of all requests). After each run the agents' balances must show exactly
@@ -15,9 +16,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 # shellcheck source=lib.sh
 source "$ROOT/benches/wrk/lib.sh"
-[[ -n ${PREBUILT:-} ]] || cargo build --quiet --release -p tally-server --bin tally \
+[[ -n ${PREBUILT:-}${TALLY_BIN:-} ]] || cargo build --quiet --release -p tally-server --bin tally \
   --manifest-path "$ROOT/Cargo.toml"
-BIN="$ROOT/target/release/tally"
+BIN="${TALLY_BIN:-$ROOT/target/release/tally}"
 WAIT_REPLICAS="${WAIT_REPLICAS:-0}"
 export REDIS_CLUSTER_PORT_BASE="${REDIS_CLUSTER_PORT_BASE:-7100}"
 export REDIS_CLUSTER_DIR="$WORK/redis-cluster"
