@@ -353,6 +353,9 @@ fn remember_refundable(
     if s.refundable.len() == REFUNDABLE_DEBITS_MAX {
         s.refundable.pop_front();
     }
+    grant::reserve_one!(s.refundable);
+    let mut draws = draws;
+    draws.shrink_to_fit();
     s.refundable.push_back(Refundable {
         seq,
         remaining_micros: amount_micros,

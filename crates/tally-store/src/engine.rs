@@ -1,7 +1,7 @@
 //! The engine's public face: open and recover a store, submit commands to the shard that
 //! owns the agent, read agents, journals and usage, shut down cleanly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -21,7 +21,7 @@ use crate::grant_sweep::GrantSweeper;
 use crate::idem::Index;
 use crate::metrics::EngineMetrics;
 use crate::recovery::{load_agent, recover};
-use crate::shard::{run_committer, Job, Shard, Shared, Slot};
+use crate::shard::{run_committer, Job, Shard, Shared, Slot, Slots};
 use crate::sled_store::{SledStorage, StoreOptions};
 use crate::storage::{FeedCursor, FeedPage, Storage};
 
@@ -245,7 +245,7 @@ impl Engine {
             .open_holds
             .set(resident.iter().map(|a| a.holds.len() as i64).sum());
         let cache_keys_max = config.idempotency_memory_keys_max.div_ceil(n);
-        let mut slots: Vec<HashMap<AgentId, Slot>> = (0..n).map(|_| HashMap::new()).collect();
+        let mut slots: Vec<Slots> = (0..n).map(|_| Slots::new()).collect();
         let indexes: Vec<Index> = (0..n)
             .map(|_| Index::new(config.idempotency_retention_ms, cache_keys_max))
             .collect();

@@ -228,15 +228,20 @@ pub(crate) struct Slot {
     stored_rate: Option<RateState>,
 }
 
+/// The records a shard holds in memory. Boxed: a `Slot` is ~360 bytes and a hash table
+/// keeps between 1/8 and 1/2 of its buckets empty, which inline slots paid in full (a
+/// million-agent run measured ~40 MiB of empty buckets at the default record cache).
+pub(crate) type Slots = HashMap<AgentId, Box<Slot>>;
+
 impl Slot {
-    pub fn new(state: AgentState) -> Self {
-        Self {
+    pub fn new(state: AgentState) -> Box<Self> {
+        Box::new(Self {
             state: Some(state),
             rate: RateState::default(),
             dirty_since_ms: None,
             referenced: false,
             stored_rate: None,
-        }
+        })
     }
 
     /// Whether the record may leave memory once its checkpoint is applied: loading it
@@ -307,7 +312,7 @@ impl Run {
 
 pub(crate) struct Shard {
     shared: Arc<Shared>,
-    agents: HashMap<AgentId, Slot>,
+    agents: Slots,
     /// The agents in memory, in the order the clock visits them.
     clock: VecDeque<AgentId>,
     /// Most records in memory (see the module's note for what may exceed it).
@@ -336,7 +341,7 @@ pub(crate) struct Shard {
 impl Shard {
     pub fn new(
         shared: Arc<Shared>,
-        agents: HashMap<AgentId, Slot>,
+        agents: Slots,
         cached_max: usize,
         (index, index_keys_max): (Index, usize),
         rx: Receiver<Job>,
@@ -713,12 +718,14 @@ impl Shard {
                     self.shared.metrics.agents.inc();
                 }
                 self.clock.push_back(agent.clone());
-                self.agents.entry(agent.clone()).or_insert(Slot {
-                    state: None,
-                    rate: RateState::default(),
-                    dirty_since_ms: None,
-                    referenced: true,
-                    stored_rate: None,
+                self.agents.entry(agent.clone()).or_insert_with(|| {
+                    Box::new(Slot {
+                        state: None,
+                        rate: RateState::default(),
+                        dirty_since_ms: None,
+                        referenced: true,
+                        stored_rate: None,
+                    })
                 })
             }
             None => {

@@ -118,8 +118,11 @@ const KEY_MAINTENANCE_INTERVAL_MS: u64 = 1_000;
 /// Idempotency keys on disk, at most, unless configured.
 pub const IDEMPOTENCY_KEYS_MAX_DEFAULT: u64 = 100_000_000;
 /// Keys held in memory by the key index's buffer (and by the shards' caches), unless
-/// configured.
-pub const IDEMPOTENCY_MEMORY_KEYS_MAX_DEFAULT: usize = 262_144;
+/// configured. Three quarters of 2^18 on purpose: the shards' caches split their keys over
+/// 64 hash maps (3,072 each on one shard) and the buffer is one map, and a hash map
+/// doubles its buckets past 7/8 full, so at 2^18 every map had just doubled and was half
+/// empty. Measured with `million_agents`: ~70 MiB less RSS than 262,144 keys.
+pub const IDEMPOTENCY_MEMORY_KEYS_MAX_DEFAULT: usize = 196_608;
 
 /// How a store is opened: where, and its bounds.
 #[derive(Debug, Clone)]

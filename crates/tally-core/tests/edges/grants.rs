@@ -377,3 +377,28 @@ fn evolve_rejects_a_wrong_promotional_part_and_replays_older_unsplit_spends() {
     assert_eq!(from_split.debited_promotional_total_micros, 30);
     assert_eq!(seq, split.seq);
 }
+
+#[test]
+fn a_record_with_one_credit_and_a_few_debits_holds_no_spare_room() {
+    // Every cached agent record pays for its collections' spare capacity; from empty the
+    // standard growth reserves four grants, four refundable debits and four draws each.
+    let mut l = Ledger::new("open", T0);
+    l.credit(1_000, T0);
+    l.debit(1, T0);
+    let s = l.state();
+    assert_eq!((s.grants.len(), s.grants.capacity()), (1, 1));
+    assert_eq!((s.refundable.len(), s.refundable.capacity()), (1, 1));
+    assert_eq!(s.refundable[0].draws.capacity(), 1);
+    for n in 2..=3 {
+        l.debit(1, T0);
+        assert_eq!(l.state().refundable.capacity(), n, "exact while small");
+    }
+    // Past four the usual doubling keeps a busy agent's pushes cheap.
+    for _ in 0..6 {
+        l.debit(1, T0);
+    }
+    let s = l.state();
+    assert_eq!(s.refundable.len(), 9);
+    assert!(s.refundable.capacity() >= 9);
+    assert_eq!(s.balance_micros, 1_000 - 9);
+}
