@@ -8,13 +8,15 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::de::DeserializeOwned;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 use tally_core::{AgentId, Command, CommandKind};
 
 use crate::app::AppState;
 use crate::auth::{Need, Role};
 use crate::dto::{
-    parse_hold_id, receipt_json, CaptureBody, CreditBody, DebitBody, HoldBody, RefundBody, VoidBody,
+    parse_hold_id, receipt_json, CaptureBody, CreditBody, DebitBody, HoldBody, ReceiptJson,
+    RefundBody, VoidBody,
 };
 use crate::extract::{check_json_content_type, idempotency_key, parse_json, too_large};
 use crate::problem::Problem;
@@ -41,13 +43,13 @@ pub async fn batch(State(st): State<AppState>, req: Request) -> Result<Response,
     let bytes = axum::body::to_bytes(req.into_body(), limit)
         .await
         .map_err(|_| too_large(limit))?;
-    let body: Map<String, Value> = parse_json(&st, &bytes)?;
+    let mut body: Map<String, Value> = parse_json(&st, &bytes)?;
     if let Some(k) = body.keys().find(|k| *k != "items") {
         return Err(Problem::invalid(format!(
             "unknown field {k:?}: a batch is {{\"items\": [...]}}"
         )));
     }
-    let Some(Value::Array(items)) = body.get("items") else {
+    let Some(Value::Array(items)) = body.remove("items") else {
         return Err(Problem::invalid(
             "a batch is {\"items\": [...]}, an array of items",
         ));
@@ -65,66 +67,112 @@ pub async fn batch(State(st): State<AppState>, req: Request) -> Result<Response,
     if items.is_empty() {
         return Err(Problem::invalid("a batch needs at least one item"));
     }
-    let prepared: Vec<Result<Prepared, Problem>> =
-        items.iter().map(|item| prepare(&st, role, item)).collect();
+    let prepared: Vec<Result<Prepared, Problem>> = items
+        .into_iter()
+        .map(|item| prepare(&st, role, item))
+        .collect();
     let cmds: Vec<Command> = prepared
         .iter()
         .filter_map(|p| p.as_ref().ok().map(|p| p.cmd.clone()))
         .collect();
     let engine = st.engine()?;
     let mut results = engine.submit_many(cmds).await.into_iter();
-    let mut answers = Vec::with_capacity(prepared.len());
-    for p in prepared {
+    let mut items = Vec::with_capacity(prepared.len());
+    for p in &prepared {
         let answer = match p {
-            Err(problem) => problem_item(&problem),
+            Err(problem) => problem_item(problem),
             Ok(p) => match results.next() {
-                Some(result) => answer_item(&p, classify(&st, &p.cmd, result)),
+                Some(result) => answer_item(p, classify(&st, &p.cmd, result)),
                 None => problem_item(&Problem::invalid("no answer for this item")),
             },
         };
-        answers.push(answer);
+        items.push(answer);
     }
     Ok(json_response(
         StatusCode::OK,
-        json!({ "items": answers }),
+        BatchAnswer { items },
         None,
         false,
     ))
 }
 
-fn problem_item(p: &Problem) -> Value {
-    json!({"status": p.status.as_u16(), "problem": p.to_json()})
+/// One item's answer, serialized straight into the response: building each as a
+/// `serde_json::Value` map and serializing that was a fifth of the batch route's CPU
+/// (profiled with 100-debit batches). Fields in alphabetical order, the order `json!`
+/// objects serialize in, so the bytes are those of the maps this replaced.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ItemAnswer<'a> {
+    Applied {
+        receipt: ReceiptJson<'a>,
+        replayed: bool,
+        status: u16,
+    },
+    Check {
+        result: CheckResult,
+        status: u16,
+    },
+    Problem {
+        problem: Value,
+        status: u16,
+    },
 }
 
-fn answer_item(p: &Prepared, outcome: Result<Success, Problem>) -> Value {
+/// The `result` of an approved `check` item.
+#[derive(Serialize)]
+struct CheckResult {
+    allowed: bool,
+    amount_micros: u64,
+    balance_micros: u64,
+}
+
+#[derive(Serialize)]
+struct BatchAnswer<'a> {
+    items: Vec<ItemAnswer<'a>>,
+}
+
+fn problem_item(p: &Problem) -> ItemAnswer<'static> {
+    ItemAnswer::Problem {
+        problem: p.to_json(),
+        status: p.status.as_u16(),
+    }
+}
+
+fn answer_item(p: &Prepared, outcome: Result<Success, Problem>) -> ItemAnswer<'_> {
     match outcome {
         Err(problem) => problem_item(&problem),
         Ok(Success::Applied {
             receipt, replayed, ..
-        }) => json!({
-            "status": p.status.as_u16(),
-            "replayed": replayed,
-            "receipt": receipt_json(&p.cmd.agent, p.kind, &receipt),
-        }),
+        }) => ItemAnswer::Applied {
+            receipt: receipt_json(&p.cmd.agent, p.kind, &receipt),
+            replayed,
+            status: p.status.as_u16(),
+        },
         Ok(Success::WouldApprove {
             amount_micros,
             balance_micros,
             ..
-        }) => json!({
-            "status": 200,
-            "result": {"allowed": true, "amount_micros": amount_micros, "balance_micros": balance_micros},
-        }),
+        }) => ItemAnswer::Check {
+            result: CheckResult {
+                allowed: true,
+                amount_micros,
+                balance_micros,
+            },
+            status: 200,
+        },
     }
 }
 
 /// The item's body fields (all but the envelope's), as the single route's body type.
-fn fields<T: DeserializeOwned>(item: &Map<String, Value>) -> Result<T, Problem> {
-    let rest: Map<String, Value> = item
-        .iter()
-        .filter(|(k, _)| !ENVELOPE_FIELDS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    serde_json::from_value(Value::Object(rest)).map_err(|e| Problem::invalid(e.to_string()))
+fn fields<T: DeserializeOwned>(body: Map<String, Value>) -> Result<T, Problem> {
+    serde_json::from_value(Value::Object(body)).map_err(|e| Problem::invalid(e.to_string()))
+}
+
+/// Splits an item into its envelope fields and the rest (the single route's body), moving
+/// the values rather than copying them.
+fn split(item: Map<String, Value>) -> (Map<String, Value>, Map<String, Value>) {
+    item.into_iter()
+        .partition(|(k, _)| ENVELOPE_FIELDS.contains(&k.as_str()))
 }
 
 fn text<'a>(item: &'a Map<String, Value>, name: &str) -> Result<&'a str, Problem> {
@@ -146,10 +194,12 @@ fn hold(item: &Map<String, Value>) -> Result<(AgentId, u64), Problem> {
 
 /// Builds the item's command as its single route would, or the problem that route would
 /// answer for a bad request (400, 403, 404).
-fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem> {
+fn prepare(st: &AppState, role: Role, item: Value) -> Result<Prepared, Problem> {
     let Value::Object(item) = item else {
         return Err(Problem::invalid("an item is an object"));
     };
+    let (envelope, body) = split(item);
+    let item = &envelope;
     let op = text(item, "op")?;
     let needs_key = op != "check";
     let key = match item.get("idempotency_key") {
@@ -176,7 +226,7 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
     }
     let (cmd, status, kind) = match op {
         "debit" => {
-            let body: DebitBody = fields(item)?;
+            let body: DebitBody = fields(body)?;
             let kind = CommandKind::Debit {
                 amount_micros: body.amount_micros,
             };
@@ -187,7 +237,7 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
             )
         }
         "check" => {
-            let body: DebitBody = fields(item)?;
+            let body: DebitBody = fields(body)?;
             let kind = CommandKind::Check {
                 amount_micros: body.amount_micros,
             };
@@ -198,7 +248,7 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
             )
         }
         "credit" => {
-            let body: CreditBody = fields(item)?;
+            let body: CreditBody = fields(body)?;
             let mut cmd = Command::new(
                 agent(item)?,
                 CommandKind::Credit {
@@ -209,7 +259,7 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
             (cmd, StatusCode::CREATED, "credit")
         }
         "hold" => {
-            let body: HoldBody = fields(item)?;
+            let body: HoldBody = fields(body)?;
             let kind = CommandKind::Hold {
                 amount_micros: body.amount_micros,
                 ttl_ms: body.ttl_ms,
@@ -220,7 +270,7 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
             (cmd, StatusCode::CREATED, "hold")
         }
         "capture" => {
-            let body: CaptureBody = fields(item)?;
+            let body: CaptureBody = fields(body)?;
             let (id, hold_seq) = hold(item)?;
             let kind = CommandKind::Capture {
                 hold_seq,
@@ -229,7 +279,7 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
             (Command::new(id, kind), StatusCode::OK, "capture")
         }
         "void" => {
-            let _: VoidBody = fields(item)?;
+            let _: VoidBody = fields(body)?;
             let (id, hold_seq) = hold(item)?;
             (
                 Command::new(id, CommandKind::Void { hold_seq }),
@@ -238,7 +288,7 @@ fn prepare(st: &AppState, role: Role, item: &Value) -> Result<Prepared, Problem>
             )
         }
         "refund" => {
-            let body: RefundBody = fields(item)?;
+            let body: RefundBody = fields(body)?;
             let kind = CommandKind::Refund {
                 debit_seq: body.debit_seq,
                 amount_micros: body.amount_micros,
