@@ -49,10 +49,11 @@ pub struct EngineConfig {
     pub usage_scan_entries_max: u64,
 }
 
-/// Default of [`EngineConfig::agents_cached_max`]: ~150 MiB of RSS, and what keeps a
+/// Default of [`EngineConfig::agents_cached_max`]: ~115 MiB of RSS, and what keeps a
 /// million agents inside the 512 MiB that `benches/src/bin/million_agents.rs` measures
-/// against.
-pub const AGENTS_CACHED_MAX_DEFAULT: usize = 131_072;
+/// against. Three quarters of 2^17, like the idempotency key bound: a shard's map of
+/// records doubles its buckets past 7/8 full, so 2^17 records paid for 2^18 buckets.
+pub const AGENTS_CACHED_MAX_DEFAULT: usize = 98_304;
 
 /// Default of [`EngineConfig::sled_cache_bytes`]. The write-ahead log answers commits, so
 /// sled's cache serves only the indexer and first loads of agents; sled holds about twice

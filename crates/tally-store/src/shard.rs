@@ -497,6 +497,8 @@ impl Shard {
     /// which answers 503 if that fails too.
     fn prefetch(&mut self, jobs: &[Job]) {
         let mut ids = Vec::new();
+        // A run holds up to `batch_size_max` jobs: a set, not a scan of `ids`, per job.
+        let mut seen = HashSet::new();
         let mut lookups = Vec::new();
         for job in jobs {
             let (id, key) = match job {
@@ -504,7 +506,7 @@ impl Shard {
                 Job::Agent { id, .. } => (id, None),
                 Job::Shutdown => continue,
             };
-            if !ids.contains(id) {
+            if seen.insert(id) {
                 ids.push(id.clone());
             }
             if let Some(key) = key {

@@ -21,14 +21,24 @@ impl Proc {
     }
 }
 
+/// A test that panics before it kills its server must not leave `tally serve` running
+/// after the test binary exits (found: leftover servers from failed runs).
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// `tally serve` over `dir`; with `admin_token`, that token (by its SHA-256) is the admin.
-// The child is handed to the caller, who kills and waits for it.
-#[allow(clippy::zombie_processes)]
 pub fn spawn(dir: &Path, admin_token: Option<&str>) -> Proc {
     spawn_with(dir, admin_token, &[])
 }
 
-/// [`spawn`] with more environment (`TALLY_STORAGE`, say).
+/// [`spawn`] with more environment (`TALLY_STORAGE`, say). The child is killed and reaped
+/// when the returned [`Proc`] drops, if the test did not do so itself.
 #[allow(clippy::zombie_processes)]
 pub fn spawn_with(dir: &Path, admin_token: Option<&str>, env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
