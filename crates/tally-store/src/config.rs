@@ -24,7 +24,7 @@ pub struct EngineConfig {
     /// first and the effective window shortens (a metric, a log line and `/readyz` say so).
     pub idempotency_keys_max: u64,
     /// Keys held exactly in memory: the shards' caches of recent keys share this bound,
-    /// and the key index's write buffer has it too (~100 bytes a key each). Older keys
+    /// and the key index's write buffer has it too (~200 bytes of RSS a key together). Older keys
     /// are found on disk through filters of ~2 bytes a key.
     pub idempotency_memory_keys_max: usize,
     /// Sweep for expired holds and credit grants, and grant expiry warnings due, this
