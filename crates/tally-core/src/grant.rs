@@ -90,7 +90,7 @@ pub struct Grant {
 /// An agent's live grants by id, in id order. A sorted vector rather than a `BTreeMap`:
 /// an agent holds a few grants (most often one, its plain credit), and a map's first
 /// node reserves room for eleven, ~600 bytes in every cached agent record (75 MiB at the
-/// default cache of 131,072 agents). Encoded exactly as the map it replaced, so stored
+/// then-default cache of 131,072 agents). Encoded exactly as the map it replaced, so stored
 /// records read the same.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(from = "BTreeMap<u64, Grant>")]
@@ -389,8 +389,8 @@ pub(crate) fn lapsing<'a>(
 
 /// Room for one more element in a `Vec` or `VecDeque`, growing one at a time while it
 /// holds fewer than four: a cached agent record holds a few grants and refundable debits,
-/// and the standard growth from empty reserves four of each (~500 bytes a record across
-/// a cache of 131,072). Past four the growth doubles as usual, so a busy agent's pushes
+/// and the standard growth from empty reserves four of each (~500 bytes a record, ~50 MiB
+/// across the default record cache). Past four the growth doubles as usual, so a busy agent's pushes
 /// stay amortized O(1).
 macro_rules! reserve_one {
     ($c:expr) => {

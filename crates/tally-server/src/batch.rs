@@ -97,7 +97,7 @@ pub async fn batch(State(st): State<AppState>, req: Request) -> Result<Response,
 }
 
 /// One item's answer, serialized straight into the response: building each as a
-/// `serde_json::Value` map and serializing that was a fifth of the batch route's CPU
+/// `serde_json::Value` map and serializing that was about a quarter of the server's CPU
 /// (profiled with 100-debit batches). Fields in alphabetical order, the order `json!`
 /// objects serialize in, so the bytes are those of the maps this replaced.
 #[derive(Serialize)]

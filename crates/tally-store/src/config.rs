@@ -24,8 +24,8 @@ pub struct EngineConfig {
     /// first and the effective window shortens (a metric, a log line and `/readyz` say so).
     pub idempotency_keys_max: u64,
     /// Keys held exactly in memory: the shards' caches of recent keys share this bound,
-    /// and the key index's write buffer has it too (~200 bytes of RSS a key together). Older keys
-    /// are found on disk through filters of ~2 bytes a key.
+    /// and the key index's write buffer has it too (~200 bytes of RSS a key together).
+    /// Older keys are found on disk through filters of ~2 bytes a key.
     pub idempotency_memory_keys_max: usize,
     /// Sweep for expired holds and credit grants, and grant expiry warnings due, this
     /// often: the shards for the agents in memory, the grant sweep (`grant_sweep.rs`) for
@@ -38,11 +38,11 @@ pub struct EngineConfig {
     pub index_backlog_bytes_max: usize,
     /// Agent records held in memory, over all shards (each shard holds its share: ~650
     /// bytes a record of one grant and a few debits, ~1.2 KB of RSS with the allocator's
-    /// overhead, measured with `million_agents`). Others are loaded from the store on first use; a record leaves
-    /// memory only with its checkpoint written and nothing that needs it in memory: no open
-    /// hold (the hold sweep finds holds in memory), no rate-limit state still running and
-    /// no grant expiry warning due within the plans' longest `grant_expiring_within_ms`.
-    /// Such agents can therefore keep more than this resident.
+    /// overhead, measured with `million_agents`). Others are loaded from the store on first
+    /// use; a record leaves memory only with its checkpoint written and nothing that needs
+    /// it in memory: no open hold (the hold sweep finds holds in memory), no rate-limit
+    /// state still running and no grant expiry warning due within the plans' longest
+    /// `grant_expiring_within_ms`. Such agents can therefore keep more than this resident.
     pub agents_cached_max: usize,
     /// Journal entries one usage request reads at most: usage of a period far back in a
     /// busy agent's journal is refused (`SubmitError::ScanTooLarge`) rather than read whole.
