@@ -31,12 +31,16 @@ pub enum Priority {
 }
 
 /// Free-form labels kept in the journal with the change (bounded in count and size).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(
-    try_from = "BTreeMap<String, String>",
-    into = "BTreeMap<String, String>"
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "BTreeMap<String, String>")]
 pub struct Metadata(BTreeMap<String, String>);
+
+// By hand rather than `into`, which would clone the map to write it; same bytes.
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
 
 impl Metadata {
     pub fn new(entries: BTreeMap<String, String>) -> Result<Self, ValidationError> {

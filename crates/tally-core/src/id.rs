@@ -48,9 +48,17 @@ fn check(
 macro_rules! validated_string {
     ($(#[$doc:meta])* $name:ident, $field:literal, $len_max:expr, $allowed:expr, $ok:expr) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+        #[serde(try_from = "String")]
         pub struct $name(String);
+
+        // By hand rather than `into = "String"`, which clones the string to write it;
+        // the bytes are the same (a string).
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
 
         impl $name {
             pub fn new(value: impl Into<String>) -> Result<Self, ValidationError> {

@@ -695,7 +695,13 @@ impl KeyIndex {
             }
             #[cfg(feature = "sim")]
             crate::sim::before(crate::sim::Op::KeysFlush)?;
-            let taken = Arc::new(std::mem::take(&mut buffer.keys));
+            // Sized as the last fill: grown from empty, the buffer spent ~3 % of batched
+            // debits' CPU rehashing. Pages not written are not resident.
+            let room = buffer.keys.len();
+            let taken = Arc::new(std::mem::replace(
+                &mut buffer.keys,
+                HashMap::with_capacity(room),
+            ));
             buffer.flushing = Some(Arc::clone(&taken));
             taken
         };

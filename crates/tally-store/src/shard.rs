@@ -279,18 +279,33 @@ struct Run {
 }
 
 impl Run {
+    /// A run whose agent map has the room of an earlier run's (see [`Shard::commit`]).
+    fn with_room(by_agent: HashMap<AgentId, usize>) -> Self {
+        debug_assert!(by_agent.is_empty());
+        Run {
+            by_agent,
+            ..Run::default()
+        }
+    }
+
     fn write_for(&mut self, agent: &AgentId, expected_seq: u64) -> &mut AgentWrite {
-        let i = *self.by_agent.entry(agent.clone()).or_insert_with(|| {
-            self.writes.push(AgentWrite {
-                rate: None,
-                rate_before: None,
-                agent: agent.clone(),
-                expected_seq,
-                events: Vec::new(),
-                checkpoint: None,
-            });
-            self.writes.len() - 1
-        });
+        // Looked up before inserting: most commands of a run are for an agent it has
+        // already, and an entry would clone the id first.
+        let i = match self.by_agent.get(agent) {
+            Some(&i) => i,
+            None => {
+                self.writes.push(AgentWrite {
+                    rate: None,
+                    rate_before: None,
+                    agent: agent.clone(),
+                    expected_seq,
+                    events: Vec::new(),
+                    checkpoint: None,
+                });
+                self.by_agent.insert(agent.clone(), self.writes.len() - 1);
+                self.writes.len() - 1
+            }
+        };
         &mut self.writes[i]
     }
 
@@ -336,6 +351,8 @@ pub(crate) struct Shard {
     last_sweep_ms: u64,
     last_checkpoint_scan_ms: u64,
     reported_index_len: i64,
+    /// The last run's agent map, emptied, for the next run's (see [`Run::with_room`]).
+    spare_by_agent: HashMap<AgentId, usize>,
 }
 
 impl Shard {
@@ -367,6 +384,7 @@ impl Shard {
             last_sweep_ms: 0,
             last_checkpoint_scan_ms: 0,
             reported_index_len: 0,
+            spare_by_agent: HashMap::new(),
         }
         .with_index_reported()
     }
@@ -401,7 +419,7 @@ impl Shard {
                 }
                 continue;
             }
-            let mut run = Run::default();
+            let mut run = Run::with_room(std::mem::take(&mut self.spare_by_agent));
             for job in jobs.drain(..) {
                 match job {
                     Job::Submit { cmd, reply } => self.submit(cmd, reply, &mut run),
@@ -430,7 +448,7 @@ impl Shard {
         while !todo.is_empty() {
             self.forget_all();
             self.prefetch(&todo);
-            let mut run = Run::default();
+            let mut run = Run::with_room(std::mem::take(&mut self.spare_by_agent));
             let mut held = Vec::with_capacity(todo.len());
             for job in todo.drain(..) {
                 match job {
@@ -755,7 +773,12 @@ impl Shard {
             run.checkpoints.insert(agent.clone());
         }
         run.events += events.len();
-        run.write_for(agent, expected_seq).events.extend(events);
+        let write = run.write_for(agent, expected_seq);
+        if write.events.is_empty() {
+            write.events = events;
+        } else {
+            write.events.extend(events);
+        }
         Ok(())
     }
 
@@ -986,6 +1009,10 @@ impl Shard {
     /// Applies the run's writes in one batch and queues its answers for the group commit.
     fn commit(&mut self, mut run: Run) {
         self.report_index_len();
+        run.by_agent.clear();
+        // A sweep may have written many agents' checkpoints; jobs are at most a batch.
+        run.by_agent.shrink_to(self.shared.config.batch_size_max);
+        self.spare_by_agent = std::mem::take(&mut run.by_agent);
         if run.writes.is_empty() && run.replies.is_empty() {
             return;
         }
