@@ -85,6 +85,8 @@ async fn open_only(args: &Args, dir: &std::path::Path) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // As `tally serve` does: the figures are the server's.
+    tally_store::disable_transparent_huge_pages();
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     if args.open_only {

@@ -161,6 +161,7 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tally_store::disable_transparent_huge_pages();
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),

@@ -19,6 +19,7 @@ mod error;
 mod grant_sweep;
 mod idem;
 mod keyindex;
+mod memory;
 mod metrics;
 mod recovery;
 mod redis_store;
@@ -42,6 +43,7 @@ pub use grant_sweep::{GRANT_SWEEP_PAGES_PER_PASS_MAX, GRANT_SWEEP_PAGE_MAX};
 pub use idem::slot as idempotency_slot;
 #[doc(hidden)]
 pub use keyindex::preload_for_bench;
+pub use memory::disable_transparent_huge_pages;
 pub use metrics::EngineMetrics;
 pub use redis_store::{
     RedisOptions, RedisStorage, APPLY_SCRIPT, INDEX_BUCKETS,
