@@ -1837,19 +1837,24 @@ mod tests {
         assert_reads(&store, &id, &events);
     }
 
+    /// The agent's write of `events`, which continue its journal.
+    fn write_of(agent: &AgentId, events: &[Event]) -> AgentWrite {
+        AgentWrite {
+            rate: None,
+            rate_before: None,
+            agent: agent.clone(),
+            expected_seq: events[0].seq - 1,
+            events: events.to_vec(),
+            checkpoint: None,
+        }
+    }
+
     #[test]
     fn overlay_reads_copy_at_most_their_limit() {
         let (id, events, _) = journal_of(1_000);
         let mut older = Pending::default();
         let mut newer = Pending::default();
-        let write = |events: &[Event]| AgentWrite {
-            rate: None,
-            rate_before: None,
-            agent: id.clone(),
-            expected_seq: events[0].seq - 1,
-            events: events.to_vec(),
-            checkpoint: None,
-        };
+        let write = |events: &[Event]| write_of(&id, events);
         older.add(write(&events[..600]), 1, 0);
         newer.add(write(&events[600..]), 2, 0);
         let parts = || [&older, &newer].into_iter();
@@ -1863,14 +1868,7 @@ mod tests {
     #[test]
     fn a_merge_moves_everything_and_leaves_its_source_empty_with_bounded_room() {
         let (id, events, _) = journal_of(30);
-        let write = |events: &[Event]| AgentWrite {
-            rate: None,
-            rate_before: None,
-            agent: id.clone(),
-            expected_seq: events[0].seq - 1,
-            events: events.to_vec(),
-            checkpoint: None,
-        };
+        let write = |events: &[Event]| write_of(&id, events);
         let mut pending = Pending::default();
         let mut synced = Pending::default();
         synced.add(write(&events[..10]), 1, 100);
