@@ -7,10 +7,14 @@
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::Response;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tally_core::{AgentId, Command, CommandKind};
+use tally_core::{AgentId, Command, CommandKind, Metadata, Priority, TaskType};
 
 use crate::app::AppState;
 use crate::auth::{Need, Role};
@@ -43,13 +47,18 @@ pub async fn batch(State(st): State<AppState>, req: Request) -> Result<Response,
     let bytes = axum::body::to_bytes(req.into_body(), limit)
         .await
         .map_err(|_| too_large(limit))?;
-    let mut body: Map<String, Value> = parse_json(&st, &bytes)?;
+    // Items stay raw text until each is parsed on its own (see `prepare_debit`). The map
+    // is ordered as `serde_json::Map` is, so the unknown field named is the same.
+    let mut body: BTreeMap<String, &RawValue> = parse_json(&st, &bytes)?;
     if let Some(k) = body.keys().find(|k| *k != "items") {
         return Err(Problem::invalid(format!(
             "unknown field {k:?}: a batch is {{\"items\": [...]}}"
         )));
     }
-    let Some(Value::Array(items)) = body.remove("items") else {
+    let Some(Ok(items)) = body
+        .remove("items")
+        .map(|raw| serde_json::from_str::<Vec<&RawValue>>(raw.get()))
+    else {
         return Err(Problem::invalid(
             "a batch is {\"items\": [...]}, an array of items",
         ));
@@ -69,7 +78,14 @@ pub async fn batch(State(st): State<AppState>, req: Request) -> Result<Response,
     }
     let prepared: Vec<Result<Prepared, Problem>> = items
         .into_iter()
-        .map(|item| prepare(&st, role, item))
+        .map(|raw| match prepare_debit(&st, raw) {
+            Some(debit) => Ok(debit),
+            None => serde_json::from_str(raw.get())
+                // Raw items are well-formed JSON, but only a full parse checks that
+                // each number fits (`1e400` does not).
+                .map_err(|e| Problem::invalid(format!("invalid item: {e}")))
+                .and_then(|item| prepare(&st, role, item)),
+        })
         .collect();
     let cmds: Vec<Command> = prepared
         .iter()
@@ -190,6 +206,52 @@ fn agent(item: &Map<String, Value>) -> Result<AgentId, Problem> {
 fn hold(item: &Map<String, Value>) -> Result<(AgentId, u64), Problem> {
     let raw = text(item, "hold_id")?;
     parse_hold_id(raw).ok_or_else(|| Problem::not_found(format!("no hold {raw:?}")))
+}
+
+/// A debit item with nothing unusual about it, the bulk of what batches carry: parsed
+/// straight into its fields. Building a `serde_json::Value` map of each item and then its
+/// body type from a second map was ~8 % of the server's CPU (100-debit batches).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DebitItem<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow)]
+    agent_id: Cow<'a, str>,
+    #[serde(borrow)]
+    idempotency_key: Cow<'a, str>,
+    amount_micros: u64,
+    task_type: Option<TaskType>,
+    #[serde(default)]
+    priority: Priority,
+    #[serde(default)]
+    metadata: Metadata,
+}
+
+/// The item as a debit when it is one that [`prepare`] would accept; `None` for anything
+/// else (another op, an unknown or repeated field, a bad value), which `prepare` then
+/// answers, so that every problem is worded by one path.
+fn prepare_debit(st: &AppState, raw: &RawValue) -> Option<Prepared> {
+    let item: DebitItem = serde_json::from_str(raw.get()).ok()?;
+    if item.op != "debit" {
+        return None;
+    }
+    let agent = AgentId::new(item.agent_id.as_ref()).ok()?;
+    let key = idempotency_key(&item.idempotency_key, st.limits().idempotency_key_len_max).ok()?;
+    let body = DebitBody {
+        amount_micros: item.amount_micros,
+        task_type: item.task_type,
+        priority: item.priority,
+        metadata: item.metadata,
+    };
+    let kind = CommandKind::Debit {
+        amount_micros: body.amount_micros,
+    };
+    Some(Prepared {
+        cmd: spend_command(agent, kind, body).with_key(key),
+        status: StatusCode::CREATED,
+        kind: "debit",
+    })
 }
 
 /// Builds the item's command as its single route would, or the problem that route would

@@ -107,7 +107,10 @@ async fn read_body(req: Request, st: &AppState) -> Result<(HeaderMap, Bytes), Pr
     Ok((headers, bytes))
 }
 
-pub(crate) fn parse_json<T: DeserializeOwned>(st: &AppState, bytes: &[u8]) -> Result<T, Problem> {
+pub(crate) fn parse_json<'a, T: serde::Deserialize<'a>>(
+    st: &AppState,
+    bytes: &'a [u8],
+) -> Result<T, Problem> {
     let depth_max = st.limits().json_depth_max;
     if json_depth_exceeds(bytes, depth_max) {
         return Err(Problem::invalid(format!(

@@ -245,3 +245,65 @@ async fn the_envelope_limits_answer_at_their_edges() {
         "only the 3-item batch moved money"
     );
 }
+
+#[tokio::test]
+async fn a_debit_item_is_the_same_debit_whichever_parse_takes_it() {
+    // Plain debit items are parsed straight into their fields; any other item (here: an
+    // extra envelope field, a repeated field) goes through the general parse. Both must
+    // make the same debit, with the same fields journaled.
+    let s = TestServer::start().await;
+    s.agent("a1", "default", 1_000).await;
+    let fields = r#""op": "debit", "agent_id": "a1", "amount_micros": 5, "task_type": "llm.chat", "priority": "low", "metadata": {"model": "m\u00e9", "run": "7"}"#;
+    let body = format!(
+        r#"{{"items": [
+            {{{fields}, "idempotency_key": "direct"}},
+            {{{fields}, "idempotency_key": "general", "hold_id": "ignored by a debit"}},
+            {{{fields}, "idempotency_key": "esc\u0061ped"}},
+            {{{fields}, "idempotency_key": "repeated", "amount_micros": 5}},
+            {{"op": "debit", "agent_id": "a1", "idempotency_key": "huge", "amount_micros": 1e400}}
+        ]}}"#
+    );
+    let r = s
+        .send(
+            s.http
+                .post(s.url("/v1/batch"))
+                .bearer_auth(SERVICE)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let statuses: Vec<&Value> = (0..4).map(|i| &item(&r, i)["status"]).collect();
+    assert_eq!(statuses, [&json!(201); 4], "{}", r.text);
+    // A number no parse can hold is that item's 400, not the batch's.
+    assert_eq!(item(&r, 4)["status"], 400, "{}", r.text);
+    assert_eq!(
+        item(&r, 4)["problem"]["type"],
+        "urn:tally:problem:invalid-request"
+    );
+    assert_eq!(s.balance("a1").await, 980);
+    let debits: Vec<Value> = s
+        .journal("a1")
+        .await
+        .into_iter()
+        .filter(|e| e["kind"] == "debit")
+        .collect();
+    assert_eq!(debits.len(), 4, "{debits:?}");
+    let keys: Vec<&Value> = debits.iter().map(|e| &e["idempotency_key"]).collect();
+    assert_eq!(
+        keys,
+        ["direct", "general", "escaped", "repeated"],
+        "{debits:?}"
+    );
+    let same = |e: &Value| {
+        let mut e = e.clone();
+        let map = e.as_object_mut().expect("an entry is an object");
+        map.retain(|k, _| !matches!(k.as_str(), "seq" | "idempotency_key" | "balance_micros"));
+        e
+    };
+    for d in &debits[1..] {
+        assert_eq!(same(d), same(&debits[0]));
+    }
+    assert_eq!(debits[0]["task_type"], "llm.chat", "{:?}", debits[0]);
+    assert_eq!(debits[0]["metadata"]["model"], "mé", "{:?}", debits[0]);
+}
