@@ -64,8 +64,23 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     encode_as(RECORD_VERSION, value)
 }
 
+/// Room reserved to encode one journal entry (40–50 bytes, ~110 with an idempotency key)
+/// and one agent record (~150 bytes with one grant). A buffer grown from one byte by each
+/// field's write reallocated several times per entry: ~3 % of batched debits' CPU went to
+/// reallocating and copying.
+const ENTRY_BYTES_HINT: usize = 128;
+const AGENT_BYTES_HINT: usize = 256;
+/// A change-feed entry: lsn, agent id, first seq, count.
+const FEED_ENTRY_BYTES_HINT: usize = 48;
+
 fn encode_as<T: Serialize>(version: u8, value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = vec![version];
+    encode_sized(version, value, 64)
+}
+
+/// [`encode_as`] into a buffer of `room` bytes to begin with (it grows if need be).
+fn encode_sized<T: Serialize>(version: u8, value: &T, room: usize) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(room.min(RECORD_BYTES_MAX));
+    out.push(version);
     bincode::serde::encode_into_std_write(value, &mut out, config())
         .map_err(|e| CodecError::Encode(e.to_string()))?;
     Ok(out)
@@ -98,7 +113,7 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, CodecError> {
 
 /// Encodes consecutive events of one agent as one journal chunk.
 pub fn encode_chunk(events: &[Event]) -> Result<Vec<u8>, CodecError> {
-    encode_as(CHUNK_VERSION, &events)
+    encode_sized(CHUNK_VERSION, &events, events.len() * ENTRY_BYTES_HINT)
 }
 
 /// Decodes a journal value: a chunk, or a single event written by an older build.
@@ -113,7 +128,11 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<Vec<Event>, CodecError> {
 
 /// Encodes a run of change-feed entries (one indexing pass's agent writes, in lsn order).
 pub fn encode_feed(entries: &[FeedEntry]) -> Result<Vec<u8>, CodecError> {
-    encode(&entries)
+    encode_sized(
+        RECORD_VERSION,
+        &entries,
+        entries.len() * FEED_ENTRY_BYTES_HINT,
+    )
 }
 
 /// Decodes a run of change-feed entries.
@@ -123,7 +142,9 @@ pub fn decode_feed(bytes: &[u8]) -> Result<Vec<FeedEntry>, CodecError> {
 
 /// Encodes one agent's writes of a `Storage::apply` as the payload of one WAL record.
 pub fn encode_write(write: &AgentWrite) -> Result<Vec<u8>, CodecError> {
-    let bytes = encode_as(AGENT_VERSION, write)?;
+    let room = write.events.len() * ENTRY_BYTES_HINT
+        + write.checkpoint.as_ref().map_or(0, |_| AGENT_BYTES_HINT);
+    let bytes = encode_sized(AGENT_VERSION, write, room)?;
     // Checked here so that a record too large to read back is never written.
     if bytes.len() > RECORD_BYTES_MAX {
         return Err(CodecError::Encode(format!(
@@ -160,7 +181,7 @@ pub fn decode_u64(bytes: &[u8]) -> Result<u64, CodecError> {
 }
 
 pub fn encode_agent(agent: &AgentState) -> Result<Vec<u8>, CodecError> {
-    encode_as(AGENT_VERSION, agent)
+    encode_sized(AGENT_VERSION, agent, AGENT_BYTES_HINT)
 }
 
 /// Decodes an agent record and checks its invariants again (pair assertion: on write and

@@ -250,6 +250,15 @@ impl Staged {
     }
 }
 
+/// Appends `newer` to `events`, taking its buffer when there is nothing to append to.
+fn append(events: &mut Vec<Event>, mut newer: Vec<Event>) {
+    if events.is_empty() {
+        *events = newer;
+    } else {
+        events.append(&mut newer);
+    }
+}
+
 /// Writes applied but not yet in sled, by agent.
 #[derive(Debug, Default)]
 struct Pending {
@@ -292,7 +301,7 @@ impl Pending {
             .is_none_or(|(a, b)| a.seq + 1 == b.seq));
         self.events += write.events.len();
         self.bytes += bytes;
-        entry.events.extend(write.events);
+        append(&mut entry.events, write.events);
         if write.checkpoint.is_some() {
             entry.checkpoint = write.checkpoint;
         }
@@ -315,7 +324,7 @@ impl Pending {
                 .last()
                 .zip(p.events.first())
                 .is_none_or(|(a, b)| a.seq + 1 == b.seq));
-            entry.events.extend(p.events);
+            append(&mut entry.events, p.events);
             if p.checkpoint.is_some() {
                 entry.checkpoint = p.checkpoint;
             }
