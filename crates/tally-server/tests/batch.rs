@@ -19,6 +19,18 @@ async fn batch(s: &TestServer, token: &str, items: Value) -> Resp {
     .await
 }
 
+/// A batch whose body is `text` as it is, for JSON that `json!` cannot write.
+async fn batch_text(s: &TestServer, text: impl Into<reqwest::Body>) -> Resp {
+    s.send(
+        s.http
+            .post(s.url("/v1/batch"))
+            .bearer_auth(SERVICE)
+            .header("content-type", "application/json")
+            .body(text),
+    )
+    .await
+}
+
 fn item(r: &Resp, i: usize) -> &Value {
     &r.body["items"][i]
 }
@@ -228,16 +240,9 @@ async fn the_envelope_limits_answer_at_their_edges() {
         .await;
     r.assert_problem(413, "body-too-large");
     for bad in ["{\"items\": [}", "{\"things\": []}", "[]"] {
-        let r = s
-            .send(
-                s.http
-                    .post(s.url("/v1/batch"))
-                    .bearer_auth(SERVICE)
-                    .header("content-type", "application/json")
-                    .body(bad),
-            )
-            .await;
-        r.assert_problem(400, "invalid-request");
+        batch_text(&s, bad)
+            .await
+            .assert_problem(400, "invalid-request");
     }
     assert_eq!(
         s.balance("a1").await,
@@ -263,15 +268,7 @@ async fn a_debit_item_is_the_same_debit_whichever_parse_takes_it() {
             {{"op": "debit", "agent_id": "a1", "idempotency_key": "huge", "amount_micros": 1e400}}
         ]}}"#
     );
-    let r = s
-        .send(
-            s.http
-                .post(s.url("/v1/batch"))
-                .bearer_auth(SERVICE)
-                .header("content-type", "application/json")
-                .body(body),
-        )
-        .await;
+    let r = batch_text(&s, body).await;
     assert_eq!(r.status, 200, "{}", r.text);
     let statuses: Vec<&Value> = (0..4).map(|i| &item(&r, i)["status"]).collect();
     assert_eq!(statuses, [&json!(201); 4], "{}", r.text);
